@@ -1,0 +1,18 @@
+"""Hydra entry point: ``python launch.py [-m] [overrides...]``; see README.md."""
+
+import hydra
+from omegaconf import DictConfig
+
+from pfc_sweeps.tasks import main as run_task
+from pfc_sweeps.config import register_configs
+
+register_configs()
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+def main(cfg: DictConfig) -> float | None:
+    return run_task(cfg)
+
+
+if __name__ == "__main__":
+    main()

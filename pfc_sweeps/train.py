@@ -1,0 +1,299 @@
+"""Training a ResNet with per-layer collapse tracking (paper section IV-A, Fig. 2 and 3).
+
+Every epoch records train loss/accuracy (running means over the epoch's batches), test
+loss/accuracy and the learning rate; every ``train.metrics_every`` epochs (and at the last)
+the metric engine's full per-layer table on the training set in eval mode, with the
+geodesic curves. Rows go to the job's :class:`~pfc_sweeps.results.ResultsSink` and logger.
+
+A checkpoint (model, optimiser, scheduler, RNG states and all rows so far) is written
+atomically after every epoch; rerunning the same command in the same directory resumes
+from it and, on CPU with a fixed seed, produces exactly the rows of an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import Config
+from .data import DataBundle, load_dataset
+from .errors import Diverged
+from .loggers import RunLogger
+from .models import build_model
+from .results import ResultsSink, atomic_write_bytes
+from .tracker import CollapseTracker
+
+__all__ = ["CHECKPOINT_FILE", "collapse_table", "evaluate", "loss_fn", "run_training"]
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FILE = "checkpoint.pt"
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("train.device='cuda' but no CUDA device is available; use auto or cpu")
+    return torch.device(name)
+
+
+def loss_fn(name: str, logits: Tensor, y: Tensor) -> Tensor:
+    """Mean cross-entropy, or MSE to one-hot targets: (1/2B) sum_i ||z_i - e_{y_i}||^2."""
+    if name == "ce":
+        return F.cross_entropy(logits, y)
+    onehot = F.one_hot(y, logits.shape[1]).to(logits.dtype)
+    return 0.5 * (logits - onehot).pow(2).sum(dim=1).mean()
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: Tensor, y: Tensor, loss: str, batch: int) -> tuple[float, float]:
+    """(mean loss, accuracy) of ``model`` in eval mode on (x, y)."""
+    model.eval()
+    total, correct = 0.0, 0
+    for i in range(0, len(y), batch):
+        logits = model.forward_logits(x[i : i + batch])
+        yb = y[i : i + batch]
+        total += float(loss_fn(loss, logits, yb)) * len(yb)
+        correct += int((logits.argmax(1) == yb).sum())
+    return total / len(y), correct / len(y)
+
+
+@torch.no_grad()
+def collapse_table(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    num_classes: int,
+    *,
+    geodesic_ts: Tensor | None,
+    cache_bytes: int,
+    batch: int,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The metric engine over the training set in eval mode: (per-layer table, curves).
+
+    One forward pass when all layers' features fit ``cache_bytes``; two otherwise.
+    """
+    model.eval()
+    tracker = CollapseTracker(
+        num_classes,
+        geodesic_ts=geodesic_ts,
+        cache_bytes=cache_bytes,
+        classifier_weight=model.classifier.weight,
+        classifier_bias=model.classifier.bias,
+    )
+    for _ in range(2):
+        for i in range(0, len(y), batch):
+            _, feats = model(x[i : i + batch])
+            tracker.update(feats, y[i : i + batch])
+        tracker.end_pass()
+        if not tracker.needs_second_pass:
+            break
+    res = tracker.compute()
+    return res.table, res.curves
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _save_checkpoint(path: Path, **state: Any) -> None:
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def _rows_to_bytes(df: pd.DataFrame) -> bytes:
+    buf = io.BytesIO()
+    df.to_parquet(buf, index=False)
+    return buf.getvalue()
+
+
+def _milestones(cfg: Config) -> list[int]:
+    return sorted({round(f * cfg.train.epochs) for f in cfg.optim.decay_at})
+
+
+def _scalar_rows(epoch: int, values: dict[str, tuple[str, float]]) -> list[dict[str, Any]]:
+    return [
+        {"epoch": epoch, "split": split, "layer": -1, "metric": name, "value": v}
+        for name, (split, v) in values.items()
+    ]
+
+
+def _print_final(table: pd.DataFrame, path: Path) -> None:
+    wide = table[table["metric"].isin(["pfc1", "pfc2", "pfc3"]) & (table["layer"] >= 0)]
+    wide = wide.pivot_table(index=["layer", "rel_pos"], columns="metric", values="value")
+    print("Per-layer collapse at the last epoch (PFC1 = Tr S_W / Tr S_B, PFC2 = ETF distance, PFC3 = NCC acc):")
+    print(wide.reset_index().to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    print(f"Results: {path}")
+
+
+def run_training(cfg: Config, out_dir: Path, sink: ResultsSink, logger: RunLogger) -> None:
+    """Train (or resume) the configured ResNet in ``out_dir``; raises Diverged on NaN/inf."""
+    tr = cfg.train
+    device = resolve_device(tr.device)
+    if tr.num_threads:
+        torch.set_num_threads(tr.num_threads)
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    random.seed(cfg.seed)
+
+    d = cfg.dataset
+    data: DataBundle = load_dataset(
+        d.name,
+        root=d.root,
+        download=d.download,
+        n_per_class=d.n_per_class,
+        seed=cfg.seed,
+        device=device,
+        num_classes=d.num_classes,
+        dim=d.dim,
+        sigma=d.sigma,
+        n_train_per_class=d.n_train_per_class,
+        n_test_per_class=d.n_test_per_class,
+    )
+    a = cfg.arch
+    model = build_model(
+        a.kind,
+        data.in_shape,
+        data.num_classes,
+        width=a.width,
+        blocks=a.blocks,
+        stages=[tuple(s) for s in a.stages],
+        block=a.block,
+    ).to(device)
+    opt = torch.optim.SGD(
+        model.parameters(),
+        lr=cfg.optim.lr,
+        momentum=cfg.optim.momentum,
+        weight_decay=cfg.optim.weight_decay,
+    )
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=_milestones(cfg), gamma=cfg.optim.gamma)
+    shuffle = torch.Generator().manual_seed(cfg.seed)
+    ts = torch.linspace(0, 1, tr.geodesic_points, dtype=torch.float64) if tr.geodesic_points else None
+    cache_bytes = int(tr.cache_gb * 2**30)
+
+    ckpt_path = out_dir / CHECKPOINT_FILE
+    start = 1
+    if ckpt_path.exists():
+        state = torch.load(ckpt_path, map_location=device, weights_only=False)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optim"])
+        sched.load_state_dict(state["sched"])
+        shuffle.set_state(state["shuffle"])
+        _set_rng_state(state["rng"])
+        sink.load_rows(pd.read_parquet(io.BytesIO(state["rows"])))
+        start = state["epoch"] + 1
+        print(f"Resuming from {ckpt_path} at epoch {start} of {tr.epochs}.")
+
+    n = len(data.train_y)
+    use_bar = sys.stderr.isatty()
+    bar = None
+    if use_bar:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=tr.epochs, initial=start - 1, desc=f"train {d.name}", unit="epoch")
+    last_table = None
+    for epoch in range(start, tr.epochs + 1):
+        t0 = time.perf_counter()
+        model.train()
+        lr = opt.param_groups[0]["lr"]
+        perm = torch.randperm(n, generator=shuffle).to(device)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        correct = torch.zeros((), dtype=torch.int64, device=device)
+        for idx in perm.split(tr.batch_size):
+            xb, yb = data.train_x[idx], data.train_y[idx]
+            logits = model.forward_logits(xb)
+            loss = loss_fn(cfg.loss.name, logits, yb)
+            if not torch.isfinite(loss):
+                raise Diverged(
+                    f"training diverged at epoch {epoch}: loss={float(loss)} (lr={lr}); "
+                    "lower optim.lr"
+                )
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            loss_sum += loss.detach().double() * len(yb)
+            correct += (logits.detach().argmax(1) == yb).sum()
+        sched.step()
+        train_loss, train_acc = float(loss_sum) / n, int(correct) / n
+        test_loss, test_acc = evaluate(model, data.test_x, data.test_y, cfg.loss.name, tr.eval_batch_size)
+        rows = pd.DataFrame(
+            _scalar_rows(
+                epoch,
+                {
+                    "train_loss": ("train", train_loss),
+                    "train_acc": ("train", train_acc),
+                    "test_loss": ("test", test_loss),
+                    "test_acc": ("test", test_acc),
+                    "lr": ("train", lr),
+                },
+            )
+        )
+        last = epoch == tr.epochs
+        if last or epoch % tr.metrics_every == 0:
+            table, curves = collapse_table(
+                model,
+                data.train_x,
+                data.train_y,
+                data.num_classes,
+                geodesic_ts=ts if (last or tr.geodesic_every_metrics) else None,
+                cache_bytes=cache_bytes,
+                batch=tr.eval_batch_size,
+            )
+            table = table.assign(epoch=epoch, split="train")
+            parts = [rows, table]
+            if len(curves):
+                geo = curves.rename(columns={"t": "rel_pos"})
+                geo = geo.assign(metric="geodesic_" + geo["metric"], layer=-1, epoch=epoch, split="train")
+                parts.append(geo)
+            rows = pd.concat(parts, ignore_index=True)
+            last_table = table
+        sink.add(rows)
+        logger.log_rows(rows, step=epoch)
+        _save_checkpoint(
+            ckpt_path,
+            epoch=epoch,
+            model=model.state_dict(),
+            optim=opt.state_dict(),
+            sched=sched.state_dict(),
+            shuffle=shuffle.get_state(),
+            rng=_rng_state(),
+            rows=_rows_to_bytes(sink.frame()),
+        )
+        sink.write("running")
+        msg = f"loss={train_loss:.4f} acc={train_acc:.4f} test_acc={test_acc:.4f}"
+        if bar is not None:
+            bar.set_postfix_str(msg)
+            bar.update(1)
+        else:
+            log.info(f"epoch {epoch}/{tr.epochs} {msg} lr={lr:.3g} ({time.perf_counter() - t0:.2f}s)")
+        if not math.isfinite(train_loss):
+            raise Diverged(f"training diverged at epoch {epoch}: loss={train_loss}")
+    if bar is not None:
+        bar.close()
+    if last_table is not None:
+        _print_final(last_table, sink.path)

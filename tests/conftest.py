@@ -1,0 +1,43 @@
+"""Shared fixtures: run ``launch.py`` as a user would, in a subprocess."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+
+
+def launch(*args: str, cwd: Path | None = None, timeout: float = 600, env: dict | None = None):
+    """Run ``python launch.py ARGS`` from the repo root; returns the CompletedProcess."""
+    full_env = {**os.environ, "HYDRA_FULL_ERROR": "0", "WANDB_MODE": "offline", **(env or {})}
+    full_env.pop("SLURM_JOB_ID", None)
+    return subprocess.run(
+        [sys.executable, str(REPO / "launch.py"), *args],
+        cwd=cwd or REPO,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.fixture
+def run_launch():
+    return launch
+
+
+@pytest.fixture(autouse=True)
+def _wandb_offline(monkeypatch, tmp_path_factory):
+    """Keep W&B offline and its files out of the repo and the home directory."""
+    base = tmp_path_factory.getbasetemp() / "wandb-home"
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    for var, sub in [("WANDB_CACHE_DIR", "cache"), ("WANDB_DATA_DIR", "data"), ("WANDB_CONFIG_DIR", "config")]:
+        if var not in os.environ:
+            monkeypatch.setenv(var, str(base / sub))
