@@ -3,8 +3,8 @@
 import hydra
 from omegaconf import DictConfig
 
-from pfc_sweeps.tasks import main as run_task
 from pfc_sweeps.config import register_configs
+from pfc_sweeps.tasks import main as run_task
 
 register_configs()
 

@@ -38,7 +38,7 @@ DATASETS = ("digits", "gaussian", "mnist", "fashion_mnist", "cifar10", "stl10", 
 LOSSES = ("ce", "mse")
 OPTIMIZERS = ("sgd",)
 ARCH_KINDS = ("fc", "conv")
-BLOCKS = ("relu", "mlp", "preact_bn")
+BLOCKS = ("relu", "mlp", "preact_bn", "mlp_bn")
 LOGGERS = ("wandb", "none")
 WANDB_MODES = ("offline", "online", "disabled")
 H_STEPS = ("per_sample", "per_class", "mean")
@@ -237,7 +237,10 @@ def validate(cfg: DictConfig | Config) -> Config:
     # λ group (used by the surrogate tasks; checked always so a typo never waits for a job)
     _check("lam.lam", lam.lam, _finite(lam.lam) and lam.lam >= 0, "must be a finite number >= 0")
     _check(
-        "lam.lam_w", lam.lam_w, _finite(lam.lam_w) and lam.lam_w >= 0, "must be a finite number >= 0"
+        "lam.lam_w",
+        lam.lam_w,
+        _finite(lam.lam_w) and lam.lam_w >= 0,
+        "must be a finite number >= 0",
     )
     for i, v in enumerate(lam.grid):
         _check(f"lam.grid[{i}]", v, _finite(v) and v >= 0, "must be a finite number >= 0")
@@ -271,7 +274,9 @@ def validate(cfg: DictConfig | Config) -> Config:
         _positive_int("arch.width", a.width)
         _positive_int("arch.blocks", a.blocks)
     else:
-        _check("arch.stages", a.stages, len(a.stages) > 0, "a conv arch needs [[C, size, blocks], ...]")
+        _check(
+            "arch.stages", a.stages, len(a.stages) > 0, "a conv arch needs [[C, size, blocks], ...]"
+        )
         for i, st in enumerate(a.stages):
             ok = len(st) == 3 and all(isinstance(x, int) and x > 0 for x in st)
             _check(f"arch.stages[{i}]", list(st), ok, "must be [channels, size, blocks], all > 0")

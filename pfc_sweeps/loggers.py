@@ -117,7 +117,9 @@ class WandbLogger:
         geo = last[last["metric"].str.startswith("geodesic_pfc")]
         if not geo.empty:
             cols = ["rel_pos", "metric", "value"]
-            self.run.log({"geodesic": wandb.Table(dataframe=geo[cols].rename(columns={"rel_pos": "t"}))})
+            self.run.log(
+                {"geodesic": wandb.Table(dataframe=geo[cols].rename(columns={"rel_pos": "t"}))}
+            )
         cols = ["epoch", "layer", "rel_pos", "metric", "value", "model", "lam"]
         self.run.log({"results": wandb.Table(dataframe=last[cols].reset_index(drop=True))})
         for key, value in rows_to_keys(last).items():

@@ -15,13 +15,11 @@ from __future__ import annotations
 import io
 import logging
 import math
-import random
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
@@ -106,7 +104,7 @@ def collapse_table(
 
 
 def _rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    state = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -114,8 +112,6 @@ def _rng_state() -> dict[str, Any]:
 
 def _set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
@@ -146,7 +142,9 @@ def _scalar_rows(epoch: int, values: dict[str, tuple[str, float]]) -> list[dict[
 def _print_final(table: pd.DataFrame, path: Path) -> None:
     wide = table[table["metric"].isin(["pfc1", "pfc2", "pfc3"]) & (table["layer"] >= 0)]
     wide = wide.pivot_table(index=["layer", "rel_pos"], columns="metric", values="value")
-    print("Per-layer collapse at the last epoch (PFC1 = Tr S_W / Tr S_B, PFC2 = ETF distance, PFC3 = NCC acc):")
+    print(
+        "Per-layer collapse at the last epoch (PFC1 = Tr S_W / Tr S_B, PFC2 = ETF distance, PFC3 = NCC acc):"
+    )
     print(wide.reset_index().to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     print(f"Results: {path}")
 
@@ -158,8 +156,6 @@ def run_training(cfg: Config, out_dir: Path, sink: ResultsSink, logger: RunLogge
     if tr.num_threads:
         torch.set_num_threads(tr.num_threads)
     torch.manual_seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    random.seed(cfg.seed)
 
     d = cfg.dataset
     data: DataBundle = load_dataset(
@@ -172,28 +168,27 @@ def run_training(cfg: Config, out_dir: Path, sink: ResultsSink, logger: RunLogge
         num_classes=d.num_classes,
         dim=d.dim,
         sigma=d.sigma,
-        n_train_per_class=d.n_train_per_class,
-        n_test_per_class=d.n_test_per_class,
+        n=d.n_train_per_class,
+        n_test=d.n_test_per_class,
     )
     a = cfg.arch
-    model = build_model(
-        a.kind,
-        data.in_shape,
-        data.num_classes,
-        width=a.width,
-        blocks=a.blocks,
-        stages=[tuple(s) for s in a.stages],
-        block=a.block,
-    ).to(device)
+    shape = {"width": a.width, "blocks": a.blocks} if a.kind == "fc" else {"stages": a.stages}
+    model = build_model(a.kind, data.in_shape, data.num_classes, block=a.block, **shape).to(device)
     opt = torch.optim.SGD(
         model.parameters(),
         lr=cfg.optim.lr,
         momentum=cfg.optim.momentum,
         weight_decay=cfg.optim.weight_decay,
     )
-    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=_milestones(cfg), gamma=cfg.optim.gamma)
+    sched = torch.optim.lr_scheduler.MultiStepLR(
+        opt, milestones=_milestones(cfg), gamma=cfg.optim.gamma
+    )
     shuffle = torch.Generator().manual_seed(cfg.seed)
-    ts = torch.linspace(0, 1, tr.geodesic_points, dtype=torch.float64) if tr.geodesic_points else None
+    ts = (
+        torch.linspace(0, 1, tr.geodesic_points, dtype=torch.float64)
+        if tr.geodesic_points
+        else None
+    )
     cache_bytes = int(tr.cache_gb * 2**30)
 
     ckpt_path = out_dir / CHECKPOINT_FILE
@@ -228,11 +223,6 @@ def run_training(cfg: Config, out_dir: Path, sink: ResultsSink, logger: RunLogge
             xb, yb = data.train_x[idx], data.train_y[idx]
             logits = model.forward_logits(xb)
             loss = loss_fn(cfg.loss.name, logits, yb)
-            if not torch.isfinite(loss):
-                raise Diverged(
-                    f"training diverged at epoch {epoch}: loss={float(loss)} (lr={lr}); "
-                    "lower optim.lr"
-                )
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -240,7 +230,14 @@ def run_training(cfg: Config, out_dir: Path, sink: ResultsSink, logger: RunLogge
             correct += (logits.detach().argmax(1) == yb).sum()
         sched.step()
         train_loss, train_acc = float(loss_sum) / n, int(correct) / n
-        test_loss, test_acc = evaluate(model, data.test_x, data.test_y, cfg.loss.name, tr.eval_batch_size)
+        if not math.isfinite(train_loss):  # checked once per epoch: no GPU sync per batch
+            raise Diverged(
+                f"training diverged at epoch {epoch}: loss={train_loss} (optim.lr={lr}); "
+                "lower optim.lr"
+            )
+        test_loss, test_acc = evaluate(
+            model, data.test_x, data.test_y, cfg.loss.name, tr.eval_batch_size
+        )
         rows = pd.DataFrame(
             _scalar_rows(
                 epoch,
@@ -268,7 +265,9 @@ def run_training(cfg: Config, out_dir: Path, sink: ResultsSink, logger: RunLogge
             parts = [rows, table]
             if len(curves):
                 geo = curves.rename(columns={"t": "rel_pos"})
-                geo = geo.assign(metric="geodesic_" + geo["metric"], layer=-1, epoch=epoch, split="train")
+                geo = geo.assign(
+                    metric="geodesic_" + geo["metric"], layer=-1, epoch=epoch, split="train"
+                )
                 parts.append(geo)
             rows = pd.concat(parts, ignore_index=True)
             last_table = table
@@ -290,9 +289,9 @@ def run_training(cfg: Config, out_dir: Path, sink: ResultsSink, logger: RunLogge
             bar.set_postfix_str(msg)
             bar.update(1)
         else:
-            log.info(f"epoch {epoch}/{tr.epochs} {msg} lr={lr:.3g} ({time.perf_counter() - t0:.2f}s)")
-        if not math.isfinite(train_loss):
-            raise Diverged(f"training diverged at epoch {epoch}: loss={train_loss}")
+            log.info(
+                f"epoch {epoch}/{tr.epochs} {msg} lr={lr:.3g} ({time.perf_counter() - t0:.2f}s)"
+            )
     if bar is not None:
         bar.close()
     if last_table is not None:

@@ -38,6 +38,10 @@ def _wandb_offline(monkeypatch, tmp_path_factory):
     base = tmp_path_factory.getbasetemp() / "wandb-home"
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
-    for var, sub in [("WANDB_CACHE_DIR", "cache"), ("WANDB_DATA_DIR", "data"), ("WANDB_CONFIG_DIR", "config")]:
+    for var, sub in [
+        ("WANDB_CACHE_DIR", "cache"),
+        ("WANDB_DATA_DIR", "data"),
+        ("WANDB_CONFIG_DIR", "config"),
+    ]:
         if var not in os.environ:
             monkeypatch.setenv(var, str(base / sub))

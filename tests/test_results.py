@@ -21,7 +21,13 @@ META = dict(
 
 def _rows(epoch: int, layers: int = 3) -> list[dict]:
     return [
-        {"epoch": epoch, "layer": l, "rel_pos": l / (layers - 1), "metric": "pfc1", "value": 1.0 / (l + 1)}
+        {
+            "epoch": epoch,
+            "layer": l,
+            "rel_pos": l / (layers - 1),
+            "metric": "pfc1",
+            "value": 1.0 / (l + 1),
+        }
         for l in range(layers)
     ]
 

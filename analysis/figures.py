@@ -1,0 +1,577 @@
+"""The paper's Figures 2-5 (and path-straightness plots) from the tidy results table (issue 5).
+
+Every ``fig*`` function takes a tidy DataFrame (schema in /tmp/pfc_design.md, as returned by
+:func:`analysis.aggregate.load`) and returns a :class:`matplotlib.figure.Figure` drawn on the
+Agg canvas; it raises :class:`FigureDataError` (a ValueError) when the table holds no data
+for it. Runs that differ only by ``seed`` are averaged: the line is the mean and the band
+(or error bar) its 95% Student-t confidence interval (:func:`analysis.tidy.ci95`).
+
+- :func:`fig2_training_curves`: PFC metrics against epoch, one line per layer coloured by depth
+  (viridis, layer 0 = input features), one panel per (metric, data set); PFC1 on a log axis.
+- :func:`fig3_depth_profile`: each PFC metric at the last epoch against the relative position
+  r_l, observed layers as green points joined by a line, the geodesic prediction
+  (``geodesic_pfcK`` rows, t on the rel_pos column) as a blue curve.
+- :func:`fig4_surrogate_bars`: PFC1-3 of the data, MUFM and UFM at the last GD step as bars;
+  panel (a) data + MUFM on a linear axis, panel (b) data + UFM on a log axis.
+- :func:`fig5_lambda_tradeoff`: MUFM's PFC1-3 and alignment against λ/λ_W (λ-grid jobs and
+  one-λ-per-job sweeps alike), with the data's PFC metrics as dashed red lines.
+- :func:`fig_paths`: straightness and energy ratio of the forward path against epoch.
+
+Command line (writes PNG + PDF of every figure the data supports, and summary.md)::
+
+    python -m analysis.figures <sweep dirs, job dirs or all.parquet...> -o figs/
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+import pandas as pd
+import seaborn as sns
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+
+from analysis.aggregate import Aggregate, NoResultsError, SchemaError, load
+from analysis.summary import render_summary, write_summary
+from analysis.tidy import (
+    METRIC_LABELS,
+    PFC_METRICS,
+    add_condition,
+    at_last_epoch,
+    ci95,
+    condition_order,
+    seed_clashes,
+    surrogate_rows,
+    train_rows,
+)
+
+__all__ = [
+    "FIGURES",
+    "PAPER_LAM",
+    "FigureDataError",
+    "fig2_training_curves",
+    "fig3_depth_profile",
+    "fig4_surrogate_bars",
+    "fig5_lambda_tradeoff",
+    "fig_paths",
+    "main",
+    "make_figures",
+    "save_figure",
+]
+
+PAPER_LAM = 0.001
+"""λ of the paper's Fig. 4 setting (SPEC.md, MUFM and UFM); Fig. 4 uses the λ nearest to it."""
+
+OBSERVED_COLOR = "tab:green"
+GEODESIC_COLOR = "tab:blue"
+DATA_COLOR = "tab:red"
+MODEL_COLORS = {"data": DATA_COLOR, "mufm": "tab:blue", "ufm": "tab:purple"}
+MODEL_NAMES = {"data": "data X", "mufm": "MUFM", "ufm": "UFM"}
+_PANEL_W, _PANEL_H = 3.4, 2.6
+
+
+class FigureDataError(ValueError):
+    """The table holds no data for this figure (the message says what is missing)."""
+
+
+def _new_figure(nrows: int, ncols: int) -> tuple[Figure, np.ndarray]:
+    fig = Figure(figsize=(max(_PANEL_W * ncols, 5.5), _PANEL_H * nrows), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(nrows, ncols, squeeze=False)
+    return fig, axes
+
+
+def _errorbar(groups: pd.DataFrame, keys: Sequence[str]) -> Callable | None:
+    """ci95 when some group of ``keys`` holds more than one row (several seeds), else None."""
+    if groups.empty:
+        return None
+    return ci95 if groups.groupby(list(keys), dropna=False).size().max() > 1 else None
+
+
+def _per_layer(tr: pd.DataFrame, metrics: Sequence[str]) -> pd.DataFrame:
+    rows = tr.loc[(tr["layer"] >= 0) & tr["metric"].isin(metrics)]
+    if (rows["split"] == "train").any():
+        rows = rows.loc[rows["split"] == "train"]
+    return rows
+
+
+def _layer_legend(ax, palette: dict[int, tuple]) -> None:
+    handles = [Line2D([], [], color=c, lw=2) for c in palette.values()]
+    labels = [f"layer{layer}" for layer in palette]
+    ax.legend(
+        handles,
+        labels,
+        fontsize="x-small",
+        ncol=2 if len(labels) > 8 else 1,
+        frameon=False,
+        loc="upper left",
+        bbox_to_anchor=(1.0, 1.0),
+    )
+
+
+# ----------------------------------------------------------------------------- Fig. 2
+
+
+def fig2_training_curves(df: pd.DataFrame, metrics: Sequence[str] = PFC_METRICS) -> Figure:
+    """Fig. 2: each PFC metric against epoch, one line per layer, one panel per (metric, data set).
+
+    Rows are metrics, columns conditions (data set, plus arch/loss where they vary); lines
+    are coloured by layer index (viridis, dark = input). With several seeds: mean and 95% band.
+    """
+    rows = add_condition(_per_layer(train_rows(df), metrics))
+    if rows.empty:
+        raise FigureDataError("no per-layer PFC rows of training runs (task=train, layer >= 0)")
+    metrics = [m for m in metrics if (rows["metric"] == m).any()]
+    conds = condition_order(rows)
+    fig, axes = _new_figure(len(metrics), len(conds))
+    for j, cond in enumerate(conds):
+        sub_c = rows.loc[rows["condition"] == cond]
+        layers = sorted(sub_c["layer"].unique())
+        palette = dict(zip(layers, sns.color_palette("viridis", len(layers)), strict=True))
+        for i, m in enumerate(metrics):
+            ax = axes[i, j]
+            sub = sub_c.loc[sub_c["metric"] == m]
+            eb = _errorbar(sub, ["layer", "epoch"])
+            sns.lineplot(
+                data=sub,
+                x="epoch",
+                y="value",
+                hue="layer",
+                palette=palette,
+                estimator="mean" if eb else None,
+                errorbar=eb,
+                legend=False,
+                ax=ax,
+            )
+            if m == "pfc1":
+                ax.set_yscale("log")
+            ax.set_xlabel("epoch" if i == len(metrics) - 1 else "")
+            ax.set_ylabel(METRIC_LABELS.get(m, m) if j == 0 else "")
+            if i == 0:
+                ax.set_title(cond)
+                _layer_legend(ax, palette)
+    fig.suptitle("PFC metrics of every layer during training (Fig. 2)", fontsize="medium")
+    return fig
+
+
+# ----------------------------------------------------------------------------- Fig. 3
+
+
+def fig3_depth_profile(df: pd.DataFrame, metrics: Sequence[str] = PFC_METRICS) -> Figure:
+    """Fig. 3: each PFC metric at the last epoch against relative depth, with the geodesic curve.
+
+    Observed: per layer, mean over seeds of (r_l, metric) as green points joined by a line
+    (95% CI error bars with several seeds). Predicted: the ``geodesic_<metric>`` rows
+    (layer -1, rel_pos = t) at each run's last epoch holding them, as a blue curve.
+    """
+    tr = add_condition(train_rows(df))
+    obs = at_last_epoch(_per_layer(tr, metrics), by=("run_id",))
+    if obs.empty:
+        raise FigureDataError("no per-layer PFC rows of training runs (task=train, layer >= 0)")
+    obs = obs.copy()
+    depth = obs.groupby("run_id")["layer"].transform("max").clip(lower=1)
+    obs["rel_pos"] = obs["rel_pos"].fillna(obs["layer"] / depth)
+    curve_names = {f"geodesic_{m}": m for m in metrics}
+    curves = tr.loc[tr["metric"].isin(list(curve_names)) & (tr["layer"] < 0)]
+    curves = at_last_epoch(curves, by=("run_id",)).assign(
+        metric=lambda d: d["metric"].map(curve_names)
+    )
+    metrics = [m for m in metrics if (obs["metric"] == m).any()]
+    conds = condition_order(obs)
+    fig, axes = _new_figure(len(metrics), len(conds))
+    for j, cond in enumerate(conds):
+        for i, m in enumerate(metrics):
+            ax = axes[i, j]
+            o = obs.loc[(obs["condition"] == cond) & (obs["metric"] == m)]
+            g = o.groupby("layer").agg(
+                x=("rel_pos", "mean"), y=("value", "mean"), n=("value", "size")
+            )
+            ax.plot(g["x"], g["y"], "o-", color=OBSERVED_COLOR, ms=4, label="observed (layers)")
+            if g["n"].max() > 1:
+                ci = o.groupby("layer")["value"].apply(ci95)
+                lo = np.array([c[0] for c in ci])
+                hi = np.array([c[1] for c in ci])
+                y = g["y"].to_numpy()
+                ax.errorbar(g["x"], y, yerr=[y - lo, hi - y], fmt="none", ecolor=OBSERVED_COLOR)
+            c = curves.loc[(curves["condition"] == cond) & (curves["metric"] == m)]
+            if len(c):
+                eb = _errorbar(c, ["rel_pos"])
+                sns.lineplot(
+                    data=c,
+                    x="rel_pos",
+                    y="value",
+                    color=GEODESIC_COLOR,
+                    estimator="mean" if eb else None,
+                    errorbar=eb,
+                    label="geodesic prediction",
+                    legend=False,
+                    ax=ax,
+                )
+            if m == "pfc1":
+                ax.set_yscale("log")
+            ax.set_xlim(-0.03, 1.03)
+            ax.set_xlabel(r"relative position $r_l$" if i == len(metrics) - 1 else "")
+            ax.set_ylabel(METRIC_LABELS.get(m, m) if j == 0 else "")
+            if i == 0:
+                ax.set_title(cond)
+    axes[0, 0].legend(fontsize="x-small", frameon=False)
+    fig.suptitle("PFC metrics across depth at the last epoch (Fig. 3)", fontsize="medium")
+    return fig
+
+
+# ----------------------------------------------------------------------------- Fig. 4
+
+
+def _nearest(values: Sequence[float], target: float) -> float:
+    vals = np.asarray(values, dtype=np.float64)
+    if target > 0 and (vals > 0).all():
+        return float(vals[np.argmin(np.abs(np.log(vals) - math.log(target)))])
+    return float(vals[np.argmin(np.abs(vals - target))])
+
+
+def _setting(df: pd.DataFrame) -> pd.Series:
+    """Label of (loss, λ_W) where they vary between surrogate runs; "" when they don't."""
+    parts = []
+    if df["loss"].nunique() > 1:
+        parts.append(df["loss"].astype("str"))
+    if df["lam_w"].nunique(dropna=False) > 1:
+        parts.append("λ_W=" + df["lam_w"].map("{:g}".format))
+    if not parts:
+        return pd.Series("", index=df.index, dtype="str")
+    label = parts[0]
+    for p in parts[1:]:
+        label = label + ", " + p
+    return label
+
+
+def fig4_surrogate_bars(df: pd.DataFrame, lam: float | None = None) -> Figure:
+    """Fig. 4: PFC1-3 of the data, MUFM and UFM at the last GD step, as bars.
+
+    Panel (a): data and MUFM, linear axis. Panel (b): data and UFM, log axis. One panel per
+    solution model present (a row per (loss, λ_W) setting where those vary). Each model uses
+    the λ nearest to ``lam`` (default: the paper's :data:`PAPER_LAM`, log distance) among its
+    rows. The data bars come from the same runs (model "data", last step, mean over λ).
+    Seeds: bar = mean, error bar = 95% CI.
+    """
+    target = PAPER_LAM if lam is None else float(lam)
+    sur = surrogate_rows(df)
+    sur = sur.loc[sur["metric"].isin(PFC_METRICS)]
+    models = [m for m in ("mufm", "ufm") if (sur["model"] == m).any()]
+    if not models:
+        raise FigureDataError("no surrogate solution rows (model mufm or ufm) with PFC metrics")
+    sur = sur.assign(setting=_setting(sur))
+    settings = sorted(sur["setting"].unique())
+    fig, axes = _new_figure(len(settings), len(models))
+    order = [METRIC_LABELS[m] for m in PFC_METRICS]
+    for i, setting in enumerate(settings):
+        s = sur.loc[sur["setting"] == setting]
+        for j, model in enumerate(models):
+            ax = axes[i, j]
+            sol = s.loc[s["model"] == model]
+            if sol.empty:
+                ax.set_axis_off()
+                continue
+            lams = sol["lam"].dropna().unique()
+            chosen = _nearest(lams, target) if len(lams) else math.nan
+            if len(lams):
+                sol = sol.loc[sol["lam"] == chosen]
+            sol = at_last_epoch(sol, by=("run_id", "lam"))
+            data = s.loc[(s["model"] == "data") & s["run_id"].isin(sol["run_id"].unique())]
+            same = data.loc[data["lam"] == chosen]
+            data = at_last_epoch(same if len(same) else data, by=("run_id", "lam"))
+            data = data.groupby(["run_id", "metric"], as_index=False)["value"].mean()
+            bars = pd.concat(
+                [
+                    data.assign(model="data"),
+                    sol[["run_id", "metric", "value"]].assign(model=model),
+                ],
+                ignore_index=True,
+            ).assign(label=lambda d: d["metric"].map(METRIC_LABELS))
+            hue_order = [h for h in ("data", model) if (bars["model"] == h).any()]
+            sns.barplot(
+                data=bars,
+                x="label",
+                y="value",
+                hue="model",
+                order=order,
+                hue_order=hue_order,
+                palette=MODEL_COLORS,
+                errorbar=_errorbar(bars, ["label", "model"]),
+                ax=ax,
+            )
+            ax.set_xlabel("")
+            ax.set_xticks(ax.get_xticks(), ["PFC1", "PFC2", "PFC3"])
+            ax.set_ylabel("metric value" + (" (log scale)" if model == "ufm" else ""))
+            if model == "ufm":
+                ax.set_yscale("log")
+            panel = "(a)" if model == "mufm" else "(b)"
+            title = f"{panel} {MODEL_NAMES[model]}"
+            if math.isfinite(chosen):
+                title += f", λ={chosen:g}"
+            if setting:
+                title += f"\n{setting}"
+            ax.set_title(title, fontsize="medium")
+            handles, _ = ax.get_legend_handles_labels()
+            ax.legend(
+                handles,
+                [MODEL_NAMES[h] for h in hue_order],
+                fontsize="x-small",
+                frameon=False,
+                loc="upper left",
+                bbox_to_anchor=(1.0, 1.0),
+            )
+    fig.suptitle(
+        "MUFM vs UFM at the last step (Fig. 4)\n"
+        + ", ".join(METRIC_LABELS[m].replace(": ", " = ") for m in PFC_METRICS),
+        fontsize="small",
+    )
+    return fig
+
+
+# ----------------------------------------------------------------------------- Fig. 5
+
+
+def fig5_lambda_tradeoff(
+    df: pd.DataFrame, metrics: Sequence[str] = (*PFC_METRICS, "alignment")
+) -> Figure:
+    """Fig. 5: MUFM's metrics at the last GD step against λ/λ_W.
+
+    One point per λ (mean over seeds with 95% band), whether the λ grid lives in one job or
+    one λ per job. The data's PFC metric (model "data", mean over runs) is drawn as a dashed red
+    line. One line per (loss, λ_W) setting where those vary. Needs at least 2 distinct λ.
+    """
+    sur = surrogate_rows(df)
+    mufm = sur.loc[(sur["model"] == "mufm") & sur["metric"].isin(metrics)]
+    mufm = mufm.loc[mufm["lam"].notna()]
+    if mufm["lam"].nunique() < 2:
+        raise FigureDataError(
+            f"needs MUFM rows at >= 2 distinct λ values, found {mufm['lam'].nunique()}"
+        )
+    mufm = at_last_epoch(mufm, by=("run_id", "lam")).assign(setting=_setting(mufm))
+    has_w = mufm["lam_w"].notna().all() and (mufm["lam_w"] > 0).all()
+    if has_w:
+        mufm = mufm.assign(x=(mufm["lam"] / mufm["lam_w"]).round(12))
+        xlabel = r"$\lambda/\lambda_W$"
+    else:
+        mufm = mufm.assign(x=mufm["lam"])
+        xlabel = r"$\lambda$"
+    runs = mufm["run_id"].unique()
+    data = sur.loc[(sur["model"] == "data") & sur["run_id"].isin(runs)]
+    data = at_last_epoch(data, by=("run_id", "lam"))
+    metrics = [m for m in metrics if (mufm["metric"] == m).any()]
+    settings = sorted(mufm["setting"].unique())
+    hue = "setting" if len(settings) > 1 else None
+    xs = mufm["x"].to_numpy()
+    log_x = bool((xs > 0).all() and xs.max() / xs.min() >= 10)
+    fig, axes = _new_figure(1, len(metrics))
+    for j, m in enumerate(metrics):
+        ax = axes[0, j]
+        sub = mufm.loc[mufm["metric"] == m]
+        eb = _errorbar(sub, ["setting", "x"])
+        sns.lineplot(
+            data=sub,
+            x="x",
+            y="value",
+            hue=hue,
+            hue_order=settings if hue else None,
+            color=MODEL_COLORS["mufm"] if hue is None else None,
+            marker="o",
+            ms=4,
+            estimator="mean" if eb else None,
+            errorbar=eb,
+            label="MUFM" if hue is None else None,
+            legend=j == 0 and hue is not None,
+            ax=ax,
+        )
+        d = data.loc[data["metric"] == m, "value"]
+        if len(d):
+            ax.axhline(float(d.mean()), color=DATA_COLOR, ls="--", lw=1, label="data X")
+        if log_x:
+            ax.set_xscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(METRIC_LABELS.get(m, m))
+        if j == 0 and hue is None:
+            ax.legend(fontsize="x-small", frameon=False)
+    fig.suptitle("MUFM trade-off between the simplex ETF and the data (Fig. 5)", fontsize="medium")
+    return fig
+
+
+# ----------------------------------------------------------------------------- extra
+
+
+def fig_paths(
+    df: pd.DataFrame, metrics: Sequence[str] = ("straightness", "energy_ratio")
+) -> Figure:
+    """Straightness and energy ratio of the forward path (SPEC.md, "Beyond the paper") against
+    epoch, one line per condition (mean over seeds, 95% band); dotted line at the ideal 1."""
+    tr = train_rows(df)
+    rows = tr.loc[tr["metric"].isin(metrics) & (tr["layer"] < 0)]
+    if rows.empty:
+        raise FigureDataError(f"no run-level {list(metrics)} rows of training runs")
+    rows = add_condition(rows)
+    metrics = [m for m in metrics if (rows["metric"] == m).any()]
+    conds = condition_order(rows)
+    fig, axes = _new_figure(1, len(metrics))
+    for j, m in enumerate(metrics):
+        ax = axes[0, j]
+        sub = rows.loc[rows["metric"] == m]
+        eb = _errorbar(sub, ["condition", "epoch"])
+        sns.lineplot(
+            data=sub,
+            x="epoch",
+            y="value",
+            hue="condition",
+            hue_order=conds,
+            marker="o",
+            ms=3,
+            estimator="mean" if eb else None,
+            errorbar=eb,
+            legend=j == 0,
+            ax=ax,
+        )
+        ax.axhline(1.0, color="0.5", ls=":", lw=1)
+        ax.set_ylabel(METRIC_LABELS.get(m, m))
+        ax.set_xlabel("epoch")
+    fig.suptitle(
+        "How straight is the forward path? (dotted: 1 = straight paths / equal steps)",
+        fontsize="medium",
+    )
+    return fig
+
+
+# ----------------------------------------------------------------------------- driver
+
+FIGURES: dict[str, tuple[str, Callable[..., Figure]]] = {
+    "fig2": ("fig2_training_curves", fig2_training_curves),
+    "fig3": ("fig3_depth_profile", fig3_depth_profile),
+    "fig4": ("fig4_surrogate_bars", fig4_surrogate_bars),
+    "fig5": ("fig5_lambda_tradeoff", fig5_lambda_tradeoff),
+    "paths": ("fig_paths_straightness", fig_paths),
+}
+"""Figure key -> (file stem, function)."""
+
+
+def save_figure(
+    fig: Figure,
+    out_dir: str | os.PathLike,
+    stem: str,
+    formats: Sequence[str] = ("png", "pdf"),
+    dpi: int = 150,
+) -> list[Path]:
+    """Save ``fig`` as ``<out_dir>/<stem>.<fmt>`` for each format, each atomically."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for fmt in formats:
+        path = out / f"{stem}.{fmt}"
+        tmp = out / f".{stem}.{os.getpid()}.{fmt}.tmp"
+        try:
+            fig.savefig(tmp, format=fmt, dpi=dpi)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        paths.append(path)
+    return paths
+
+
+def make_figures(
+    results: Aggregate | pd.DataFrame,
+    out_dir: str | os.PathLike,
+    *,
+    tol: float = 0.02,
+    lam: float | None = None,
+    formats: Sequence[str] = ("png", "pdf"),
+    dpi: int = 150,
+) -> dict[str, str]:
+    """Draw every figure the data supports into ``out_dir`` and write ``summary.md`` there.
+
+    Returns figure key -> "drawn: <files>" or "skipped: <reason>" (also listed in summary.md).
+    """
+    if not (tol >= 0 and math.isfinite(tol)):
+        raise ValueError(f"tol must be a finite number >= 0, got {tol!r}")
+    bad = [f for f in formats if f not in ("png", "pdf", "svg")]
+    if bad:
+        raise ValueError(f"unsupported format(s) {bad}; allowed: png, pdf, svg")
+    agg = results if isinstance(results, Aggregate) else None
+    df = agg.table if agg is not None else results
+    out = Path(out_dir)
+    report: dict[str, str] = {}
+    for key, (stem, fn) in FIGURES.items():
+        try:
+            fig = fn(df, lam=lam) if key == "fig4" else fn(df)
+        except FigureDataError as exc:
+            report[key] = f"skipped: {exc}"
+            continue
+        paths = save_figure(fig, out, stem, formats, dpi)
+        report[key] = "drawn: " + ", ".join(p.name for p in paths)
+    notes = seed_clashes(df)
+    text = render_summary(
+        df,
+        notes=notes,
+        tol=tol,
+        problems=[j.describe() for j in agg.problems] if agg is not None else (),
+        figures=report,
+        sources=agg.sources if agg is not None else (),
+    )
+    write_summary(text, out / "summary.md")
+    return report
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m analysis.figures <inputs...> -o figs/``; returns the exit code."""
+    matplotlib.use("Agg")
+    ap = argparse.ArgumentParser(
+        prog="python -m analysis.figures",
+        description="Draw the paper's Figures 2-5 (PNG + PDF) and summary.md from sweep/job "
+        "folders or an aggregated parquet file.",
+    )
+    ap.add_argument("inputs", nargs="+", help="sweep or job folders, metrics.parquet, all.parquet")
+    ap.add_argument(
+        "-o", "--output", required=True, help="output folder for figures and summary.md"
+    )
+    ap.add_argument(
+        "--tol", type=float, default=0.02, help="monotonicity tolerance (relative), default 0.02"
+    )
+    ap.add_argument(
+        "--lam",
+        type=float,
+        default=None,
+        help=f"λ for Fig. 4 (nearest present; default {PAPER_LAM})",
+    )
+    ap.add_argument(
+        "--formats", nargs="+", default=["png", "pdf"], help="figure formats (png pdf svg)"
+    )
+    ap.add_argument("--dpi", type=int, default=150, help="PNG resolution, default 150")
+    ap.add_argument(
+        "--include-unfinished", action="store_true", help="also use jobs without `done`"
+    )
+    args = ap.parse_args(argv)
+    try:
+        agg = load(args.inputs, include_unfinished=args.include_unfinished)
+        for j in agg.problems:
+            print(f"warning: not finished: {j.describe()}", file=sys.stderr)
+        report = make_figures(
+            agg, args.output, tol=args.tol, lam=args.lam, formats=args.formats, dpi=args.dpi
+        )
+    except (NoResultsError, SchemaError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    for key, what in report.items():
+        print(f"{key}: {what}")
+    print(f"wrote {Path(args.output) / 'summary.md'}")
+    if not any(v.startswith("drawn") for v in report.values()):
+        print("error: the data supports none of the figures", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,145 @@
+"""Shared selections on the tidy results table (schema in /tmp/pfc_design.md) and labels.
+
+Pure pandas helpers used by :mod:`analysis.figures` and :mod:`analysis.summary`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+__all__ = [
+    "METRIC_LABELS",
+    "METRIC_SHORT",
+    "PFC_METRICS",
+    "SURROGATE_MODELS",
+    "add_condition",
+    "at_last_epoch",
+    "ci95",
+    "condition_order",
+    "seed_clashes",
+    "surrogate_rows",
+    "train_rows",
+]
+
+PFC_METRICS = ("pfc1", "pfc2", "pfc3")
+SURROGATE_MODELS = ("data", "mufm", "ufm")
+
+DATASET_ORDER = ("digits", "gaussian", "mnist", "fashion_mnist", "cifar10", "stl10", "cifar100")
+"""Data sets in the paper's order (Fig. 2 (a)-(e)), the small test sets first."""
+
+METRIC_SHORT = {"pfc1": "PFC1", "pfc2": "PFC2", "pfc3": "PFC3"}
+
+METRIC_LABELS = {
+    "pfc1": r"PFC1: $\mathrm{Tr}(\Sigma_W)/\mathrm{Tr}(\Sigma_B)$",
+    "pfc2": r"PFC2: $\Vert G/\Vert G\Vert_F - E\Vert_F$",
+    "pfc3": "PFC3: NCC accuracy",
+    "alignment": r"alignment $\Vert H/\Vert H\Vert_F - X/\Vert X\Vert_F\Vert_F$",
+    "straightness": "straightness",
+    "energy_ratio": "energy ratio",
+    "effective_depth": "effective depth",
+}
+"""Axis labels: the metrics named as the paper does (SPEC.md, "The three PFC metrics")."""
+
+
+def ci95(values: Sequence[float] | pd.Series) -> tuple[float, float]:
+    """95% confidence interval of the mean (Student t, n-1 dof), for seaborn's ``errorbar=``.
+
+    Used instead of seaborn's bootstrap ("ci", 95): exact for normal seeds, and fast enough for
+    thousands of (epoch, layer) points. Returns (nan, nan) for fewer than 2 finite values.
+    """
+    x = np.asarray(values, dtype=np.float64)
+    x = x[np.isfinite(x)]
+    n = x.size
+    if n < 2:
+        return (math.nan, math.nan)
+    m = float(x.mean())
+    half = float(stats.t.ppf(0.975, n - 1) * x.std(ddof=1) / math.sqrt(n))
+    return (m - half, m + half)
+
+
+def train_rows(df: pd.DataFrame) -> pd.DataFrame:
+    """Rows of training runs (task == "train"; model "net"), with a fresh 0..n-1 index."""
+    return df.loc[df["task"] == "train"].reset_index(drop=True)
+
+
+def surrogate_rows(df: pd.DataFrame) -> pd.DataFrame:
+    """Rows of surrogate runs (model in data / mufm / ufm), with a fresh 0..n-1 index.
+
+    The solver writes the data's rows with lam = lam_w = NaN (X does not depend on λ); their
+    lam_w is filled here with the run's λ_W (first non-missing value of the run), so that data
+    and solutions of one run share a setting. lam stays NaN.
+    """
+    sur = df.loc[df["model"].isin(SURROGATE_MODELS)].reset_index(drop=True)
+    if sur["lam_w"].isna().any():
+        run_lw = sur.groupby("run_id")["lam_w"].transform("first")
+        sur = sur.assign(lam_w=sur["lam_w"].fillna(run_lw))
+    return sur
+
+
+def at_last_epoch(df: pd.DataFrame, by: Sequence[str] = ("run_id",)) -> pd.DataFrame:
+    """Keep, within each group of ``by``, only the rows of the group's largest epoch."""
+    if df.empty:
+        return df
+    by = list(by)
+    last = df.groupby(by, dropna=False)["epoch"].transform("max")
+    return df.loc[df["epoch"] == last]
+
+
+def add_condition(
+    df: pd.DataFrame, columns: Sequence[str] = ("dataset", "arch", "loss")
+) -> pd.DataFrame:
+    """Add a ``condition`` column naming what differs between runs other than the seed.
+
+    The label holds the first column always (the data set) and any later column only where
+    it takes more than one value in ``df``, e.g. "digits" or "cifar10 / conv / mse". Runs
+    that share a condition are the seeds that the figures average.
+    """
+    columns = list(columns)
+    varying = [c for c in columns[1:] if df[c].nunique(dropna=False) > 1]
+    parts = [columns[0], *varying]
+    label = df[parts[0]].astype("str")
+    for c in parts[1:]:
+        label = label + " / " + df[c].astype("str")
+    return df.assign(condition=label)
+
+
+def condition_order(df: pd.DataFrame) -> list[str]:
+    """The ``condition`` labels of ``df`` ordered by data set as in the paper, then by name."""
+    first = df.groupby("condition", sort=True)["dataset"].first()
+    rank = {d: i for i, d in enumerate(DATASET_ORDER)}
+    return sorted(first.index, key=lambda c: (rank.get(first[c], len(rank)), c))
+
+
+def seed_clashes(df: pd.DataFrame) -> list[str]:
+    """Warnings for runs that the figures would average as seeds but that share a seed.
+
+    The figures treat runs with the same condition (training: data set, arch, loss;
+    surrogate: loss, λ_W, λ) as seeds of one experiment. Two such runs with the same seed
+    differ in some other setting (e.g. the learning rate), and averaging them is likely wrong.
+    """
+    out = []
+    tr = train_rows(df)
+    if len(tr):
+        runs = tr.drop_duplicates("run_id")
+        for (d, a, lo, seed), g in runs.groupby(["dataset", "arch", "loss", "seed"]):
+            if len(g) > 1:
+                out.append(
+                    f"training runs {sorted(g['run_id'])} share data set {d}, arch {a}, loss {lo} "
+                    f"and seed {seed}: the figures average them as if they were seeds"
+                )
+    sur = surrogate_rows(df)
+    sur = sur.loc[sur["model"] != "data"]
+    if len(sur):
+        keys = sur.drop_duplicates(["run_id", "model", "lam"])
+        for (m, lo, lw, lam, seed), g in keys.groupby(["model", "loss", "lam_w", "lam", "seed"]):
+            if g["run_id"].nunique() > 1:
+                out.append(
+                    f"surrogate runs {sorted(g['run_id'].unique())} share model {m}, loss {lo}, "
+                    f"λ_W={lw:g}, λ={lam:g} and seed {seed}: the figures average them as seeds"
+                )
+    return out

@@ -1,0 +1,180 @@
+"""End-to-end: ``launch.py`` as a user runs it, in subprocesses (train and surrogate tasks)."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from conftest import REPO, launch
+
+from pfc_sweeps.results import read_results
+
+TINY = [
+    "logger=none",
+    "train.epochs=3",
+    "arch.width=32",
+    "arch.blocks=3",
+    "train.geodesic_points=5",
+]
+IDS = ["run_id", "sweep_id"]
+
+
+def _frame(job_dir) -> pd.DataFrame:
+    df, _ = read_results(job_dir)
+    return df.sort_values(["epoch", "metric", "layer", "rel_pos"]).reset_index(drop=True)
+
+
+def test_default_train_rows_match_an_independent_computation(tmp_path):
+    out = tmp_path / "d"
+    p = launch(*TINY, f"hydra.run.dir={out}")
+    assert p.returncode == 0, p.stderr
+    assert "Results:" in p.stdout and "metrics.parquet" in p.stdout
+    df, meta = read_results(out)
+    assert meta["status"] == "done" and (out / "done").exists()
+    assert meta["config"]["dataset"]["name"] == "digits"
+    assert sorted(df["epoch"].unique()) == [1, 2, 3]
+    per_layer = df[(df.metric == "pfc1") & (df.epoch == 3)].sort_values("layer")
+    assert list(per_layer["layer"]) == [0, 1, 2, 3]
+    assert per_layer["rel_pos"].iloc[0] == 0 and per_layer["rel_pos"].iloc[-1] == pytest.approx(1)
+
+    # Recompute PFC1 and PFC3 at the last epoch from the checkpointed model, by brute force.
+    from pfc_sweeps.data import load_dataset
+    from pfc_sweeps.models import build_model
+
+    data = load_dataset("digits", seed=0)
+    model = build_model("fc", data.in_shape, 10, width=32, blocks=3, block="relu")
+    model.load_state_dict(torch.load(out / "checkpoint.pt", weights_only=False)["model"])
+    model.eval()
+    with torch.no_grad():
+        _, feats = model(data.train_x)
+    y = data.train_y.numpy()
+    for layer, h in enumerate(feats):
+        h = h.double().numpy()
+        means = np.stack([h[y == k].mean(0) for k in range(10)])
+        g = means.mean(0)
+        sw = ((h - means[y]) ** 2).sum(1).mean()
+        sb = ((means - g) ** 2).sum(1).mean()
+        dist = ((h[:, None, :] - means[None]) ** 2).sum(-1)
+        ncc = (dist.argmin(1) == y).mean()
+        row = df[(df.epoch == 3) & (df.layer == layer)].set_index("metric")["value"]
+        assert row["pfc1"] == pytest.approx(sw / sb, rel=1e-5)
+        assert row["pfc3"] == pytest.approx(ncc, abs=1e-12)
+    # train accuracy is a fraction, the lr follows the schedule (decay at 1/3 and 2/3)
+    lr = df[df.metric == "lr"].sort_values("epoch")["value"].tolist()
+    assert lr == pytest.approx([0.01, 0.001, 0.0001])
+
+
+def test_rerun_of_a_done_job_does_nothing(tmp_path):
+    out = tmp_path / "d"
+    assert launch(*TINY, f"hydra.run.dir={out}").returncode == 0
+    before = (out / "metrics.parquet").read_bytes()
+    p = launch(*TINY, f"hydra.run.dir={out}")
+    assert p.returncode == 0
+    assert "done already" in p.stdout
+    assert (out / "metrics.parquet").read_bytes() == before
+
+
+@pytest.mark.slow
+def test_sigkill_then_rerun_equals_uninterrupted(tmp_path):
+    args = [
+        "logger=none",
+        "train.epochs=12",
+        "arch.width=64",
+        "arch.blocks=4",
+        "train.geodesic_points=5",
+    ]
+    ref = tmp_path / "ref"
+    assert launch(*args, f"hydra.run.dir={ref}").returncode == 0
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO / "launch.py"), *args, f"hydra.run.dir={out}"],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 120
+    ckpt = out / "checkpoint.pt"
+    while time.time() < deadline and proc.poll() is None:
+        if ckpt.exists() and torch.load(ckpt, weights_only=False)["epoch"] >= 3:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = torch.load(ckpt, weights_only=False)["epoch"]
+    assert 3 <= killed_at < 12 and not (out / "done").exists()
+    p = launch(*args, f"hydra.run.dir={out}")
+    assert p.returncode == 0, p.stderr
+    assert "Resuming" in p.stdout
+    a, b = _frame(ref).drop(columns=IDS), _frame(out).drop(columns=IDS)
+    pd.testing.assert_frame_equal(a, b)  # identical values, no duplicate rows
+    assert not b.duplicated(["epoch", "layer", "metric", "rel_pos", "split"]).any()
+
+
+def test_divergence_is_recorded_and_exits_nonzero(tmp_path):
+    out = tmp_path / "div"
+    p = launch(*TINY, "optim.lr=1e6", f"hydra.run.dir={out}")
+    assert p.returncode != 0
+    assert "diverged" in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    _, meta = read_results(out)
+    assert meta["status"] == "diverged"
+    assert not (out / "done").exists()
+
+
+def test_missing_dataset_is_one_line_naming_the_path(tmp_path):
+    p = launch(
+        "dataset=cifar10", "dataset.root=no/such/dir", "dataset.download=false", "logger=none",
+        f"hydra.run.dir={tmp_path / 'c'}", timeout=120,
+    )  # fmt: skip
+    assert p.returncode != 0
+    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "no/such/dir" in lines[0], p.stderr
+    assert not list(tmp_path.rglob("*.parquet"))
+
+
+@pytest.mark.parametrize("launcher", ["basic", "submitit_local"])
+def test_multirun_makes_one_parquet_per_job(tmp_path, launcher):
+    sweep = tmp_path / "s"
+    p = launch(
+        "-m", *TINY, "train.epochs=2", "seed=0,1", f"hydra/launcher={launcher}",
+        f"hydra.sweep.dir={sweep}",
+    )  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    frames = [_frame(sweep / str(i)) for i in (0, 1)]
+    assert [set(f["seed"]) for f in frames] == [{0}, {1}]
+    assert frames[0]["run_id"].iloc[0] != frames[1]["run_id"].iloc[0]
+    assert frames[0]["sweep_id"].iloc[0] == frames[1]["sweep_id"].iloc[0]
+    # different seeds give different numbers
+    assert not np.allclose(frames[0]["value"], frames[1]["value"])
+
+
+def test_multirun_reports_a_failed_job_and_keeps_the_others(tmp_path):
+    sweep = tmp_path / "s"
+    p = launch("-m", "task=mufm", "surrogate.steps=50", "surrogate.log_every=50", "logger=none",
+               "lam.lam=0.001,-1", f"hydra.sweep.dir={sweep}")  # fmt: skip
+    assert p.returncode != 0
+    assert "lam.lam" in p.stderr
+    assert (sweep / "0" / "done").exists() and not (sweep / "1" / "metrics.parquet").exists()
+
+
+def test_wandb_offline_one_run_per_job_in_one_group(tmp_path):
+    sweep = tmp_path / "w"
+    p = launch("-m", "task=mufm", "lam.lam=0.001,0.005", "logger=wandb", "surrogate.steps=100",
+               "surrogate.log_every=50", f"hydra.sweep.dir={sweep}", timeout=300)  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    runs = sorted(sweep.glob("*/wandb/offline-run-*"))
+    assert len(runs) == 2, runs
+    run_ids = [read_results(sweep / str(i))[0]["run_id"].iloc[0] for i in (0, 1)]
+    sweep_id = read_results(sweep / "0")[0]["sweep_id"].iloc[0]
+    for run_dir, rid in zip(runs, run_ids, strict=True):
+        assert run_dir.name.endswith(rid)
+        blob = next(run_dir.glob("*.wandb")).read_bytes()
+        assert sweep_id.encode() in blob  # the group
+        assert b"mufm" in blob  # the job type
+    assert len(list(sweep.glob("*/metrics.parquet"))) == 2
