@@ -33,7 +33,7 @@ from .models import build_model
 from .results import ResultsSink, atomic_write_bytes
 from .tracker import CollapseTracker
 
-__all__ = ["CHECKPOINT_FILE", "collapse_table", "evaluate", "loss_fn", "run_training"]
+__all__ = ["CHECKPOINT_FILE", "Trainer", "collapse_table", "evaluate", "loss_fn", "run_training"]
 
 log = logging.getLogger(__name__)
 
@@ -149,116 +149,125 @@ def _print_final(table: pd.DataFrame, path: Path) -> None:
     print(f"Results: {path}")
 
 
-def run_training(cfg: Config, out_dir: Path, sink: ResultsSink, logger: RunLogger) -> None:
-    """Train (or resume) the configured ResNet in ``out_dir``; raises Diverged on NaN/inf."""
-    tr = cfg.train
-    device = resolve_device(tr.device)
-    if tr.num_threads:
-        torch.set_num_threads(tr.num_threads)
-    torch.manual_seed(cfg.seed)
+class Trainer:
+    """The state of one training job, built from the config; one :meth:`run_epoch` per epoch.
 
-    d = cfg.dataset
-    data: DataBundle = load_dataset(
-        d.name,
-        root=d.root,
-        download=d.download,
-        n_per_class=d.n_per_class,
-        seed=cfg.seed,
-        device=device,
-        num_classes=d.num_classes,
-        dim=d.dim,
-        sigma=d.sigma,
-        n=d.n_train_per_class,
-        n_test=d.n_test_per_class,
-    )
-    a = cfg.arch
-    shape = {"width": a.width, "blocks": a.blocks} if a.kind == "fc" else {"stages": a.stages}
-    model = build_model(a.kind, data.in_shape, data.num_classes, block=a.block, **shape).to(device)
-    opt = torch.optim.SGD(
-        model.parameters(),
-        lr=cfg.optim.lr,
-        momentum=cfg.optim.momentum,
-        weight_decay=cfg.optim.weight_decay,
-    )
-    sched = torch.optim.lr_scheduler.MultiStepLR(
-        opt, milestones=_milestones(cfg), gamma=cfg.optim.gamma
-    )
-    shuffle = torch.Generator().manual_seed(cfg.seed)
-    ts = (
-        torch.linspace(0, 1, tr.geodesic_points, dtype=torch.float64)
-        if tr.geodesic_points
-        else None
-    )
-    cache_bytes = int(tr.cache_gb * 2**30)
+    Construction loads the data and builds the model and optimiser; if ``out_dir`` holds a
+    checkpoint, the state and the rows so far are restored from it (``start_epoch`` tells
+    where training resumes).
+    """
 
-    ckpt_path = out_dir / CHECKPOINT_FILE
-    start = 1
-    if ckpt_path.exists():
-        state = torch.load(ckpt_path, map_location=device, weights_only=False)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optim"])
-        sched.load_state_dict(state["sched"])
-        shuffle.set_state(state["shuffle"])
+    def __init__(self, cfg: Config, out_dir: Path, sink: ResultsSink, logger: RunLogger):
+        tr = cfg.train
+        self.cfg, self.sink, self.logger = cfg, sink, logger
+        self.device = resolve_device(tr.device)
+        if tr.num_threads:
+            torch.set_num_threads(tr.num_threads)
+        torch.manual_seed(cfg.seed)
+        d = cfg.dataset
+        self.data: DataBundle = load_dataset(
+            d.name,
+            root=d.root,
+            download=d.download,
+            n_per_class=d.n_per_class,
+            seed=cfg.seed,
+            device=self.device,
+            num_classes=d.num_classes,
+            dim=d.dim,
+            sigma=d.sigma,
+            n=d.n_train_per_class,
+            n_test=d.n_test_per_class,
+        )
+        a = cfg.arch
+        shape = {"width": a.width, "blocks": a.blocks} if a.kind == "fc" else {"stages": a.stages}
+        self.model = build_model(
+            a.kind, self.data.in_shape, self.data.num_classes, block=a.block, **shape
+        ).to(self.device)
+        self.opt = torch.optim.SGD(
+            self.model.parameters(),
+            lr=cfg.optim.lr,
+            momentum=cfg.optim.momentum,
+            weight_decay=cfg.optim.weight_decay,
+        )
+        self.sched = torch.optim.lr_scheduler.MultiStepLR(
+            self.opt, milestones=_milestones(cfg), gamma=cfg.optim.gamma
+        )
+        self.shuffle = torch.Generator().manual_seed(cfg.seed)
+        self.ts = (
+            torch.linspace(0, 1, tr.geodesic_points, dtype=torch.float64)
+            if tr.geodesic_points
+            else None
+        )
+        self.cache_bytes = int(tr.cache_gb * 2**30)
+        self.ckpt_path = out_dir / CHECKPOINT_FILE
+        self.start_epoch = 1
+        self.last_table: pd.DataFrame | None = None
+        if self.ckpt_path.exists():
+            self._restore()
+
+    def _restore(self) -> None:
+        state = torch.load(self.ckpt_path, map_location=self.device, weights_only=False)
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["optim"])
+        self.sched.load_state_dict(state["sched"])
+        self.shuffle.set_state(state["shuffle"])
         _set_rng_state(state["rng"])
-        sink.load_rows(pd.read_parquet(io.BytesIO(state["rows"])))
-        start = state["epoch"] + 1
-        print(f"Resuming from {ckpt_path} at epoch {start} of {tr.epochs}.")
+        self.sink.load_rows(pd.read_parquet(io.BytesIO(state["rows"])))
+        self.start_epoch = state["epoch"] + 1
+        print(
+            f"Resuming from {self.ckpt_path} at epoch {self.start_epoch} of {self.cfg.train.epochs}."
+        )
 
-    n = len(data.train_y)
-    use_bar = sys.stderr.isatty()
-    bar = None
-    if use_bar:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=tr.epochs, initial=start - 1, desc=f"train {d.name}", unit="epoch")
-    last_table = None
-    for epoch in range(start, tr.epochs + 1):
-        t0 = time.perf_counter()
-        model.train()
-        lr = opt.param_groups[0]["lr"]
-        perm = torch.randperm(n, generator=shuffle).to(device)
-        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-        correct = torch.zeros((), dtype=torch.int64, device=device)
+    def _train_epoch(self, epoch: int) -> tuple[float, float]:
+        """One pass of SGD over the shuffled training set; (mean loss, accuracy)."""
+        data, tr = self.data, self.cfg.train
+        n = len(data.train_y)
+        self.model.train()
+        perm = torch.randperm(n, generator=self.shuffle).to(self.device)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        correct = torch.zeros((), dtype=torch.int64, device=self.device)
         for idx in perm.split(tr.batch_size):
             xb, yb = data.train_x[idx], data.train_y[idx]
-            logits = model.forward_logits(xb)
-            loss = loss_fn(cfg.loss.name, logits, yb)
-            opt.zero_grad(set_to_none=True)
+            logits = self.model.forward_logits(xb)
+            loss = loss_fn(self.cfg.loss.name, logits, yb)
+            self.opt.zero_grad(set_to_none=True)
             loss.backward()
-            opt.step()
+            self.opt.step()
             loss_sum += loss.detach().double() * len(yb)
             correct += (logits.detach().argmax(1) == yb).sum()
-        sched.step()
-        train_loss, train_acc = float(loss_sum) / n, int(correct) / n
+        self.sched.step()
+        return float(loss_sum) / n, int(correct) / n
+
+    def run_epoch(self, epoch: int) -> pd.DataFrame:
+        """Train one epoch, measure, record the rows, checkpoint; returns the epoch's rows."""
+        cfg, tr, data = self.cfg, self.cfg.train, self.data
+        lr = self.opt.param_groups[0]["lr"]
+        train_loss, train_acc = self._train_epoch(epoch)
         if not math.isfinite(train_loss):  # checked once per epoch: no GPU sync per batch
             raise Diverged(
                 f"training diverged at epoch {epoch}: loss={train_loss} (optim.lr={lr}); "
                 "lower optim.lr"
             )
         test_loss, test_acc = evaluate(
-            model, data.test_x, data.test_y, cfg.loss.name, tr.eval_batch_size
+            self.model, data.test_x, data.test_y, cfg.loss.name, tr.eval_batch_size
         )
-        rows = pd.DataFrame(
-            _scalar_rows(
-                epoch,
-                {
-                    "train_loss": ("train", train_loss),
-                    "train_acc": ("train", train_acc),
-                    "test_loss": ("test", test_loss),
-                    "test_acc": ("test", test_acc),
-                    "lr": ("train", lr),
-                },
-            )
-        )
+        scalars = {
+            "train_loss": ("train", train_loss),
+            "train_acc": ("train", train_acc),
+            "test_loss": ("test", test_loss),
+            "test_acc": ("test", test_acc),
+            "lr": ("train", lr),
+        }
+        rows = pd.DataFrame(_scalar_rows(epoch, scalars))
         last = epoch == tr.epochs
         if last or epoch % tr.metrics_every == 0:
             table, curves = collapse_table(
-                model,
+                self.model,
                 data.train_x,
                 data.train_y,
                 data.num_classes,
-                geodesic_ts=ts if (last or tr.geodesic_every_metrics) else None,
-                cache_bytes=cache_bytes,
+                geodesic_ts=self.ts if (last or tr.geodesic_every_metrics) else None,
+                cache_bytes=self.cache_bytes,
                 batch=tr.eval_batch_size,
             )
             table = table.assign(epoch=epoch, split="train")
@@ -270,29 +279,54 @@ def run_training(cfg: Config, out_dir: Path, sink: ResultsSink, logger: RunLogge
                 )
                 parts.append(geo)
             rows = pd.concat(parts, ignore_index=True)
-            last_table = table
-        sink.add(rows)
-        logger.log_rows(rows, step=epoch)
+            self.last_table = table
+        self.sink.add(rows)
+        self.logger.log_rows(rows, step=epoch)
         _save_checkpoint(
-            ckpt_path,
+            self.ckpt_path,
             epoch=epoch,
-            model=model.state_dict(),
-            optim=opt.state_dict(),
-            sched=sched.state_dict(),
-            shuffle=shuffle.get_state(),
+            model=self.model.state_dict(),
+            optim=self.opt.state_dict(),
+            sched=self.sched.state_dict(),
+            shuffle=self.shuffle.get_state(),
             rng=_rng_state(),
-            rows=_rows_to_bytes(sink.frame()),
+            rows=_rows_to_bytes(self.sink.frame()),
         )
-        sink.write("running")
-        msg = f"loss={train_loss:.4f} acc={train_acc:.4f} test_acc={test_acc:.4f}"
+        self.sink.write("running")
+        return rows
+
+
+def run_training(cfg: Config, out_dir: Path, sink: ResultsSink, logger: RunLogger) -> None:
+    """Train (or resume) the configured ResNet in ``out_dir``; raises Diverged on NaN/inf.
+
+    Progress: a tqdm bar (epochs, with loss and accuracy) on a terminal, a log line per
+    epoch otherwise.
+    """
+    epochs = cfg.train.epochs
+    trainer = Trainer(cfg, out_dir, sink, logger)
+    bar = None
+    if sys.stderr.isatty():
+        from tqdm.auto import tqdm
+
+        bar = tqdm(
+            total=epochs,
+            initial=trainer.start_epoch - 1,
+            desc=f"train {cfg.dataset.name}",
+            unit="epoch",
+        )
+    for epoch in range(trainer.start_epoch, epochs + 1):
+        t0 = time.perf_counter()
+        rows = trainer.run_epoch(epoch)
+        v = rows[rows["layer"] == -1].set_index("metric")["value"]
+        msg = f"loss={v['train_loss']:.4f} acc={v['train_acc']:.4f} test_acc={v['test_acc']:.4f}"
         if bar is not None:
             bar.set_postfix_str(msg)
             bar.update(1)
         else:
             log.info(
-                f"epoch {epoch}/{tr.epochs} {msg} lr={lr:.3g} ({time.perf_counter() - t0:.2f}s)"
+                f"epoch {epoch}/{epochs} {msg} lr={v['lr']:.3g} ({time.perf_counter() - t0:.2f}s)"
             )
     if bar is not None:
         bar.close()
-    if last_table is not None:
-        _print_final(last_table, sink.path)
+    if trainer.last_table is not None:
+        _print_final(trainer.last_table, sink.path)
