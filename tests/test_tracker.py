@@ -1,0 +1,476 @@
+"""CollapseTracker vs brute force (float64 numpy, d x d matrices), streaming and state checks."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pfc_sweeps.metrics import DegenerateFeaturesError, EmptyClassError, MetricInputError
+from pfc_sweeps.tracker import CollapseResult, CollapseTracker, TrackerStateError
+
+RTOL = 1e-8
+
+
+# ------------------------------------------------------------------------------------------
+# brute force (independent of pfc_sweeps): full matrices, loops over classes and samples
+# ------------------------------------------------------------------------------------------
+def bf_layer(h, y, k):
+    n = h.shape[0]
+    means = np.stack([h[y == c].mean(axis=0) for c in range(k)])
+    g = means.mean(axis=0)
+    sw = sum((h[i] - means[y[i]])[:, None] @ (h[i] - means[y[i]])[None, :] for i in range(n)) / n
+    sb = sum((means[c] - g)[:, None] @ (means[c] - g)[None, :] for c in range(k)) / k
+    ht = (means - g).T
+    gram = ht.T @ ht
+    e = (np.eye(k) - 1.0 / k) / math.sqrt(k - 1)
+    dist = np.array([[np.sum((h[i] - means[c]) ** 2) for c in range(k)] for i in range(n)])
+    norms = np.linalg.norm(ht, axis=0)
+    cos = ht.T @ ht / np.outer(norms, norms)
+    off = ~np.eye(k, dtype=bool)
+    return {
+        "pfc1": np.trace(sw) / np.trace(sb),
+        "pfc2": np.linalg.norm(gram / np.linalg.norm(gram) - e),
+        "pfc3": float((dist.argmin(axis=1) == y).mean()),
+        "nc1": np.trace(sw @ np.linalg.pinv(sb)) / k,
+        "nc2_equinorm": np.std(norms, ddof=1) / np.mean(norms),
+        "nc2_equiangle": np.mean(np.abs(cos[off] + 1 / (k - 1))),
+        "tr_sw": np.trace(sw),
+        "tr_sb": np.trace(sb),
+        "_ncc": dist.argmin(axis=1),
+        "_ht": ht,
+    }
+
+
+def make_layers(seed, n=90, d=5, k=4, layers=4, dims=None):
+    gen = np.random.default_rng(seed)
+    y = np.concatenate(
+        [np.arange(k), gen.choice(k, size=n - k, p=gen.dirichlet(np.ones(k)) * 0.5 + 0.5 / k)]
+    )
+    gen.shuffle(y)
+    dims = dims or [d] * layers
+    hs = [gen.normal(size=(k, dims[0]))[y] * 0.7 + gen.normal(size=(n, dims[0]))]
+    for dl in dims[1:]:
+        prev = hs[-1]
+        if dl == prev.shape[1]:
+            nxt = (
+                prev
+                + np.maximum(prev @ gen.normal(size=(dl, dl)) * 0.6, 0)
+                + gen.normal(size=(k, dl))[y] * 0.5
+            )
+        else:
+            nxt = prev @ gen.normal(size=(prev.shape[1], dl))
+        hs.append(nxt)
+    return [torch.tensor(h) for h in hs], torch.tensor(y)
+
+
+def feed(tracker, hs, y, splits, order=None):
+    idx = torch.arange(len(y)) if order is None else torch.as_tensor(order)
+    bounds = [0, *sorted(splits), len(y)]
+    for a, b in itertools.pairwise(bounds):
+        if b > a:
+            sel = idx[a:b]
+            tracker.update([h[sel] for h in hs], y[sel])
+    tracker.end_pass()
+
+
+def run_tracker(hs, y, k, splits=(), cache_bytes=2**30, order2=None, **kw):
+    tr = CollapseTracker(k, cache_bytes=cache_bytes, **kw)
+    feed(tr, hs, y, splits)
+    if tr.needs_second_pass:
+        feed(tr, hs, y, splits, order=order2)
+    assert not tr.needs_second_pass
+    return tr.compute()
+
+
+def lookup(table):
+    return {(int(r.layer), r.metric): r.value for r in table.itertuples()}
+
+
+# ------------------------------------------------------------------------------------------
+# exactness
+# ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("cache_bytes", [2**30, 0])
+def test_tracker_matches_brute_force(cache_bytes):
+    k, n_layers = 4, 4
+    hs, y = make_layers(0, n=90, d=5, k=k, layers=n_layers)
+    gen = np.random.default_rng(1)
+    w, b = torch.tensor(gen.normal(size=(k, 5))), torch.tensor(gen.normal(size=k))
+    ts = torch.tensor([0.0, 0.25, 0.5, 0.8, 1.0])
+    res = run_tracker(
+        hs,
+        y,
+        k,
+        splits=(7, 40, 41),
+        cache_bytes=cache_bytes,
+        geodesic_ts=ts,
+        classifier_weight=w,
+        classifier_bias=b,
+        epsilon=0.2,
+    )
+    tab = lookup(res.table)
+    hn, yn = [h.numpy() for h in hs], y.numpy()
+    n, big_l = len(yn), n_layers - 1
+
+    # relative positions by explicit loops
+    steps = [sum(np.linalg.norm(hn[j + 1][i] - hn[j][i]) for i in range(n)) for j in range(big_l)]
+    r = np.concatenate([[0.0], np.cumsum(steps)]) / sum(steps)
+    rel = res.table.groupby("layer")["rel_pos"].first()
+    np.testing.assert_allclose(rel.loc[list(range(n_layers))].to_numpy(), r, rtol=RTOL)
+    assert rel.loc[0] == 0.0 and rel.loc[big_l] == 1.0
+    assert math.isnan(rel.loc[-1])
+
+    bfs = [bf_layer(h, yn, k) for h in hn]
+    for layer, bf in enumerate(bfs):
+        for key in (
+            "pfc1",
+            "pfc2",
+            "pfc3",
+            "nc1",
+            "nc2_equinorm",
+            "nc2_equiangle",
+            "tr_sw",
+            "tr_sb",
+        ):
+            assert tab[(layer, key)] == pytest.approx(bf[key], rel=RTOL, abs=1e-13), (layer, key)
+        # geodesic prediction error: brute force builds the interpolated features at t = r_l
+        at = bf_layer((1 - r[layer]) * hn[0] + r[layer] * hn[-1], yn, k)
+        for key in ("pfc1", "pfc2", "pfc3"):
+            want = abs(bf[key] - at[key])
+            assert tab[(layer, f"geodesic_err_{key}")] == pytest.approx(want, rel=1e-6, abs=1e-9)
+    assert tab[(0, "geodesic_err_pfc1")] < 1e-12 and tab[(big_l, "geodesic_err_pfc2")] < 1e-12
+
+    # curves
+    for t in ts.tolist():
+        at = bf_layer((1 - t) * hn[0] + t * hn[-1], yn, k)
+        rows = res.curves[res.curves.t == t].set_index("metric")["value"]
+        for key in ("pfc1", "pfc2", "pfc3"):
+            assert rows[key] == pytest.approx(at[key], rel=RTOL, abs=1e-13), (t, key)
+
+    # last layer: NC3, NC4
+    ht = bfs[-1]["_ht"]
+    wn = w.numpy()
+    nc3 = np.linalg.norm(wn.T / np.linalg.norm(wn) - ht / np.linalg.norm(ht)) ** 2
+    assert tab[(big_l, "nc3")] == pytest.approx(nc3, rel=RTOL)
+    clf = np.array([np.argmax(wn @ hn[-1][i] + b.numpy()) for i in range(n)])
+    assert tab[(big_l, "nc4")] == pytest.approx(float(np.mean(clf != bfs[-1]["_ncc"])), abs=1e-15)
+
+    # run level
+    errs = [1 - bf["pfc3"] for bf in bfs]
+    hit = [i for i, e in enumerate(errs) if e <= 0.2]
+    assert tab[(-1, "effective_depth")] == (hit[0] if hit else -1)
+    disp = [np.linalg.norm(hn[-1][i] - hn[0][i]) for i in range(n)]
+    assert tab[(-1, "straightness")] == pytest.approx(sum(disp) / sum(steps), rel=RTOL)
+    sq = sum(np.sum((hn[j + 1] - hn[j]) ** 2) for j in range(big_l))
+    assert tab[(-1, "energy_ratio")] == pytest.approx(
+        big_l * sq / np.sum((hn[-1] - hn[0]) ** 2), rel=RTOL
+    )
+    ht0 = bfs[0]["_ht"]
+    assert tab[(-1, "thm1_inner")] == pytest.approx(np.trace(ht0.T @ ht), rel=RTOL)
+    assert tab[(-1, "transport_cost")] == pytest.approx(np.linalg.norm(ht - ht0) ** 2, rel=RTOL)
+
+
+def test_result_schema_and_rows():
+    hs, y = make_layers(2, n=40, d=3, k=3, layers=3)
+    res = run_tracker(
+        hs, y, 3, geodesic_ts=[0.0, 0.5, 1.0], classifier_weight=torch.ones(3, 3).tril()
+    )
+    assert isinstance(res, CollapseResult)
+    assert list(res.table.columns) == ["layer", "rel_pos", "metric", "value"]
+    dtypes = res.table.dtypes
+    assert [str(dtypes[c]) for c in ("layer", "rel_pos", "value")] == [
+        "int64",
+        "float64",
+        "float64",
+    ]
+    assert pd.api.types.is_string_dtype(dtypes["metric"])
+    per_layer = {
+        "pfc1",
+        "pfc2",
+        "pfc3",
+        "nc1",
+        "nc2_equinorm",
+        "nc2_equiangle",
+        "tr_sw",
+        "tr_sb",
+        "geodesic_err_pfc1",
+        "geodesic_err_pfc2",
+        "geodesic_err_pfc3",
+    }
+    for layer in range(3):
+        names = set(res.table[res.table.layer == layer].metric)
+        assert names == per_layer | ({"nc3", "nc4"} if layer == 2 else set())
+    assert set(res.table[res.table.layer == -1].metric) == {
+        "effective_depth",
+        "straightness",
+        "energy_ratio",
+        "thm1_inner",
+        "transport_cost",
+    }
+    assert list(res.curves.columns) == ["t", "metric", "value"] and len(res.curves) == 9
+    rows = res.rows()
+    geo = rows[rows.metric.str.startswith("geodesic_pfc")]
+    assert len(geo) == 9 and (geo.layer == -1).all() and set(geo.rel_pos) == {0.0, 0.5, 1.0}
+    assert np.isfinite(res.table.value).all()
+
+
+def test_no_geodesic_no_classifier_and_mixed_dims():
+    hs, y = make_layers(3, n=50, k=3, dims=[4, 6, 5])
+    res = run_tracker(hs, y, 3)
+    tab = lookup(res.table)
+    for layer, h in enumerate(hs):
+        bf = bf_layer(h.numpy(), y.numpy(), 3)
+        assert tab[(layer, "pfc1")] == pytest.approx(bf["pfc1"], rel=RTOL)
+    # path quantities need one dimension: rel_pos is NaN, run-level path rows absent
+    assert res.table[res.table.layer >= 0].rel_pos.isna().all()
+    assert set(res.table[res.table.layer == -1].metric) == {"effective_depth"}
+    assert res.curves.empty
+    assert not res.table.metric.str.startswith("geodesic").any()
+
+
+def test_single_layer_with_classifier():
+    hs, y = make_layers(17, n=60, d=4, k=3, layers=1)
+    w = torch.tensor(np.random.default_rng(2).normal(size=(3, 4)))
+    res = run_tracker(hs, y, 3, classifier_weight=w, cache_bytes=0)
+    tab = lookup(res.table)
+    bf = bf_layer(hs[0].numpy(), y.numpy(), 3)
+    for key in ("pfc1", "pfc2", "pfc3", "nc1"):
+        assert tab[(0, key)] == pytest.approx(bf[key], rel=RTOL)
+    clf = (hs[0].numpy() @ w.numpy().T).argmax(axis=1)  # bias None counts as 0
+    assert tab[(0, "nc4")] == pytest.approx(float(np.mean(clf != bf["_ncc"])), abs=1e-15)
+    assert set(res.table[res.table.layer == -1].metric) == {"effective_depth"}
+    assert res.table.rel_pos.isna().all()
+
+
+# ------------------------------------------------------------------------------------------
+# streaming == one-shot; cached == two-pass
+# ------------------------------------------------------------------------------------------
+_ONE_SHOT: dict = {}
+
+
+def _one_shot():
+    if not _ONE_SHOT:
+        hs, y = make_layers(4, n=60, d=4, k=3, layers=3)
+        kw = {"geodesic_ts": torch.linspace(0, 1, 5), "classifier_weight": torch.eye(3, 4)}
+        _ONE_SHOT.update(hs=hs, y=y, kw=kw, res=run_tracker(hs, y, 3, **kw))
+    return _ONE_SHOT
+
+
+def assert_same(a: CollapseResult, b: CollapseResult, rtol=1e-10):
+    pd.testing.assert_frame_equal(a.table.drop(columns="value"), b.table.drop(columns="value"))
+    np.testing.assert_allclose(a.table.value, b.table.value, rtol=rtol, atol=1e-13)
+    pd.testing.assert_frame_equal(a.curves, b.curves, rtol=rtol, atol=1e-13)
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    splits=st.lists(st.integers(min_value=1, max_value=59), max_size=6),
+    cache=st.sampled_from([0, 2**30, 3000]),
+    perm_seed=st.integers(0, 2**16),
+)
+def test_streaming_equals_one_shot_for_any_split(splits, cache, perm_seed):
+    o = _one_shot()
+    order2 = np.random.default_rng(perm_seed).permutation(60)  # pass 2 in any order
+    res = run_tracker(
+        o["hs"], o["y"], 3, splits=splits, cache_bytes=cache, order2=order2, **o["kw"]
+    )
+    assert_same(res, o["res"])
+
+
+def test_cached_equals_two_pass_and_flags():
+    hs, y = make_layers(5, n=80, d=6, k=4, layers=5)
+    kw = {"geodesic_ts": torch.linspace(0, 1, 7)}
+    one = CollapseTracker(4, **kw)
+    feed(one, hs, y, splits=(30,))
+    assert not one.needs_second_pass and one.cached_bytes == 0  # cache freed after use
+    nbytes = sum(h.numel() * 8 for h in hs) + 80 * 8
+    small = CollapseTracker(4, cache_bytes=nbytes - 1, **kw)  # overflows in the last batch
+    feed(small, hs, y, splits=(30,))
+    assert small.needs_second_pass
+    feed(small, hs, y, splits=(11, 50))
+    assert not small.needs_second_pass
+    assert_same(one.compute(), small.compute(), rtol=1e-12)
+    exact = CollapseTracker(4, cache_bytes=nbytes, **kw)
+    feed(exact, hs, y, splits=(30,))
+    assert not exact.needs_second_pass
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_inputs_are_not_modified(dtype):
+    hs, y = make_layers(16, n=70, d=5, k=3, layers=4)
+    hs = [h.to(dtype) for h in hs]
+    before = [h.clone() for h in hs]
+    res = run_tracker(hs, y, 3, splits=(20,), geodesic_ts=[0.0, 1.0], cache_bytes=0)
+    for h, b in zip(hs, before, strict=True):
+        assert torch.equal(h, b)
+    cached = run_tracker(hs, y, 3, splits=(20,), geodesic_ts=[0.0, 1.0])
+    assert_same(res, cached, rtol=1e-12)
+
+
+def test_state_memory_independent_of_n():
+    sizes = []
+    for n in (50, 400):
+        hs, y = make_layers(6, n=n, d=7, k=5, layers=3)
+        tr = CollapseTracker(5, geodesic_ts=torch.linspace(0, 1, 11), cache_bytes=0)
+        for a in range(0, n, 25):
+            tr.update([h[a : a + 25] for h in hs], y[a : a + 25])
+        tr.end_pass()
+        for a in range(0, n, 25):
+            tr.update([h[a : a + 25] for h in hs], y[a : a + 25])
+        sizes.append(tr.state_bytes)
+        tr.end_pass()
+    assert sizes[0] == sizes[1] > 0
+    # O(L K d + K T): 3 layers x (K x d) means + K x K stats + 4 (batch x d) float64 chunk
+    # buffers, far below N x d
+    assert sizes[0] < 8 * (3 * 5 * 7 * 4 + 3 * 5 * 5 * 3 + 14 * 5 * 3 + 4 * 25 * 7 + 400)
+
+
+# ------------------------------------------------------------------------------------------
+# errors
+# ------------------------------------------------------------------------------------------
+def test_error_empty_class():
+    hs, y = make_layers(7, n=40, k=3, layers=2)
+    keep = y != 2
+    tr = CollapseTracker(3)
+    tr.update([h[keep] for h in hs], y[keep])
+    with pytest.raises(EmptyClassError, match=r"\[2\]"):
+        tr.end_pass()
+
+
+def test_error_labels_out_of_range_and_bad_labels():
+    hs, y = make_layers(8, n=30, k=3, layers=2)
+    tr = CollapseTracker(3)
+    with pytest.raises(MetricInputError, match=r"out of range.*0\.\.2"):
+        tr.update(hs, torch.where(y == 0, 3, y))
+    with pytest.raises(MetricInputError, match="integer"):
+        tr.update(hs, y.float())
+    with pytest.raises(MetricInputError, match=r"shape \(30,\)"):
+        tr.update(hs, y[:5])
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_error_nonfinite_features(value):
+    hs, y = make_layers(9, n=30, k=3, layers=3)
+    hs[1] = hs[1].clone()
+    hs[1][4, 2] = value
+    tr = CollapseTracker(3)
+    tr.update(hs, y)
+    with pytest.raises(MetricInputError, match="layer 1 contain NaN or inf"):
+        tr.end_pass()
+
+
+def test_error_nonfinite_in_second_pass():
+    hs, y = make_layers(9, n=30, k=3, layers=2)
+    tr = CollapseTracker(3, cache_bytes=0)
+    feed(tr, hs, y, splits=())
+    bad = hs[1].clone()
+    bad[0, 0] = float("nan")
+    tr.update([hs[0], bad], y)
+    with pytest.raises(MetricInputError, match="NaN or inf"):
+        tr.end_pass()
+
+
+def test_error_geodesic_with_different_dims_at_first_update():
+    hs, y = make_layers(10, n=30, k=3, dims=[4, 5])
+    tr = CollapseTracker(3, geodesic_ts=[0.0, 1.0])
+    with pytest.raises(MetricInputError, match=r"one dimension.*\[4, 5\]"):
+        tr.update(hs, y)
+    with pytest.raises(MetricInputError, match="2 layers"):
+        CollapseTracker(3, geodesic_ts=[0.0, 1.0]).update(hs[:1], y)
+
+
+def test_error_state_misuse():
+    hs, y = make_layers(11, n=30, k=3, layers=3)
+    tr = CollapseTracker(3)
+    with pytest.raises(TrackerStateError, match="no batches"):
+        tr.end_pass()
+    tr.update(hs, y)
+    with pytest.raises(TrackerStateError, match="end_pass"):
+        tr.compute()
+    with pytest.raises(MetricInputError, match="differ from the first batch"):
+        tr.update(hs[:2], y)
+    tr.end_pass()  # cached: done
+    with pytest.raises(TrackerStateError, match="finalized"):
+        tr.update(hs, y)  # second pass fed when not needed
+    with pytest.raises(TrackerStateError, match="again"):
+        tr.end_pass()
+    res = tr.compute()
+    assert tr.compute() is res
+    with pytest.raises(TrackerStateError, match="finalized"):
+        tr.update(hs, y)  # update after compute
+
+
+def test_error_two_pass_misuse():
+    hs, y = make_layers(12, n=30, k=3, layers=3)
+    tr = CollapseTracker(3, cache_bytes=0)
+    feed(tr, hs, y, splits=(10,))
+    assert tr.needs_second_pass
+    with pytest.raises(TrackerStateError, match="needs_second_pass"):
+        tr.compute()
+    with pytest.raises(TrackerStateError, match="no batch"):
+        tr.end_pass()
+    with pytest.raises(MetricInputError, match="differ from the first batch"):
+        tr.update(hs[:2], y)  # a second pass with a different number of layers
+    tr.update(hs, y)
+    with pytest.raises(TrackerStateError, match="pass 2 is still open"):
+        tr.compute()
+    tr.update(hs, y)  # the data twice: counts differ
+    with pytest.raises(MetricInputError, match="different data"):
+        tr.end_pass()
+
+
+def test_error_constructor_arguments():
+    with pytest.raises(MetricInputError, match="num_classes"):
+        CollapseTracker(1)
+    with pytest.raises(MetricInputError, match=r"\[0, 1\]"):
+        CollapseTracker(3, geodesic_ts=[0.0, 1.5])
+    with pytest.raises(MetricInputError, match="cache_bytes"):
+        CollapseTracker(3, cache_bytes=-1)
+    with pytest.raises(MetricInputError, match="epsilon"):
+        CollapseTracker(3, epsilon=2.0)
+    with pytest.raises(MetricInputError, match="without classifier_weight"):
+        CollapseTracker(3, classifier_bias=torch.zeros(3))
+    hs, y = make_layers(13, n=30, d=4, k=3, layers=2)
+    with pytest.raises(MetricInputError, match=r"shape \(3, 4\)"):
+        CollapseTracker(3, classifier_weight=torch.zeros(3, 5)).update(hs, y)
+    with pytest.raises(MetricInputError, match="list of per-layer"):
+        CollapseTracker(3).update(hs[0], y)
+
+
+def test_error_degenerate_layer():
+    hs, y = make_layers(14, n=30, k=3, layers=2)
+    tr = CollapseTracker(3)
+    tr.update([hs[0], torch.zeros_like(hs[1])], y)
+    tr.end_pass()
+    with pytest.raises(DegenerateFeaturesError, match=r"layer\(s\) \[1\]"):
+        tr.compute()
+
+
+# ------------------------------------------------------------------------------------------
+# GPU
+# ------------------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("cache_bytes", [2**30, 0])
+def test_tracker_on_gpu_matches_cpu(cache_bytes):
+    hs, y = make_layers(15, n=200, d=8, k=5, layers=4)
+    hs = [h.float() for h in hs]
+    kw = {
+        "geodesic_ts": torch.linspace(0, 1, 9),
+        "classifier_weight": torch.randn(5, 8),
+        "classifier_bias": torch.randn(5),
+        "cache_bytes": cache_bytes,
+    }
+    cpu = run_tracker(hs, y, 5, splits=(64, 128), **kw)
+    gpu = run_tracker([h.cuda() for h in hs], y.cuda(), 5, splits=(64, 128), **kw)
+    assert_same(gpu, cpu, rtol=1e-9)
+    tr = CollapseTracker(5)
+    tr.update([h.cuda() for h in hs], torch.where(y.cuda() == 0, 7, y.cuda()))
+    with pytest.raises(MetricInputError, match="out of range"):
+        tr.end_pass()  # deferred on CUDA (no host sync per batch)
