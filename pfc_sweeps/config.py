@@ -139,7 +139,7 @@ class TrainConfig:
     geodesic_points: int = 101
     geodesic_every_metrics: bool = True
     # Features of all layers are cached for a one-pass metrics step up to this size.
-    cache_gb: float = 2.0
+    cache_gb: float = 4.0
     eval_batch_size: int = 1000
     device: str = "auto"
     num_threads: int = 0  # 0: leave torch's default
