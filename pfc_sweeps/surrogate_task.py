@@ -58,7 +58,9 @@ def _print_final(table: pd.DataFrame, steps: int, sink: ResultsSink) -> None:
     last = table[table["epoch"] == table["epoch"].max()]
     # the data rows have lam = NaN (X does not depend on λ): show them as "-"
     lam = last["lam"].map(lambda v: "-" if pd.isna(v) else f"{v:g}")
-    wide = last.assign(lam=lam).pivot_table(index=["model", "lam"], columns="metric", values="value")
+    wide = last.assign(lam=lam).pivot_table(
+        index=["model", "lam"], columns="metric", values="value"
+    )
     print(f"Surrogate metrics after {steps} steps:")
     print(wide.reset_index().to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     print(f"Results: {sink.path}")
