@@ -121,3 +121,10 @@ def test_bad_value_stops_launch_with_one_line_and_no_parquet(tmp_path, run_launc
     err = [line for line in p.stderr.splitlines() if line.strip()]
     assert len(err) == 1 and "lam.lam" in err[0], p.stderr
     assert not list(tmp_path.rglob("*.parquet"))
+
+
+def test_surrogate_tasks_default_to_mse_but_loss_override_wins():
+    assert validate(_compose("task=mufm")).loss.name == "mse"
+    assert validate(_compose("task=ufm")).loss.name == "mse"
+    assert validate(_compose("task=mufm", "loss=ce")).loss.name == "ce"
+    assert validate(_compose()).loss.name == "ce"  # training keeps the paper's CE
