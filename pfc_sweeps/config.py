@@ -85,7 +85,7 @@ class ArchConfig:
     blocks: int = 10  # fc: number of studied residual blocks
     # conv: [[channels, spatial size, blocks], ...]; the last stage is the studied one.
     stages: list[list[int]] = field(default_factory=list)
-    block: str = "relu"
+    block: str = "preact_bn"
 
 
 @dataclass

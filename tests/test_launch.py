@@ -48,7 +48,7 @@ def test_default_train_rows_match_an_independent_computation(tmp_path):
     from pfc_sweeps.models import build_model
 
     data = load_dataset("digits", seed=0)
-    model = build_model("fc", data.in_shape, 10, width=32, blocks=3, block="relu")
+    model = build_model("fc", data.in_shape, 10, width=32, blocks=3, block="preact_bn")
     model.load_state_dict(torch.load(out / "checkpoint.pt", weights_only=False)["model"])
     model.eval()
     with torch.no_grad():
@@ -178,3 +178,21 @@ def test_wandb_offline_one_run_per_job_in_one_group(tmp_path):
         assert sweep_id.encode() in blob  # the group
         assert b"mufm" in blob  # the job type
     assert len(list(sweep.glob("*/metrics.parquet"))) == 2
+
+
+@pytest.mark.slow
+def test_default_run_shows_progressive_collapse(tmp_path):
+    """Issue 4, acceptance 1: `python launch.py hydra.run.dir=out/d logger=none` on digits."""
+    out = tmp_path / "d"
+    t0 = time.perf_counter()
+    p = launch(f"hydra.run.dir={out}", "logger=none")
+    assert p.returncode == 0, p.stderr
+    assert time.perf_counter() - t0 < 120
+    df, _ = read_results(out)
+    last = df[df.epoch == df.epoch.max()]
+    assert last.set_index("metric").loc["train_acc", "value"] == 1.0
+    per_layer = last[last.layer >= 0].pivot_table(index="layer", columns="metric", values="value")
+    pfc1, pfc3 = per_layer["pfc1"].to_numpy(), per_layer["pfc3"].to_numpy()
+    assert (np.diff(pfc1) <= 0.02 * pfc1[:-1]).all(), pfc1  # decreasing within 2%
+    assert (np.diff(pfc3) >= -0.02 * pfc3[:-1]).all(), pfc3  # increasing within 2%
+    assert pfc1[-1] < 0.5 * pfc1[0]
