@@ -49,6 +49,7 @@ def _solve(cfg: Config, X, labels, lams, stream) -> pd.DataFrame:
         steps=s.steps,
         log_every=s.log_every,
         h_step=s.h_step,
+        h_step_guard=s.h_step_guard,
         seed=cfg.seed,
         callback=stream,
     )

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gzip
-import os
 import pickle
 import shutil
 import struct
@@ -102,17 +101,6 @@ def test_mnist_format_through_torchvision(tmp_path, monkeypatch, name, folder, g
 
 
 # ----------------------------------------------------------------------------- CIFAR format
-
-
-@pytest.fixture
-def no_md5(monkeypatch):
-    """Test only: accept generated CIFAR/STL files (existence instead of md5)."""
-
-    def exists(fpath, md5=None):
-        return os.path.isfile(fpath)
-
-    monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", exists)
-    monkeypatch.setattr(torchvision.datasets.stl10, "check_integrity", exists)
 
 
 def _write_cifar(root: Path, hundred: bool, seed: int = 0):

@@ -196,3 +196,39 @@ def test_default_run_shows_progressive_collapse(tmp_path):
     assert (np.diff(pfc1) <= 0.02 * pfc1[:-1]).all(), pfc1  # decreasing within 2%
     assert (np.diff(pfc3) >= -0.02 * pfc3[:-1]).all(), pfc3  # increasing within 2%
     assert pfc1[-1] < 0.5 * pfc1[0]
+
+
+def _last(job_dir) -> pd.DataFrame:
+    df, _ = read_results(job_dir)
+    return df[df.epoch == df.epoch.max()]
+
+
+@pytest.mark.slow
+def test_paper_fig4_acceptance(tmp_path):
+    """Issue 3, acceptance 1: UFM collapses, MUFM lies between UFM and the data."""
+    out = tmp_path / "f4"
+    p = launch("experiment=paper_fig4", f"hydra.run.dir={out}", "logger=none")
+    assert p.returncode == 0, p.stderr
+    w = _last(out).pivot_table(index="model", columns="metric", values="value")
+    ufm, mufm, data = w.loc["ufm"], w.loc["mufm"], w.loc["data"]
+    assert ufm.pfc1 < 1e-2 and ufm.pfc2 < 1e-2 and ufm.pfc3 == 1
+    assert ufm.pfc1 < mufm.pfc1 < data.pfc1 and ufm.pfc2 < mufm.pfc2 < data.pfc2
+    assert mufm.pfc3 >= data.pfc3
+
+
+@pytest.mark.slow
+def test_paper_fig5_acceptance(tmp_path):
+    """Issue 3, acceptance 2: as λ grows, PFC1 and PFC2 of H grow and the alignment drops."""
+    out = tmp_path / "f5"
+    p = launch("experiment=paper_fig5", f"hydra.run.dir={out}", "logger=none")
+    assert p.returncode == 0, p.stderr
+    last = _last(out)
+    w = last[last.model == "mufm"].pivot_table(index="lam", columns="metric", values="value")
+    w = w.sort_index()
+    assert (
+        len(w) == 40 and w.index[0] == pytest.approx(0.0005) and w.index[-1] == pytest.approx(0.02)
+    )
+    for metric, sign in [("pfc1", 1), ("pfc2", 1), ("alignment", -1)]:
+        v = w[metric].to_numpy()
+        assert (sign * np.diff(v) / np.abs(v[:-1]) > -0.01).all(), (metric, v)
+        assert sign * (v[-1] - v[0]) > 0

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import os
-
 import fakedata
 import pytest
-import torchvision
 from conftest import REPO
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
@@ -34,17 +31,6 @@ def run_in_process(out_dir, *overrides: str) -> None:
 
 
 TINY_TRAIN = ["logger=none", "train.epochs=2", "train.geodesic_points=3", "dataset.download=false"]
-
-
-@pytest.fixture
-def no_md5(monkeypatch):
-    """Generated CIFAR / STL10 files cannot match torchvision's md5 sums: skip that check here."""
-
-    def exists(fpath, md5=None):
-        return os.path.isfile(fpath)
-
-    monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", exists)
-    monkeypatch.setattr(torchvision.datasets.stl10, "check_integrity", exists)
 
 
 @pytest.mark.slow

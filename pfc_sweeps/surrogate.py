@@ -1,0 +1,686 @@
+"""MUFM and UFM surrogate models, solved by batched full-batch gradient descent.
+
+SPEC.md, section "MUFM and UFM" (paper eq. 13 and eq. 2, Theorem 4, section IV-B).
+
+Notation: X (d, N) data, H (d, N) last-layer features, W (K, d) classifier,
+Y = I_K (x) 1_n^T (K, N) one-hot targets, N = K n samples ordered class by class.
+
+    MUFM:  F(W, H) = L(W H, Y) + lam_w/(2K) ||W||_F^2 + lam/(2N) ||H - X||_F^2      (eq. 13)
+    UFM:   F(W, H) = L(W H, Y) + lam_w/(2K) ||W||_F^2 + lam/(2N) ||H||_F^2          (eq. 2)
+
+with L = mean cross-entropy over the N samples (``loss="ce"``) or
+L = 1/(2N) ||W H - Y||_F^2 (``loss="mse"``). For balanced classes N = K n, which is the
+paper's scaling; unbalanced labels are accepted and use N.
+
+A grid of (model, seed, lam) configurations is solved as one tensor program: W (B, K, d),
+H (B, d, N), every step a handful of batched matmuls, no Python loop over the grid.
+Every configuration with the same seed starts from the same N(0, 1) draw of (W, H), so a
+batched solve equals the per-configuration solves up to float rounding.
+
+Step sizes (SPEC.md **choice**): W moves with ``lr`` times the gradient of F; with
+``h_step="per_sample"`` every column h_i moves with ``lr`` times the gradient of its own
+sample's terms, i.e. the H learning rate is ``lr * N``; ``h_step="mean"`` uses ``lr`` for H
+too (the literal gradient of the mean objective, under which UFM barely moves in 5e4 steps);
+``"per_class"`` uses ``lr * n`` (= lr N / K).
+
+Step-size guard (``h_step_guard=True``, the default; a deviation from plain GD). Each column
+h_i takes a step s = lr_h / N (= lr for the per-sample step) on its own terms, whose Hessian is
+W^T W + lam I for MSE, so the H step is stable only while s (||W||_2^2 + lam) < 2. With N(0, 1)
+initialisation ||W_0||_2^2 is 25-52 for K=5, d=20: at lr = 0.1 every run starts beyond that
+limit, and plain GD survives only if W shrinks fast enough; 4 of the init seeds 0-9 (0, 1, 7,
+8, including the default 0) diverge within ~10 steps. The guard caps the step, per step and
+per configuration, at a fixed fraction c / 2 of its stability limit:
+
+    s_b = min(s, c / (curv ||W_b||_2^2 + lam_b)),     c = H_STEP_GUARD_C = 1.9,
+
+curv = 1 for MSE and 1/2 for CE (the softmax Hessian diag(p) - p p^T is <= I / 2, so the CE
+per-sample Hessian is <= W^T W / 2 + lam I). ||W_b||_2^2 is the largest eigenvalue of the
+K x K Gram W_b W_b^T (``torch.linalg.eigvalsh``), computed only on the steps where the cheap
+bound ||W_b||_2 <= ||W_b||_F does not already show that the cap is inactive. Steps that plain
+GD takes below c / 2 of the limit are unchanged, bit for bit. The guard changes the transient,
+not the problem: the stationary points do not depend on the step size, and near the solutions
+||W||_2^2 <= 2 in the paper setting, far below the cap (c / lr - lam ~ 19), so the last
+iterations are plain GD. Measured in the paper setting (lr 0.1, seeds 0-9, 5e4 steps): every
+seed converges and passes the Fig. 4 / Fig. 5 checks; the guard acts on 2-6 steps for the
+seeds that plain GD survives and on ~130-900 steps for the others. Why c = 1.9 (a 5% margin)
+and not 1 (never overshoot): plain GD leaves the unstable start by shrinking W within a few
+large, oscillating steps; with c = 1 the guarded iterate shrinks W only through the weight
+decay and stays under the guard for 4000-7000 steps, a larger deviation (same end points).
+The W step is not guarded: its curvature lr (||H||_2^2 / N + lam_w / K) stays <= 0.15 here.
+For CE the cap is a worst case: plain GD did not diverge for seeds 0-9 (the CE gradient is
+bounded), yet the guard acts on seeds 0, 1, 7, 8 for 300-1500 steps. Cost: one norm and
+one host sync per step, plus eigvalsh on the steps where ||W||_F is above the cap. Plain GD
+on every step: ``h_step_guard=False``.
+
+Divergence raises SurrogateDivergedError (checked every 100 steps), never NaN rows.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import numbers
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from pfc_sweeps.metrics import pfc_metrics
+
+__all__ = [
+    "H_STEPS",
+    "H_STEP_GUARD_C",
+    "LOSSES",
+    "METHODS",
+    "MODELS",
+    "SURROGATE_METRICS",
+    "SurrogateDivergedError",
+    "SurrogateResult",
+    "alignment",
+    "closed_form_w",
+    "gradients",
+    "make_gaussian_data",
+    "objective",
+    "one_hot_targets",
+    "solve_batched",
+    "solve_grid",
+]
+
+MODELS = ("mufm", "ufm")
+LOSSES = ("ce", "mse")
+H_STEPS = ("per_sample", "per_class", "mean")
+METHODS = ("auto", "direct", "subspace")
+#: metric names of the rows for model in {mufm, ufm}; model="data" rows hold pfc1-3 only.
+SURROGATE_METRICS = ("pfc1", "pfc2", "pfc3", "alignment", "objective", "grad_norm")
+_DATA_METRICS = ("pfc1", "pfc2", "pfc3")
+TABLE_COLUMNS = ("model", "lam", "lam_w", "epoch", "metric", "value")
+#: c of the H step guard: the per-sample H step is capped at c / (curv ||W||_2^2 + lam), i.e. at
+#: c / 2 of its stability limit (module docstring, "Step-size guard")
+H_STEP_GUARD_C = 1.9
+_CHECK_EVERY = 100  # steps between cheap finiteness checks of W (divergence shows there first)
+
+
+class SurrogateDivergedError(FloatingPointError):
+    """Gradient descent produced non-finite values (the step is too large for the iterate).
+
+    Attributes: ``step`` (the step where it was detected) and ``configs`` (the diverged
+    (model, seed, lam) triples).
+    """
+
+    def __init__(
+        self, step: int, configs: Sequence[tuple[str, int, float]], *, guarded: bool = False
+    ):
+        self.step = step
+        self.configs = list(configs)
+        shown = ", ".join(f"{m} seed={s} lam={lam:g}" for m, s, lam in self.configs[:5])
+        more = f" (+{len(self.configs) - 5} more)" if len(self.configs) > 5 else ""
+        hint = (
+            "the H step was guarded; the W step is stable only while "
+            "lr (||H||_2^2 / N + lam_w / K) < 2: try a smaller lr"
+            if guarded
+            else "the H step is stable only while lr_H/N * (||W||_2^2 + lam) < 2; "
+            "use h_step_guard=True (the default), a smaller lr, or h_step='mean'"
+        )
+        super().__init__(
+            f"surrogate gradient descent diverged (non-finite values) by step {step} "
+            f"for {shown}{more}: {hint}"
+        )
+
+
+# --------------------------------------------------------------------------------------
+# data and targets
+
+
+def make_gaussian_data(
+    K: int = 5,
+    d: int = 20,
+    n: int = 100,
+    seed: int = 0,
+    *,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float64,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gaussian data of SPEC.md "MUFM and UFM" (paper section IV-B).
+
+    mu_k uniform on the unit sphere of R^d (normalised standard normal), x_{k,i} ~ N(mu_k, I_d),
+    samples ordered class by class so that the targets are Y = I_K (x) 1_n^T.
+    Drawn on the CPU in float64 from ``torch.Generator().manual_seed(seed)`` (so the draw is
+    the same on every device), then cast.
+
+    Returns:
+        X (d, K*n) and labels (K*n,) int64, labels = [0]*n + [1]*n + ... + [K-1]*n.
+    """
+    _check_int("K", K, 2)
+    _check_int("d", d, 1)
+    _check_int("n", n, 1)
+    _check_int("seed", seed, 0)
+    _check_dtype(dtype)
+    gen = torch.Generator().manual_seed(seed)
+    mu = torch.randn(K, d, generator=gen, dtype=torch.float64)  # (K, d)
+    mu = mu / mu.norm(dim=1, keepdim=True)
+    labels = torch.arange(K).repeat_interleave(n)  # (N,)
+    noise = torch.randn(K * n, d, generator=gen, dtype=torch.float64)  # (N, d)
+    X = (mu[labels] + noise).T.contiguous()  # (d, N)
+    return X.to(device=device, dtype=dtype), labels.to(device=device)
+
+
+def one_hot_targets(
+    labels: torch.Tensor, K: int, *, dtype: torch.dtype = torch.float64
+) -> torch.Tensor:
+    """Y (K, N) with Y[k, i] = 1 iff labels[i] == k (= I_K (x) 1_n^T for ordered labels)."""
+    return torch.nn.functional.one_hot(labels.long(), K).T.to(dtype).contiguous()
+
+
+# --------------------------------------------------------------------------------------
+# objective, gradients, closed form (pure functions; batched over a leading B axis)
+
+
+def _lam_col(lam: torch.Tensor | float, ref: torch.Tensor) -> torch.Tensor:
+    """lam as a (B, 1, 1) (or scalar) tensor broadcastable against (B, d, N)."""
+    lam_t = torch.as_tensor(lam, dtype=ref.dtype, device=ref.device)
+    return lam_t.reshape(-1, 1, 1) if lam_t.ndim == 1 else lam_t
+
+
+def objective(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    anchor: torch.Tensor,
+    Y: torch.Tensor,
+    lam: torch.Tensor | float,
+    lam_w: float,
+    loss: str = "mse",
+) -> torch.Tensor:
+    """F(W, H) of SPEC.md eq. 13 (anchor = X) or eq. 2 (anchor = 0), batched.
+
+    Args:
+        W: (B, K, d); H: (B, d, N); anchor: broadcastable to (B, d, N); Y: (K, N);
+        lam: float or (B,); lam_w: float; loss: "mse" or "ce".
+
+    Returns:
+        (B,) objective values.
+    """
+    K, N = Y.shape
+    Z = W @ H  # (B, K, N)
+    if loss == "mse":
+        fit = (Z - Y).square().sum(dim=(-2, -1)) / (2 * N)
+    else:
+        fit = (torch.logsumexp(Z, dim=-2) - (Z * Y).sum(dim=-2)).mean(dim=-1)
+    lam_b = torch.as_tensor(lam, dtype=H.dtype, device=H.device)
+    reg_w = lam_w / (2 * K) * W.square().sum(dim=(-2, -1))
+    reg_h = lam_b / (2 * N) * (H - anchor).square().sum(dim=(-2, -1))
+    return fit + reg_w + reg_h
+
+
+def gradients(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    anchor: torch.Tensor,
+    Y: torch.Tensor,
+    lam: torch.Tensor | float,
+    lam_w: float,
+    loss: str = "mse",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Analytic gradient (dF/dW (B, K, d), dF/dH (B, d, N)) of :func:`objective`.
+
+    With R = dL/dZ * N (MSE: R = W H - Y; CE: R = softmax(W H) - Y, softmax over classes):
+        dF/dW = R H^T / N + (lam_w / K) W,     dF/dH = W^T R / N + (lam / N) (H - anchor).
+    """
+    K, N = Y.shape
+    R = _residual(W @ H, Y, loss)  # (B, K, N)
+    gW = R @ H.mT / N + (lam_w / K) * W  # (B, K, d)
+    gH = W.mT @ R / N + _lam_col(lam, H) / N * (H - anchor)  # (B, d, N)
+    return gW, gH
+
+
+def _residual(Z: torch.Tensor, Y: torch.Tensor, loss: str) -> torch.Tensor:
+    """N * dL/dZ for logits Z (B, K, N): Z - Y (MSE) or softmax_K(Z) - Y (CE)."""
+    if loss == "mse":
+        return Z - Y
+    return torch.softmax(Z, dim=-2) - Y
+
+
+def closed_form_w(H: torch.Tensor, Y: torch.Tensor, lam_w: float) -> torch.Tensor:
+    """Minimiser over W of the MSE objective for fixed H (SPEC.md, Theorem 4).
+
+    Setting dF/dW = (W H - Y) H^T / N + (lam_w / K) W = 0 gives
+        W*(H) = Y H^T (H H^T + (N / K) lam_w I_d)^{-1},
+    which is Theorem 4's Y H^T (H H^T + n lam_w I_d)^{-1} since N / K = n for balanced
+    classes (the objective and Theorem 4 agree). The matrix is SPD for lam_w > 0.
+
+    Args:
+        H: (d, N) or (B, d, N); Y: (K, N); lam_w > 0 (or H H^T invertible).
+
+    Returns:
+        W* with shape (K, d) or (B, K, d).
+    """
+    K, N = Y.shape
+    d = H.shape[-2]
+    eye = torch.eye(d, dtype=H.dtype, device=H.device)
+    A = H @ H.mT + (N / K) * lam_w * eye  # (..., d, d), symmetric
+    # W* A = Y H^T  <=>  A W*^T = H Y^T  (A symmetric)
+    return torch.linalg.solve(A, H @ Y.T.to(H.dtype)).mT  # (..., K, d)
+
+
+def alignment(H: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
+    """||H/||H||_F - X/||X||_F||_F (SPEC.md "MUFM and UFM", paper Fig. 5); batched over B."""
+    Hn = H / torch.linalg.matrix_norm(H).reshape(*H.shape[:-2], 1, 1)
+    Xn = X / torch.linalg.matrix_norm(X)
+    return torch.linalg.matrix_norm(Hn - Xn)
+
+
+# --------------------------------------------------------------------------------------
+# solver
+
+
+@dataclass
+class SurrogateResult:
+    """Output of :func:`solve_batched`.
+
+    Attributes:
+        table: tidy DataFrame [model, lam, lam_w, epoch, metric, value] (+ seed, see solve_grid).
+        W: (B, K, d) final classifiers; H: (B, d, N) final features.
+        configs: the B (model, seed, lam) triples, in the order of W and H's first axis
+            (itertools.product(models, seeds, lams)).
+        steps: number of gradient steps taken.
+        guarded_steps: per configuration, the number of steps whose H step the guard
+            shortened (all 0 with ``h_step_guard=False``; see the module docstring).
+    """
+
+    table: pd.DataFrame
+    W: torch.Tensor
+    H: torch.Tensor
+    configs: list[tuple[str, int, float]]
+    steps: int
+    guarded_steps: list[int]
+
+
+def _check_int(name: str, value: object, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"{name}={value!r} is invalid: expected an integer >= {minimum}")
+
+
+def _check_float(name: str, value: object, *, positive: bool) -> None:
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or (value <= 0 if positive else value < 0):
+        what = "> 0" if positive else ">= 0"
+        raise ValueError(f"{name}={value!r} is invalid: expected a finite number {what}")
+
+
+def _check_choice(name: str, value: object, allowed: Sequence[str]) -> None:
+    if not isinstance(value, str) or value not in allowed:
+        raise ValueError(f"{name}={value!r} is invalid: expected one of {list(allowed)}")
+
+
+def _check_dtype(dtype: object) -> None:
+    if dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"dtype={dtype!r} is invalid: expected torch.float32 or torch.float64")
+
+
+def _as_list(name: str, value: object) -> list:
+    if isinstance(value, torch.Tensor | np.ndarray):
+        value = value.tolist()
+    if isinstance(value, str | numbers.Number):
+        return [value]
+    try:
+        out = list(value)  # type: ignore[call-overload]
+    except TypeError:
+        raise ValueError(f"{name}={value!r} is invalid: expected a value or a sequence") from None
+    if not out:
+        raise ValueError(f"{name}=[] is invalid: expected at least one value")
+    return out
+
+
+def _validate_data(X: object, labels: object, K: int) -> None:
+    if not isinstance(X, torch.Tensor) or X.ndim != 2:
+        shape = tuple(X.shape) if isinstance(X, torch.Tensor) else type(X).__name__
+        raise ValueError(f"X with shape {shape} is invalid: expected a (d, N) tensor")
+    if not X.is_floating_point():
+        raise ValueError(f"X.dtype={X.dtype} is invalid: expected a floating-point tensor")
+    if not isinstance(labels, torch.Tensor) or labels.ndim != 1 or labels.is_floating_point():
+        raise ValueError("labels is invalid: expected a 1-D integer tensor of shape (N,)")
+    d, N = X.shape
+    if labels.shape[0] != N:
+        raise ValueError(f"labels has {labels.shape[0]} entries: expected N={N} (X is (d, N))")
+    if d < K - 1:
+        raise ValueError(f"d={d} is invalid: expected d >= K-1 = {K - 1} (X has shape (d, N))")
+    if N < K:
+        raise ValueError(f"N={N} samples is invalid: expected n >= 1 sample per class (N >= K)")
+    lo, hi = int(labels.min()), int(labels.max())
+    if lo < 0 or hi >= K:
+        raise ValueError(f"labels range [{lo}, {hi}] is invalid: expected values in [0, {K - 1}]")
+    counts = torch.bincount(labels.long().cpu(), minlength=K)
+    if int(counts.min()) < 1:
+        missing = torch.nonzero(counts == 0).flatten().tolist()
+        raise ValueError(f"classes {missing} have no samples: expected n >= 1 per class")
+    if not bool(torch.isfinite(X).all()):
+        raise ValueError("X contains NaN or inf: expected finite data")
+
+
+def _use_subspace(method: str, loss: str, d: int, K: int, N: int) -> bool:
+    return method == "subspace" or (method == "auto" and loss == "mse" and 2 * d + K < N)
+
+
+def _pfc(features: torch.Tensor, labels: torch.Tensor, K: int) -> list[float]:
+    """[pfc1, pfc2, pfc3] of features (d, N) via the metric engine (samples x dims: pass H^T)."""
+    out = pfc_metrics(features.T, labels, K)
+    return [float(out[k]) for k in _DATA_METRICS]
+
+
+@contextmanager
+def _torch_threads(num_threads: int | None) -> Iterator[None]:
+    """Set torch's intra-op thread count for the block, restoring it after (None: no change)."""
+    if num_threads is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(num_threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _init_draw(seed: int, K: int, d: int, N: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """W0 (K, d), H0 (d, N) ~ N(0, 1), drawn on the CPU in float64 (same on every device)."""
+    gen = torch.Generator().manual_seed(seed)
+    W0 = torch.randn(K, d, generator=gen, dtype=torch.float64)  # (K, d)
+    H0 = torch.randn(d, N, generator=gen, dtype=torch.float64)  # (d, N)
+    return W0, H0
+
+
+def solve_batched(
+    X: torch.Tensor,
+    labels: torch.Tensor,
+    K: int,
+    lams: float | Sequence[float],
+    lam_w: float = 0.005,
+    *,
+    models: str | Sequence[str] = "mufm",
+    loss: str = "mse",
+    lr: float = 0.1,
+    steps: int = 50_000,
+    log_every: int | None = 1000,
+    h_step: str = "per_sample",
+    h_step_guard: bool = True,
+    seeds: int | Sequence[int] = 0,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float64,
+    callback: Callable[[int, pd.DataFrame], None] | None = None,
+    log_data: bool = True,
+    method: str = "auto",
+    num_threads: int | None = 1,
+) -> SurrogateResult:
+    """Solve MUFM/UFM (SPEC.md "MUFM and UFM") for the grid models x seeds x lams at once.
+
+    Plain full-batch gradient descent from W, H ~ N(0, 1) (one CPU float64 draw per seed,
+    shared by every model and lam with that seed), both blocks updated from the same iterate:
+        W <- W - lr dF/dW,    H <- H - lr_H dF/dH,
+    lr_H = lr * N (``h_step="per_sample"``: each h_i takes an ``lr`` step on its own sample's
+    terms, SPEC.md **choice**), lr * N / K = lr * n (``"per_class"``) or lr (``"mean"``).
+    ``h_step_guard`` (default True): on the steps where that H step would be at or beyond its
+    stability limit, lr_H is shortened per configuration to
+    N * H_STEP_GUARD_C / (curv ||W||_2^2 + lam) (curv = 1 MSE, 1/2 CE); every other step is
+    plain GD, bit for bit, and the stationary points are unchanged (module docstring,
+    "Step-size guard"). False: plain GD on every step (the paper's lr then diverges for about
+    half of the init seeds).
+
+    Logged at step 0, every ``log_every`` steps and at the last step (``log_every=None``: first
+    and last only), one row per (config, metric) with the metric names of SURROGATE_METRICS:
+        pfc1, pfc2, pfc3 of H (``pfc_sweeps.metrics.pfc_metrics`` on H^T), alignment
+        ||H/||H||_F - X/||X||_F||_F, objective F(W, H), and grad_norm =
+        sqrt(||dF/dW||_F^2 + ||dF/dH||_F^2): the Euclidean (Frobenius) norm of the gradient of
+        the objective F itself w.r.t. (W, H), the same whatever ``h_step`` is.
+    With ``log_data`` the pfc1-3 of X are logged at step 0 and at the last step as rows with
+    model="data", lam=NaN, lam_w=NaN (seed <NA> when a seed column is present).
+
+    ``method``: "direct" iterates on H (B, d, N). "subspace" (MSE only) iterates on the
+    coordinates of H's rows in an orthonormal basis (N, D) of the row span of [H0; X; Y],
+    D = 2d + K: the MSE step is affine in H with only H0, X and Y as sources, so H never
+    leaves that span and the iterates are the same up to rounding (~1e-14 here), at D/N of the
+    cost (45 vs 500 columns in the paper setting). "auto" = subspace for MSE when D < N.
+
+    ``num_threads``: torch intra-op threads during the solve (restored after; None: leave as
+    is). The default 1 is fastest for these small matrices; with 2 threads on a shared 2-core
+    machine the 40-lam grid ran 20x slower (measured).
+
+    Args:
+        X: (d, N) data; labels: (N,) ints in [0, K), every class present; K >= 2; d >= K-1.
+        lams: lam >= 0 (a value or a grid). lam_w >= 0. lr > 0. steps >= 1. log_every >= 1.
+        models: "mufm", "ufm" or a sequence of them (fig. 4 solves both in one program).
+        h_step: "per_sample", "per_class" or "mean". h_step_guard: True or False.
+        seeds: an int >= 0, or a sequence (then the table gets an Int64 "seed" column).
+        device: where to solve (default: X's device). dtype: torch.float64 or torch.float32.
+        callback: ``callback(step, rows)`` after each logged step, with that step's rows.
+
+    Raises:
+        ValueError: bad input, before any work. SurrogateDivergedError: non-finite values
+        (checked every 100 steps and at every logged step).
+    """
+    model_list = _as_list("models", models)
+    seed_list = _as_list("seeds", seeds)
+    lam_list = _as_list("lams", lams)
+    _check_int("K", K, 2)
+    for m in model_list:
+        _check_choice("model", m, MODELS)
+    for lam in lam_list:
+        _check_float("lam", lam, positive=False)
+    _check_float("lam_w", lam_w, positive=False)
+    _check_choice("loss", loss, LOSSES)
+    _check_float("lr", lr, positive=True)
+    _check_int("steps", steps, 1)
+    if log_every is not None:
+        _check_int("log_every", log_every, 1)
+    _check_choice("h_step", h_step, H_STEPS)
+    if not isinstance(h_step_guard, bool):
+        raise ValueError(f"h_step_guard={h_step_guard!r} is invalid: expected True or False")
+    for s in seed_list:
+        _check_int("seed", s, 0)
+    _check_dtype(dtype)
+    _check_choice("method", method, METHODS)
+    if method == "subspace" and loss != "mse":
+        raise ValueError(f"method='subspace' with loss={loss!r} is invalid: it needs loss='mse'")
+    if num_threads is not None:
+        _check_int("num_threads", num_threads, 1)
+    _validate_data(X, labels, K)
+    with _torch_threads(num_threads):
+        return _solve(
+            X, labels, K, lam_list, float(lam_w), model_list, [int(s) for s in seed_list],
+            not isinstance(seeds, numbers.Integral), loss, float(lr), steps, log_every, h_step,
+            h_step_guard, device, dtype, callback, log_data, method,
+        )  # fmt: skip
+
+
+def _solve(
+    X, labels, K, lam_list, lam_w, model_list, seed_list, seed_column, loss, lr, steps,
+    log_every, h_step, h_step_guard, device, dtype, callback, log_data, method,
+) -> SurrogateResult:  # fmt: skip
+    """The body of :func:`solve_batched`, on validated inputs."""
+    device = torch.device(device) if device is not None else X.device
+    d, N = X.shape
+    grid = itertools.product(model_list, seed_list, lam_list)
+    configs = [(m, s, float(lam)) for m, s, lam in grid]  # B (model, seed, lam) triples
+    B = len(configs)
+
+    Xd = X.to(device=device, dtype=dtype)  # (d, N)
+    lab = labels.to(device=device).long()  # (N,)
+    Y = one_hot_targets(lab, K, dtype=dtype)  # (K, N)
+    inits = {s: _init_draw(s, K, d, N) for s in seed_list}
+    W = torch.stack([inits[s][0] for _, s, _ in configs]).to(device=device, dtype=dtype)
+    H0 = torch.stack([inits[s][1] for _, s, _ in configs]).to(device=device, dtype=dtype)
+
+    lam_t = torch.tensor([c[2] for c in configs], dtype=dtype, device=device)  # (B,)
+    is_mufm = torch.tensor([c[0] == "mufm" for c in configs], dtype=dtype, device=device)  # (B,)
+    anchor = is_mufm.reshape(B, 1, 1) * Xd  # (B, d, N): X for MUFM, 0 for UFM
+
+    lr_h = {"per_sample": lr * N, "per_class": lr * N / K, "mean": lr}[h_step]
+    # W <- (1 - lr lam_w / K) W - (lr / N) R H^T,  R = N dL/dZ  (SPEC.md objective)
+    beta_w, alpha_w = 1.0 - lr * lam_w / K, -lr / N
+    # H <- (1 - c) H + c anchor - (lr_h / N) W^T R,  c = lr_h lam / N  (per config)
+    lam_b = lam_t.reshape(B, 1, 1)  # (B, 1, 1)
+    c = (lr_h / N) * lam_b  # (B, 1, 1)
+    keep_h, alpha_h = 1.0 - c, -lr_h / N
+    guard = _HStepGuard(lr_h / N, lam_b, loss) if h_step_guard else None
+
+    if _use_subspace(method, loss, d, K, N):
+        # basis of the row span of [H0; X; Y] for each seed (see the docstring)
+        basis = {
+            s: torch.linalg.qr(torch.cat([inits[s][1].to(device=device, dtype=dtype), Xd, Y]).T).Q
+            for s in seed_list
+        }  # (N, D) each
+        Q = torch.stack([basis[s] for _, s, _ in configs])  # (B, N, D)
+        Hs = H0 @ Q  # (B, d, D) coordinates of H
+        negYs = -(Y @ Q)  # (B, K, D)
+        anchor_s = anchor @ Q  # (B, d, D)
+    else:
+        Q = None
+        Hs = H0  # (B, d, N)
+        negYs = -Y  # (K, N)
+        anchor_s = anchor  # (B, d, N)
+    c_anchor = c * anchor_s  # (B, d, N|D)
+    del H0
+    mse = loss == "mse"
+    rows: list[tuple] = []
+    data_pfc = _pfc(Xd, lab, K) if log_data else []
+
+    def full_h() -> torch.Tensor:
+        return Hs if Q is None else Hs @ Q.mT  # (B, d, N)
+
+    def log(step: int) -> None:
+        H = full_h()
+        obj = objective(W, H, anchor, Y, lam_t, lam_w, loss)  # (B,)
+        gW, gH = gradients(W, H, anchor, Y, lam_t, lam_w, loss)
+        gnorm = (gW.square().sum(dim=(-2, -1)) + gH.square().sum(dim=(-2, -1))).sqrt()  # (B,)
+        bad = ~(torch.isfinite(obj) & torch.isfinite(gnorm))
+        if bool(bad.any()):
+            raise SurrogateDivergedError(
+                step, [configs[i] for i in bad.nonzero().flatten().tolist()], guarded=h_step_guard
+            )
+        align = alignment(H, Xd)  # (B,)
+        obj_l, gnorm_l, align_l = obj.tolist(), gnorm.tolist(), align.tolist()
+        new: list[tuple] = []
+        if log_data and step in (0, steps):
+            for metric, v in zip(_DATA_METRICS, data_pfc, strict=True):
+                new.append(("data", math.nan, math.nan, step, metric, v, None))
+        for b, (m, s, lam) in enumerate(configs):
+            vals = (*_pfc(H[b], lab, K), align_l[b], obj_l[b], gnorm_l[b])
+            for metric, v in zip(SURROGATE_METRICS, vals, strict=True):
+                new.append((m, lam, lam_w, step, metric, v, s))
+        rows.extend(new)
+        if callback is not None:
+            callback(step, _to_frame(new, seed_column))
+
+    every = steps if log_every is None else log_every
+    log(0)
+    with tqdm(total=steps, disable=not sys.stderr.isatty(), desc="surrogate GD") as bar:
+        step = 0
+        while step < steps:
+            # run to the next log step or divergence check, whichever comes first
+            chunk = min(every - step % every, _CHECK_EVERY - step % _CHECK_EVERY, steps - step)
+            for _ in range(chunk):
+                if mse:
+                    R = torch.baddbmm(negYs, W, Hs)  # (B, K, N|D) = W H - Y
+                else:
+                    R = torch.softmax(torch.bmm(W, Hs), dim=1).add_(negYs)  # (B, K, N)
+                W_next = torch.baddbmm(W, R, Hs.mT, beta=beta_w, alpha=alpha_w)  # (B, K, d)
+                r = None if guard is None else guard.ratio(W)  # (B, 1, 1) or None (inactive)
+                if r is None:
+                    Hs = torch.baddbmm(torch.addcmul(c_anchor, Hs, keep_h), W.mT, R, alpha=alpha_h)
+                else:  # the same step with lr_h scaled by r in (0, 1] per config
+                    cr = c * r  # (B, 1, 1)
+                    Hs = torch.addcmul(cr * anchor_s, Hs, 1.0 - cr)
+                    Hs = torch.baddbmm(Hs, (r * W).mT, R, alpha=alpha_h)
+                W = W_next
+            step += chunk
+            bar.update(chunk)
+            if step % every == 0 or step == steps:
+                log(step)
+            elif not bool(torch.isfinite(W).all()):
+                bad = ~torch.isfinite(W).flatten(1).all(dim=1)  # (B,)
+                raise SurrogateDivergedError(
+                    step, [configs[i] for i in bad.nonzero().flatten().tolist()],
+                    guarded=h_step_guard,
+                )  # fmt: skip
+    guarded = [0] * B if guard is None else guard.active_steps.tolist()
+    return SurrogateResult(_to_frame(rows, seed_column), W, full_h(), configs, steps, guarded)
+
+
+class _HStepGuard:
+    """Per-config step-size cap of the H step (see the module docstring, "Step-size guard").
+
+    ``ratio(W)`` returns r (B, 1, 1) with r_b = min(1, c / (s (curv ||W_b||_2^2 + lam_b))),
+    s = lr_h / N the per-sample step, curv = 1 (MSE) or 1/2 (CE), c = H_STEP_GUARD_C, so that
+    the H step becomes r_b lr_h; or None when r = 1 for every config. ||W_b||_2^2 (the largest
+    eigenvalue of the K x K Gram W_b W_b^T) is only computed when the cheap upper bound
+    ||W_b||_2 <= ||W_b||_F does not already prove r = 1 for every config.
+    """
+
+    def __init__(self, s: float, lam_b: torch.Tensor, loss: str):
+        curv = 1.0 if loss == "mse" else 0.5
+        self.a = H_STEP_GUARD_C / (s * curv)  # r_b = min(1, a / (||W_b||_2^2 + lam_b / curv))
+        self.lam_c = lam_b / curv  # (B, 1, 1)
+        # r_b = 1 for every b while max_b ||W_b||_2^2 <= a - max_b lam_b / curv
+        self.bound = math.sqrt(max(self.a - float(self.lam_c.max()), 0.0))
+        self.active_steps = torch.zeros(lam_b.shape[0], dtype=torch.long, device=lam_b.device)
+
+    def ratio(self, W: torch.Tensor) -> torch.Tensor | None:
+        fro = torch.linalg.vector_norm(W, dim=(1, 2))  # (B,) ||W_b||_F
+        top = fro.max().item()
+        if not top > self.bound or not math.isfinite(top):
+            # r = 1 for every config; or a non-finite W (a diverged W step): left to the
+            # divergence check
+            return None
+        # ||W_b||_2^2 = ||W_b||_F^2 lambda_max(V_b V_b^T), V_b = W_b / ||W_b||_F: the Gram's
+        # entries are in [-1, 1] whatever the scale of W (no overflow inside eigvalsh)
+        scale = fro.clamp(min=torch.finfo(W.dtype).tiny).reshape(-1, 1, 1)  # (B, 1, 1)
+        V = W / scale  # (B, K, d)
+        lmax = torch.linalg.eigvalsh(torch.bmm(V, V.mT))[:, -1] * fro.square()  # (B,)
+        r = torch.div(self.a, lmax.reshape(-1, 1, 1) + self.lam_c).clamp_(max=1.0)  # (B, 1, 1)
+        self.active_steps += (r < 1.0).flatten()
+        return r
+
+
+def _to_frame(rows: list[tuple], seed_column: bool) -> pd.DataFrame:
+    df = pd.DataFrame(rows, columns=[*TABLE_COLUMNS, "seed"])
+    df = df.astype({"model": str, "lam": "float64", "lam_w": "float64", "epoch": "int64"})
+    df = df.astype({"metric": str, "value": "float64"})
+    if seed_column:
+        df["seed"] = df["seed"].astype("Int64")
+        return df
+    return df.drop(columns="seed")
+
+
+def solve_grid(
+    model: str | Sequence[str],
+    X: torch.Tensor,
+    labels: torch.Tensor,
+    K: int,
+    lams: float | Sequence[float],
+    lam_w: float = 0.005,
+    loss: str = "mse",
+    lr: float = 0.1,
+    steps: int = 50_000,
+    log_every: int | None = 1000,
+    h_step: str = "per_sample",
+    seed: int | Sequence[int] = 0,
+    device: torch.device | str | None = None,
+    callback: Callable[[int, pd.DataFrame], None] | None = None,
+    dtype: torch.dtype = torch.float64,
+    h_step_guard: bool = True,
+) -> pd.DataFrame:
+    """Entry point of the task layer: solve ``model`` for every lam in ``lams`` in one batch.
+
+    Returns the tidy long table with columns [model, lam, lam_w, epoch, metric, value]
+    (epoch = GD step; model in {data, mufm, ufm}), plus an Int64 ``seed`` column when ``seed``
+    is a sequence. See :func:`solve_batched` for the metrics, the data rows, the steps and
+    ``h_step_guard`` (default True: the H step guard of the module docstring).
+    """
+    return solve_batched(
+        X, labels, K, lams, lam_w,
+        models=model, loss=loss, lr=lr, steps=steps, log_every=log_every, h_step=h_step,
+        h_step_guard=h_step_guard, seeds=seed, device=device, dtype=dtype, callback=callback,
+    ).table  # fmt: skip
