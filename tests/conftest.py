@@ -14,10 +14,17 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 
 
-def launch(*args: str, cwd: Path | None = None, timeout: float = 600, env: dict | None = None):
+def launch(
+    *args: str,
+    cwd: Path | None = None,
+    timeout: float = 600,
+    env: dict | None = None,
+    unset: tuple[str, ...] = (),
+):
     """Run ``python launch.py ARGS`` from the repo root; returns the CompletedProcess."""
     full_env = {**os.environ, "HYDRA_FULL_ERROR": "0", "WANDB_MODE": "offline", **(env or {})}
-    full_env.pop("SLURM_JOB_ID", None)
+    for var in ("SLURM_JOB_ID", *unset):
+        full_env.pop(var, None)
     return subprocess.run(
         [sys.executable, str(REPO / "launch.py"), *args],
         cwd=cwd or REPO,

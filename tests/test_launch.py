@@ -166,7 +166,9 @@ def test_multirun_reports_a_failed_job_and_keeps_the_others(tmp_path):
 def test_wandb_offline_one_run_per_job_in_one_group(tmp_path):
     sweep = tmp_path / "w"
     p = launch("-m", "task=mufm", "lam.lam=0.001,0.005", "logger=wandb", "surrogate.steps=100",
-               "surrogate.log_every=50", f"hydra.sweep.dir={sweep}", timeout=300)  # fmt: skip
+               "surrogate.log_every=50", f"hydra.sweep.dir={sweep}", timeout=300,
+               unset=("WANDB_DIR",))  # fmt: skip
+    # without WANDB_DIR, each job's offline run lives in its own job directory
     assert p.returncode == 0, p.stderr
     runs = sorted(sweep.glob("*/wandb/offline-run-*"))
     assert len(runs) == 2, runs
