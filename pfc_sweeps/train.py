@@ -30,7 +30,7 @@ from .data import DataBundle, load_dataset
 from .errors import Diverged
 from .loggers import RunLogger
 from .models import build_model
-from .results import ResultsSink, atomic_write_bytes
+from .results import ResultsSink, atomic_write
 from .tracker import CollapseTracker
 
 __all__ = ["CHECKPOINT_FILE", "Trainer", "collapse_table", "evaluate", "loss_fn", "run_training"]
@@ -117,9 +117,7 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 def _save_checkpoint(path: Path, **state: Any) -> None:
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    atomic_write_bytes(path, buf.getvalue())
+    atomic_write(path, lambda f: torch.save(state, f))
 
 
 def _rows_to_bytes(df: pd.DataFrame) -> bytes:
