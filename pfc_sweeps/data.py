@@ -37,7 +37,7 @@ import pickle
 import shutil
 import socket
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +53,7 @@ __all__ = [
     "DatasetNotFound",
     "balanced_subset",
     "default_data_root",
+    "gaussian_mixture",
     "load_dataset",
 ]
 
@@ -244,22 +245,40 @@ def _load_digits(seed: int, device: torch.device) -> DataBundle:
     )
 
 
-def _make_gaussian(
-    k: int, d: int, n: int, n_test: int, sigma: float, seed: int, device: torch.device
-) -> DataBundle:
-    """SPEC.md MUFM data: mu_k uniform on S^{d-1}, x ~ N(mu_k, sigma^2 I); ordered by class."""
+def gaussian_mixture(
+    k: int, d: int, sizes: Sequence[int], *, sigma: float = 1.0, seed: int = 0
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """SPEC.md MUFM data: mu_k uniform on S^{d-1}, x ~ N(mu_k, sigma^2 I_d).
+
+    One draw ``(x (k m, d) float64, y (k m,) int64)`` per ``m`` in ``sizes``, samples ordered
+    class by class, all from one CPU generator seeded with ``seed`` (same draw on any device).
+    """
     gen = torch.Generator().manual_seed(seed)
     mu = torch.randn(k, d, generator=gen, dtype=torch.float64)
     mu = mu / mu.norm(dim=1, keepdim=True)  # (K, d)
+    out = []
+    for m in sizes:
+        y = torch.arange(k).repeat_interleave(int(m))  # (K m,)
+        x = mu[y] + sigma * torch.randn(k * int(m), d, generator=gen, dtype=torch.float64)
+        out.append((x, y))
+    return out
 
-    def draw(m: int) -> tuple[torch.Tensor, torch.Tensor]:
-        y = torch.arange(k).repeat_interleave(m)  # (K m,)
-        x = mu[y] + sigma * torch.randn(k * m, d, generator=gen, dtype=torch.float64)
-        return x.float().to(device), y.to(device)
 
-    train_x, train_y = draw(int(n))
-    test_x, test_y = draw(int(n_test))
-    return DataBundle(train_x, train_y, test_x, test_y, int(k), (int(d),), "gaussian")
+def _make_gaussian(
+    k: int, d: int, n: int, n_test: int, sigma: float, seed: int, device: torch.device
+) -> DataBundle:
+    (train_x, train_y), (test_x, test_y) = gaussian_mixture(
+        k, d, [n, n_test], sigma=sigma, seed=seed
+    )
+    return DataBundle(
+        train_x.float().to(device),
+        train_y.to(device),
+        test_x.float().to(device),
+        test_y.to(device),
+        int(k),
+        (int(d),),
+        "gaussian",
+    )
 
 
 @contextmanager

@@ -72,6 +72,8 @@ from tqdm.auto import tqdm
 
 from pfc_sweeps.metrics import pfc_metrics
 
+from .data import gaussian_mixture
+
 __all__ = [
     "H_STEPS",
     "H_STEP_GUARD_C",
@@ -160,12 +162,8 @@ def make_gaussian_data(
     _check_int("n", n, 1)
     _check_int("seed", seed, 0)
     _check_dtype(dtype)
-    gen = torch.Generator().manual_seed(seed)
-    mu = torch.randn(K, d, generator=gen, dtype=torch.float64)  # (K, d)
-    mu = mu / mu.norm(dim=1, keepdim=True)
-    labels = torch.arange(K).repeat_interleave(n)  # (N,)
-    noise = torch.randn(K * n, d, generator=gen, dtype=torch.float64)  # (N, d)
-    X = (mu[labels] + noise).T.contiguous()  # (d, N)
+    ((x, labels),) = gaussian_mixture(K, d, [n], seed=seed)  # (N, d), (N,)
+    X = x.T.contiguous()  # (d, N)
     return X.to(device=device, dtype=dtype), labels.to(device=device)
 
 
