@@ -30,6 +30,7 @@ __all__ = [
     "atomic_write",
     "atomic_write_bytes",
     "is_done",
+    "print_summary",
     "read_results",
 ]
 
@@ -91,6 +92,14 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
 def is_done(out_dir: str | os.PathLike[str]) -> bool:
     """True when the job in ``out_dir`` finished and wrote its ``done`` marker."""
     return (Path(out_dir) / DONE_FILE).exists()
+
+
+def print_summary(rows: pd.DataFrame, index: list[str], title: str, path: Path) -> None:
+    """Print tidy ``rows`` as a wide table (one column per metric), then where the results are."""
+    wide = rows.pivot_table(index=index, columns="metric", values="value")
+    print(title)
+    print(wide.reset_index().to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    print(f"Results: {path}")
 
 
 def read_results(path: str | os.PathLike[str]) -> tuple[pd.DataFrame, dict[str, Any]]:

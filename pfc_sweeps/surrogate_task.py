@@ -12,7 +12,7 @@ import pandas as pd
 from .config import Config
 from .errors import Diverged
 from .loggers import RunLogger
-from .results import ResultsSink
+from .results import ResultsSink, print_summary
 from .surrogate import SurrogateDivergedError, make_gaussian_data, solve_grid
 
 __all__ = ["run_surrogate"]
@@ -59,9 +59,5 @@ def _print_final(table: pd.DataFrame, steps: int, sink: ResultsSink) -> None:
     last = table[table["epoch"] == table["epoch"].max()]
     # the data rows have lam = NaN (X does not depend on λ): show them as "-"
     lam = last["lam"].map(lambda v: "-" if pd.isna(v) else f"{v:g}")
-    wide = last.assign(lam=lam).pivot_table(
-        index=["model", "lam"], columns="metric", values="value"
-    )
-    print(f"Surrogate metrics after {steps} steps:")
-    print(wide.reset_index().to_string(index=False, float_format=lambda v: f"{v:.4g}"))
-    print(f"Results: {sink.path}")
+    title = f"Surrogate metrics after {steps} steps:"
+    print_summary(last.assign(lam=lam), ["model", "lam"], title, sink.path)

@@ -30,7 +30,7 @@ from .data import DataBundle, load_dataset
 from .errors import Diverged
 from .loggers import RunLogger
 from .models import build_model
-from .results import ResultsSink, atomic_write
+from .results import ResultsSink, atomic_write, print_summary
 from .tracker import CollapseTracker
 
 __all__ = ["CHECKPOINT_FILE", "Trainer", "collapse_table", "evaluate", "loss_fn", "run_training"]
@@ -138,13 +138,9 @@ def _scalar_rows(epoch: int, values: dict[str, tuple[str, float]]) -> list[dict[
 
 
 def _print_final(table: pd.DataFrame, path: Path) -> None:
-    wide = table[table["metric"].isin(["pfc1", "pfc2", "pfc3"]) & (table["layer"] >= 0)]
-    wide = wide.pivot_table(index=["layer", "rel_pos"], columns="metric", values="value")
-    print(
-        "Per-layer collapse at the last epoch (PFC1 = Tr S_W / Tr S_B, PFC2 = ETF distance, PFC3 = NCC acc):"
-    )
-    print(wide.reset_index().to_string(index=False, float_format=lambda v: f"{v:.4g}"))
-    print(f"Results: {path}")
+    rows = table[table["metric"].isin(["pfc1", "pfc2", "pfc3"]) & (table["layer"] >= 0)]
+    title = "Per-layer collapse at the last epoch (PFC1 = Tr S_W / Tr S_B, PFC2 = ETF distance, PFC3 = NCC acc):"
+    print_summary(rows, ["layer", "rel_pos"], title, path)
 
 
 class Trainer:
