@@ -387,9 +387,10 @@ def fig5_lambda_tradeoff(
             ms=4,
             estimator="mean" if eb else None,
             errorbar=eb,
-            label="MUFM" if hue is None else None,
             legend=j == 0 and hue is not None,
             ax=ax,
+            # a label next to hue= clashes with seaborn's legend entries
+            **({"label": "MUFM"} if hue is None else {}),
         )
         d = data.loc[data["metric"] == m, "value"]
         if len(d):

@@ -821,3 +821,19 @@ def test_normalize_fills_missing_data_row_seed_from_the_run(tmp_path):
     # the data rows (lam = lam_w = NaN) still take part in Fig. 4's data bars
     fig = figures.fig4_surrogate_bars(out)
     assert len(_bars(fig.axes[0])) == 6
+
+
+def test_fig5_one_curve_per_setting_when_losses_differ():
+    """Sweeps with different losses are drawn as separate curves (one legend entry each)."""
+    mse = surrogate_frame("m", LAMS)
+    ce = surrogate_frame("c", LAMS).assign(loss="ce")
+    ce["value"] = np.where(ce["model"] == "mufm", ce["value"] + 1.0, ce["value"])
+    fig = figures.fig5_lambda_tradeoff(pd.concat([mse, ce]), metrics=("pfc1",))
+    curves = [c for c in _data_lines(fig.axes[0]) if c.get_linestyle() != "--"]  # not data X
+    curves = sorted(curves, key=lambda c: c.get_ydata()[0])
+    assert len(curves) == 2
+    want = np.array([mufm_value("pfc1", lam, "mufm") for lam in LAMS])
+    np.testing.assert_allclose(curves[0].get_ydata(), want)
+    np.testing.assert_allclose(curves[1].get_ydata(), want + 1.0)
+    labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert sorted(labels) == ["ce", "mse"]
