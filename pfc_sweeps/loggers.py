@@ -9,6 +9,7 @@ Keys: per-layer metrics as ``layer{l}/{metric}``, run-level scalars by name
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -39,7 +40,7 @@ def rows_to_keys(rows: pd.DataFrame) -> dict[str, float]:
         model = getattr(r, "model", "net")
         if model and model != "net":
             key = f"{model}/{key}"
-            if many_lams:
+            if many_lams and not math.isnan(r.lam):  # data rows (X) have no λ
                 key = f"{model}/lam={r.lam:g}/{r.metric}"
         out[key] = float(r.value)
     return out

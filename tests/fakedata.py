@@ -39,7 +39,7 @@ def _mnist(root: Path, folder: str, n: int, rng) -> None:
         _idx(raw / f"{split}-labels-idx1-ubyte", lab)
 
 
-def _cifar(root: Path, hundred: bool, n: int, rng) -> None:
+def _cifar(root: Path, hundred: bool, n: int, rng) -> dict[str, tuple[np.ndarray, list[int]]]:
     k = 100 if hundred else 10
     folder = root / ("cifar-100-python" if hundred else "cifar-10-batches-py")
     folder.mkdir(parents=True)
@@ -49,15 +49,19 @@ def _cifar(root: Path, hundred: bool, n: int, rng) -> None:
         if hundred
         else ([f"data_batch_{i}" for i in range(1, 6)], ["test_batch"])
     )
-    for names in files:
+    written = {}
+    for split, names in zip(("train", "test"), files, strict=True):
         lab = _labels(k, n, rng)
+        img = rng.integers(0, 256, (len(lab), 3, 32, 32), dtype=np.uint8)  # (N, C, H, W)
         for fname, part in zip(names, np.array_split(np.arange(len(lab)), len(names)), strict=True):
-            img = rng.integers(0, 256, (len(part), 3072), dtype=np.uint8)  # R, G, B planes
+            rows = img[part].reshape(len(part), 3072)  # a row: R plane, G plane, B plane
             with open(folder / fname, "wb") as f:
-                pickle.dump({"data": img, key: lab[part].tolist()}, f)
+                pickle.dump({"data": rows, key: lab[part].tolist()}, f)
+        written[split] = (img, lab.tolist())
     meta, meta_key = ("meta", "fine_label_names") if hundred else ("batches.meta", "label_names")
     with open(folder / meta, "wb") as f:
         pickle.dump({meta_key: [f"class{i}" for i in range(k)]}, f)
+    return written
 
 
 def _stl10(root: Path, n: int, rng) -> None:
@@ -71,13 +75,16 @@ def _stl10(root: Path, n: int, rng) -> None:
     (folder / "unlabeled_X.bin").write_bytes(b"")
 
 
-def write(name: str, root: Path, n_per_class: int = 2, seed: int = 0) -> None:
-    """Write data set ``name`` under ``root`` as torchvision expects to find it."""
+def write(name: str, root: Path, n_per_class: int = 2, seed: int = 0):
+    """Write data set ``name`` under ``root`` as torchvision expects to find it.
+
+    For CIFAR returns ``{split: (images (N, 3, 32, 32) uint8, labels)}`` as written.
+    """
     rng = np.random.default_rng(seed)
     if name in ("mnist", "fashion_mnist"):
         _mnist(root, "MNIST" if name == "mnist" else "FashionMNIST", n_per_class, rng)
     elif name in ("cifar10", "cifar100"):
-        _cifar(root, name == "cifar100", n_per_class, rng)
+        return _cifar(root, name == "cifar100", n_per_class, rng)
     elif name == "stl10":
         _stl10(root, n_per_class, rng)
     else:

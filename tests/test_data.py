@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import gzip
-import pickle
 import shutil
 import struct
 import urllib.error
 import urllib.request
 from pathlib import Path
 
+import fakedata
 import numpy as np
 import pytest
 import torch
@@ -103,40 +103,9 @@ def test_mnist_format_through_torchvision(tmp_path, monkeypatch, name, folder, g
 # ----------------------------------------------------------------------------- CIFAR format
 
 
-def _write_cifar(root: Path, hundred: bool, seed: int = 0):
-    rng = np.random.default_rng(seed)
-    k = 100 if hundred else 10
-    folder = root / ("cifar-100-python" if hundred else "cifar-10-batches-py")
-    folder.mkdir(parents=True)
-    key = "fine_labels" if hundred else "labels"
-    files = (
-        (["train"], ["test"])
-        if hundred
-        else ([f"data_batch_{i}" for i in range(1, 6)], ["test_batch"])
-    )
-    out = {}
-    for split, names in zip(("train", "test"), files, strict=True):
-        imgs, labs = [], []
-        for fname in names:
-            img = rng.integers(0, 256, size=(4, 3, 32, 32), dtype=np.uint8)  # CHW
-            lab = rng.integers(0, k, size=4).tolist()
-            entry = {"data": img.reshape(4, 3072), key: lab}  # rows: R plane, G plane, B plane
-            with open(folder / fname, "wb") as f:
-                pickle.dump(entry, f)
-            imgs.append(img)
-            labs += lab
-        out[split] = (np.concatenate(imgs), labs)
-    meta_name, meta_key = (
-        ("meta", "fine_label_names") if hundred else ("batches.meta", "label_names")
-    )
-    with open(folder / meta_name, "wb") as f:
-        pickle.dump({meta_key: [f"class{i}" for i in range(k)]}, f)
-    return out
-
-
 @pytest.mark.parametrize("name", ["cifar10", "cifar100"])
 def test_cifar_format_through_torchvision(tmp_path, no_md5, name) -> None:
-    written = _write_cifar(tmp_path, hundred=name == "cifar100")
+    written = fakedata.write(name, tmp_path, n_per_class=2 if name == "cifar10" else 1)
     b = load_dataset(name, root=tmp_path, download=False)
     img, lab = written["train"]
     assert b.train_x.shape == (len(lab), 3, 32, 32) and b.in_shape == (3, 32, 32)
