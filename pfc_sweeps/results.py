@@ -1,97 +1,32 @@
-"""The tidy results table of one job: ``metrics.parquet`` plus a ``done`` marker.
-
-One row per (run, epoch, layer, metric) -- and per (model, lam) for surrogate jobs, per t
-(held in ``rel_pos``) for geodesic-curve rows. Schema: :data:`COLUMNS` (documented in
-README.md). Every write goes to a temporary file in the same directory and is moved into
-place with :func:`os.replace`, so a reader never sees half a table. The resolved config
-and the job status travel in the parquet key-value metadata under ``pfc_sweeps``.
-"""
+"""The results sink of one job: collects tidy rows and writes them in the format of
+:mod:`pfc_sweeps.schema` (which owns file names, columns, metadata, reader and writer)."""
 
 from __future__ import annotations
 
-import json
 import os
-import tempfile
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
-import pyarrow.parquet as pq
 
-__all__ = [
-    "COLUMNS",
-    "DONE_FILE",
-    "METADATA_KEY",
-    "RESULTS_FILE",
-    "ResultsSink",
-    "atomic_write",
-    "atomic_write_bytes",
-    "is_done",
-    "print_summary",
-    "read_results",
-]
+from .schema import (
+    COLUMNS,
+    DONE_FILE,
+    RESULTS_FILE,
+    STATUSES,
+    atomic_write_bytes,
+    empty_frame,
+    write_table,
+)
 
-RESULTS_FILE = "metrics.parquet"
-DONE_FILE = "done"
-METADATA_KEY = b"pfc_sweeps"
-STATUSES = ("running", "done", "diverged", "failed")
+__all__ = ["ROW_COLUMNS", "ResultsSink", "print_summary"]
 
-#: Column name -> pyarrow type, in table order.
-COLUMNS: dict[str, pa.DataType] = {
-    "run_id": pa.string(),
-    "sweep_id": pa.string(),
-    "task": pa.string(),
-    "dataset": pa.string(),
-    "arch": pa.string(),
-    "loss": pa.string(),
-    "seed": pa.int64(),
-    "lam": pa.float64(),
-    "lam_w": pa.float64(),
-    "epoch": pa.int64(),
-    "split": pa.string(),
-    "layer": pa.int64(),
-    "rel_pos": pa.float64(),
-    "metric": pa.string(),
-    "value": pa.float64(),
-    "model": pa.string(),
-}
-SCHEMA = pa.schema(list(COLUMNS.items()))
 #: Columns a caller of :meth:`ResultsSink.add` must give; the rest come from the run's meta.
 ROW_COLUMNS = ("epoch", "layer", "metric", "value")
 META_COLUMNS = ("run_id", "sweep_id", "task", "dataset", "arch", "loss", "seed", "lam", "lam_w")
 ROW_DEFAULTS: dict[str, Any] = {"split": "train", "rel_pos": np.nan, "model": "net"}
-
-
-def atomic_write(path: str | os.PathLike[str], write: Callable[[BinaryIO], None]) -> None:
-    """Call ``write(f)`` on a temporary file in ``path``'s directory, fsync, os.replace.
-
-    A reader (or a rerun after a crash) sees the old file or the new one, never half of one.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (see :func:`atomic_write`)."""
-    atomic_write(path, lambda f: f.write(data))
-
-
-def is_done(out_dir: str | os.PathLike[str]) -> bool:
-    """True when the job in ``out_dir`` finished and wrote its ``done`` marker."""
-    return (Path(out_dir) / DONE_FILE).exists()
 
 
 def print_summary(rows: pd.DataFrame, index: list[str], title: str, path: Path) -> None:
@@ -100,20 +35,6 @@ def print_summary(rows: pd.DataFrame, index: list[str], title: str, path: Path) 
     print(title)
     print(wide.reset_index().to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     print(f"Results: {path}")
-
-
-def read_results(path: str | os.PathLike[str]) -> tuple[pd.DataFrame, dict[str, Any]]:
-    """Read a job's table and its metadata ``{"config": ..., "status": ...}``.
-
-    ``path`` is the parquet file or the job directory holding it.
-    """
-    path = Path(path)
-    if path.is_dir():
-        path = path / RESULTS_FILE
-    table = pq.read_table(path)
-    raw = (table.schema.metadata or {}).get(METADATA_KEY)
-    meta = json.loads(raw) if raw else {}
-    return table.to_pandas(), meta
 
 
 class ResultsSink:
@@ -169,7 +90,7 @@ class ResultsSink:
     def frame(self) -> pd.DataFrame:
         """All rows so far, typed as :data:`COLUMNS`."""
         if not self._frames:
-            return SCHEMA.empty_table().to_pandas()
+            return empty_frame(RESULTS_FILE)
         df = pd.concat(self._frames, ignore_index=True)
         self._frames = [df]
         return df
@@ -183,13 +104,7 @@ class ResultsSink:
         """Write the table atomically with the config and ``status`` in its metadata."""
         if status not in STATUSES:
             raise ValueError(f"status={status!r}; allowed: {STATUSES}")
-        table = pa.Table.from_pandas(self.frame(), schema=SCHEMA, preserve_index=False)
-        blob = json.dumps({"config": self.config, "status": status}, default=str)
-        table = table.replace_schema_metadata({METADATA_KEY: blob.encode()})
-        sink = pa.BufferOutputStream()
-        pq.write_table(table, sink)
-        atomic_write_bytes(self.path, sink.getvalue().to_pybytes())
-        return self.path
+        return write_table(self.path, self.frame(), {"config": self.config, "status": status})
 
     def finish(self, status: str = "done") -> Path:
         """Write the final table, then (only for ``done``) the ``done`` marker, last."""

@@ -21,13 +21,12 @@ from omegaconf import DictConfig, OmegaConf
 from .config import Config, ConfigError, validate
 from .errors import Diverged, PFCError
 from .loggers import RunLogger, make_logger
-from .results import ResultsSink, atomic_write_bytes, is_done
+from .results import ResultsSink
+from .schema import RUN_ID_FILE, atomic_write_bytes, is_done
 
 __all__ = ["JobContext", "job_context", "main", "run_job"]
 
 log = logging.getLogger(__name__)
-
-RUN_ID_FILE = "run_id"
 
 
 @dataclass

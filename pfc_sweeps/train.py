@@ -30,14 +30,13 @@ from .data import DataBundle, load_dataset
 from .errors import Diverged
 from .loggers import RunLogger
 from .models import build_model
-from .results import ResultsSink, atomic_write, print_summary
+from .results import ResultsSink, print_summary
+from .schema import CHECKPOINT_FILE, atomic_write
 from .tracker import CollapseTracker
 
-__all__ = ["CHECKPOINT_FILE", "Trainer", "collapse_table", "evaluate", "loss_fn", "run_training"]
+__all__ = ["Trainer", "collapse_table", "evaluate", "loss_fn", "run_training"]
 
 log = logging.getLogger(__name__)
-
-CHECKPOINT_FILE = "checkpoint.pt"
 
 
 def resolve_device(name: str) -> torch.device:

@@ -13,7 +13,7 @@ import pytest
 import torch
 from conftest import REPO, launch
 
-from pfc_sweeps.results import read_results
+from pfc_sweeps.schema import read_results
 
 TINY = [
     "logger=none",

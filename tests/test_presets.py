@@ -11,7 +11,7 @@ from omegaconf import open_dict
 
 from pfc_sweeps import tasks
 from pfc_sweeps.config import register_configs
-from pfc_sweeps.results import read_results
+from pfc_sweeps.schema import read_results
 
 register_configs()
 

@@ -11,7 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from pfc_sweeps import results
-from pfc_sweeps.results import COLUMNS, ResultsSink, is_done, read_results
+from pfc_sweeps.results import ResultsSink
+from pfc_sweeps.schema import COLUMNS, SCHEMA_VERSION, is_done, read_results
 
 META = dict(
     run_id="r1", sweep_id="s1", task="train", dataset="digits", arch="digits", loss="ce",
@@ -41,7 +42,11 @@ def test_schema_types_and_metadata(tmp_path):
     assert schema.names == list(COLUMNS)
     assert [schema.field(c).type for c in COLUMNS] == list(COLUMNS.values())
     df, meta = read_results(tmp_path)
-    assert meta == {"config": {"a": 1, "nested": {"b": [1, 2]}}, "status": "done"}
+    assert meta == {
+        "config": {"a": 1, "nested": {"b": [1, 2]}},
+        "status": "done",
+        "schema_version": SCHEMA_VERSION,
+    }
     assert len(df) == 4
     assert set(df["run_id"]) == {"r1"} and set(df["seed"]) == {3}
     assert df.loc[df.metric == "test_acc", "split"].item() == "test"

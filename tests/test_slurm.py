@@ -15,7 +15,6 @@ The config keys of launch.py used here are collected in the constants below.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -26,8 +25,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pandas as pd
-import pyarrow.parquet as pq
 import pytest
+
+from pfc_sweeps.schema import DONE_FILE, RESULTS_FILE, read_results
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -70,9 +70,6 @@ FAILING = ("train.epochs=2", "seed=0", f"dataset.root={MISSING_ROOT}", "dataset.
 FAILING_SWEEP = f"dataset={GOOD_DATASET},{BAD_DATASET}"
 
 # --- results contract (pfc_design.md) ----------------------------------------------------------
-RESULTS_FILE = "metrics.parquet"
-DONE_FILE = "done"
-META_KEY = b"pfc_sweeps"
 PER_SWEEP_COLUMNS = ["run_id", "sweep_id"]  # differ between two sweeps of the same jobs
 ROW_KEY = ["task", "dataset", "arch", "loss", "seed", "lam", "lam_w", "epoch", "split", "layer"]
 ROW_KEY += ["rel_pos", "metric", "model"]
@@ -208,10 +205,8 @@ def _result_files(sweep_dir: Path) -> list[Path]:
 
 
 def _read(path: Path) -> tuple[pd.DataFrame, dict]:
-    """(rows, metadata) of a job's results file, read without the project's own reader."""
-    meta = pq.read_schema(path).metadata or {}
-    assert META_KEY in meta, f"{path}: parquet metadata lacks {META_KEY!r}"
-    return pd.read_parquet(path), json.loads(meta[META_KEY])
+    """(rows, metadata) of a job's results file."""
+    return read_results(path)
 
 
 def _results_by_job(sweep_dir: Path, key: str) -> dict[object, tuple[Path, pd.DataFrame, dict]]:

@@ -1,0 +1,226 @@
+"""The results format, in one place: file names, columns, metric names, reader and writer.
+
+Torch-free, so ``analysis/`` and the tests import it without the training stack. A job
+directory holds:
+
+- :data:`RESULTS_FILE`: the tidy table, one row per (run, epoch, layer, metric) -- and per
+  (model, lam) for surrogate jobs. Run-level scalars have ``layer`` = :data:`RUN_LAYER`.
+- :data:`CURVES_FILE`: the geodesic-curve predictions, one row per (run, epoch, t, metric).
+- :data:`DONE_FILE`: written last, only when the job finished.
+- :data:`RUN_ID_FILE`, :data:`CHECKPOINT_FILE`: the job's id and its resume state.
+
+Both tables carry the resolved config, the job status and :data:`SCHEMA_VERSION` as JSON in
+the parquet key-value metadata under :data:`METADATA_KEY`. Every file is written through
+:func:`atomic_write` (a temporary file in the same directory, then ``os.replace``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+__all__ = [
+    "CHECKPOINT_FILE",
+    "COLUMNS",
+    "CURVES_FILE",
+    "CURVE_COLUMNS",
+    "DATA_MODEL",
+    "DONE_FILE",
+    "EPOCH_METRICS",
+    "GEODESIC_ERR_METRICS",
+    "LAST_LAYER_METRICS",
+    "LAYER_METRICS",
+    "METADATA_KEY",
+    "NET_MODEL",
+    "PATH_METRICS",
+    "PFC_METRICS",
+    "RESULTS_FILE",
+    "RUN_ID_FILE",
+    "RUN_LAYER",
+    "SCHEMA_VERSION",
+    "STATUSES",
+    "SURROGATE_METRICS",
+    "SURROGATE_MODELS",
+    "atomic_write",
+    "atomic_write_bytes",
+    "empty_frame",
+    "is_done",
+    "read_curves",
+    "read_results",
+    "read_table",
+    "write_table",
+]
+
+#: Bumped whenever a column, a file or the meaning of a value changes.
+SCHEMA_VERSION = 2
+
+# ------------------------------------------------------------------------------ files
+RESULTS_FILE = "metrics.parquet"
+CURVES_FILE = "curves.parquet"
+DONE_FILE = "done"
+RUN_ID_FILE = "run_id"
+CHECKPOINT_FILE = "checkpoint.pt"
+METADATA_KEY = b"pfc_sweeps"
+STATUSES = ("running", "done", "diverged", "failed")
+
+# ------------------------------------------------------------------------------ names
+PFC_METRICS = ("pfc1", "pfc2", "pfc3")
+#: Per-layer metrics of a training epoch (every studied layer 0..L).
+LAYER_METRICS = (*PFC_METRICS, "nc1", "nc2_equinorm", "nc2_equiangle", "tr_sw", "tr_sb")
+#: |observed - geodesic prediction at t = rel_pos|, per layer.
+GEODESIC_ERR_METRICS = tuple(f"geodesic_err_{m}" for m in PFC_METRICS)
+#: Metrics of the last layer only (they need the classifier).
+LAST_LAYER_METRICS = ("nc3", "nc4")
+#: Run-level scalars of the forward path (``layer`` = RUN_LAYER).
+PATH_METRICS = ("effective_depth", "straightness", "energy_ratio", "thm1_inner", "transport_cost")
+#: Run-level scalars of every training epoch (``layer`` = RUN_LAYER).
+EPOCH_METRICS = ("train_loss", "train_acc", "test_loss", "test_acc", "lr")
+#: Per (model, lam) metrics of a surrogate solve.
+SURROGATE_METRICS = (*PFC_METRICS, "alignment", "objective", "grad_norm")
+
+#: ``model`` label of a trained network's rows, of the data X, and of the surrogate models.
+NET_MODEL = "net"
+DATA_MODEL = "data"
+SURROGATE_MODELS = ("mufm", "ufm")
+#: ``layer`` of run-level rows (epoch scalars, path scalars, surrogate rows).
+RUN_LAYER = -1
+
+# ------------------------------------------------------------------------------ columns
+#: Columns shared by both tables: which run a row belongs to.
+_RUN_COLUMNS: dict[str, pa.DataType] = {
+    "run_id": pa.string(),
+    "sweep_id": pa.string(),
+    "task": pa.string(),
+    "dataset": pa.string(),
+    "arch": pa.string(),
+    "loss": pa.string(),
+    "seed": pa.int64(),
+    "lam": pa.float64(),
+    "lam_w": pa.float64(),
+}
+#: :data:`RESULTS_FILE` column name -> pyarrow type, in table order.
+COLUMNS: dict[str, pa.DataType] = {
+    **_RUN_COLUMNS,
+    "epoch": pa.int64(),
+    "split": pa.string(),
+    "layer": pa.int64(),
+    "rel_pos": pa.float64(),
+    "metric": pa.string(),
+    "value": pa.float64(),
+    "model": pa.string(),
+}
+#: :data:`CURVES_FILE` column name -> pyarrow type: the prediction at ``t`` in [0, 1].
+CURVE_COLUMNS: dict[str, pa.DataType] = {
+    **_RUN_COLUMNS,
+    "epoch": pa.int64(),
+    "t": pa.float64(),
+    "metric": pa.string(),
+    "value": pa.float64(),
+}
+_SCHEMAS = {RESULTS_FILE: COLUMNS, CURVES_FILE: CURVE_COLUMNS}
+
+
+# ------------------------------------------------------------------------------ writing
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write(path: str | os.PathLike[str], write: Callable[[BinaryIO], None]) -> None:
+    """Call ``write(f)`` on a temporary file in ``path``'s directory, fsync, ``os.replace``.
+
+    A reader (or a rerun after a crash) sees the old file or the new one, never half of one.
+    The file gets the mode ``open()`` would give it (0666 less the umask), so collaborators
+    can read a shared sweep directory.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (see :func:`atomic_write`)."""
+    atomic_write(path, lambda f: f.write(data))
+
+
+def write_table(
+    path: str | os.PathLike[str], df: pd.DataFrame, meta: dict[str, Any] | None = None
+) -> Path:
+    """Write ``df`` atomically as parquet with ``meta`` (+ the schema version) as metadata.
+
+    The columns and types are those of the file's name (:data:`COLUMNS` for
+    :data:`RESULTS_FILE`, :data:`CURVE_COLUMNS` for :data:`CURVES_FILE`); any other name
+    keeps ``df``'s own columns.
+    """
+    path = Path(path)
+    columns = _SCHEMAS.get(path.name)
+    if columns is not None:
+        schema = pa.schema(list(columns.items()))
+        table = pa.Table.from_pandas(df[list(columns)], schema=schema, preserve_index=False)
+    else:
+        table = pa.Table.from_pandas(df, preserve_index=False)
+    blob = json.dumps({**(meta or {}), "schema_version": SCHEMA_VERSION}, default=str)
+    table = table.replace_schema_metadata({METADATA_KEY: blob.encode()})
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    atomic_write_bytes(path, sink.getvalue().to_pybytes())
+    return path
+
+
+def empty_frame(name: str = RESULTS_FILE) -> pd.DataFrame:
+    """An empty, correctly typed table of ``name`` (a results or curves file)."""
+    return pa.schema(list(_SCHEMAS[name].items())).empty_table().to_pandas()
+
+
+# ------------------------------------------------------------------------------ reading
+def read_table(path: str | os.PathLike[str]) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """A parquet file written by :func:`write_table`, and its metadata dict."""
+    table = pq.read_table(path)
+    raw = (table.schema.metadata or {}).get(METADATA_KEY)
+    meta = json.loads(raw) if raw else {}
+    return table.to_pandas(), meta
+
+
+def read_results(path: str | os.PathLike[str]) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """A job's :data:`RESULTS_FILE` and its metadata (``config``, ``status``, ...).
+
+    ``path`` is the parquet file or the job directory holding it.
+    """
+    path = Path(path)
+    return read_table(path / RESULTS_FILE if path.is_dir() else path)
+
+
+def read_curves(path: str | os.PathLike[str]) -> pd.DataFrame:
+    """A job's :data:`CURVES_FILE` (an empty table when the job wrote no curves).
+
+    ``path`` is the job directory or the curves file itself.
+    """
+    path = Path(path)
+    path = path / CURVES_FILE if path.is_dir() else path
+    if not path.exists():
+        return empty_frame(CURVES_FILE)
+    return read_table(path)[0]
+
+
+def is_done(out_dir: str | os.PathLike[str]) -> bool:
+    """True when the job in ``out_dir`` finished and wrote its ``done`` marker."""
+    return (Path(out_dir) / DONE_FILE).exists()
