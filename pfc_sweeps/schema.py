@@ -8,6 +8,7 @@ directory holds:
 - :data:`CURVES_FILE`: the geodesic-curve predictions, one row per (run, epoch, t, metric).
 - :data:`DONE_FILE`: written last, only when the job finished.
 - :data:`RUN_ID_FILE`, :data:`CHECKPOINT_FILE`: the job's id and its resume state.
+- :data:`ERROR_FILE`: the one-line error of a job that failed.
 
 Both tables carry the resolved config, the job status and :data:`SCHEMA_VERSION` as JSON in
 the parquet key-value metadata under :data:`METADATA_KEY`. Every file is written through
@@ -32,9 +33,11 @@ __all__ = [
     "COLUMNS",
     "CURVES_FILE",
     "CURVE_COLUMNS",
+    "CURVE_KEY",
     "DATA_MODEL",
     "DONE_FILE",
     "EPOCH_METRICS",
+    "ERROR_FILE",
     "GEODESIC_ERR_METRICS",
     "LAST_LAYER_METRICS",
     "LAYER_METRICS",
@@ -43,6 +46,8 @@ __all__ = [
     "PATH_METRICS",
     "PFC_METRICS",
     "RESULTS_FILE",
+    "RESULT_KEY",
+    "RUN_COLUMNS",
     "RUN_ID_FILE",
     "RUN_LAYER",
     "SCHEMA_VERSION",
@@ -51,9 +56,11 @@ __all__ = [
     "SURROGATE_MODELS",
     "atomic_write",
     "atomic_write_bytes",
+    "conform",
     "empty_frame",
     "is_done",
     "read_curves",
+    "read_metadata",
     "read_results",
     "read_table",
     "write_table",
@@ -68,6 +75,8 @@ CURVES_FILE = "curves.parquet"
 DONE_FILE = "done"
 RUN_ID_FILE = "run_id"
 CHECKPOINT_FILE = "checkpoint.pt"
+#: One line naming why a job failed (its first line is shown by ``analysis.aggregate``).
+ERROR_FILE = "error.txt"
 METADATA_KEY = b"pfc_sweeps"
 STATUSES = ("running", "done", "diverged", "failed")
 
@@ -95,7 +104,7 @@ RUN_LAYER = -1
 
 # ------------------------------------------------------------------------------ columns
 #: Columns shared by both tables: which run a row belongs to.
-_RUN_COLUMNS: dict[str, pa.DataType] = {
+RUN_COLUMNS: dict[str, pa.DataType] = {
     "run_id": pa.string(),
     "sweep_id": pa.string(),
     "task": pa.string(),
@@ -108,7 +117,7 @@ _RUN_COLUMNS: dict[str, pa.DataType] = {
 }
 #: :data:`RESULTS_FILE` column name -> pyarrow type, in table order.
 COLUMNS: dict[str, pa.DataType] = {
-    **_RUN_COLUMNS,
+    **RUN_COLUMNS,
     "epoch": pa.int64(),
     "split": pa.string(),
     "layer": pa.int64(),
@@ -119,13 +128,17 @@ COLUMNS: dict[str, pa.DataType] = {
 }
 #: :data:`CURVES_FILE` column name -> pyarrow type: the prediction at ``t`` in [0, 1].
 CURVE_COLUMNS: dict[str, pa.DataType] = {
-    **_RUN_COLUMNS,
+    **RUN_COLUMNS,
     "epoch": pa.int64(),
     "t": pa.float64(),
     "metric": pa.string(),
     "value": pa.float64(),
 }
 _SCHEMAS = {RESULTS_FILE: COLUMNS, CURVES_FILE: CURVE_COLUMNS}
+#: Columns that identify one measurement of :data:`RESULTS_FILE` (``rel_pos`` is measured).
+RESULT_KEY = ("run_id", "epoch", "layer", "metric", "model", "lam", "lam_w", "split")
+#: Columns that identify one point of a curve in :data:`CURVES_FILE`.
+CURVE_KEY = ("run_id", "epoch", "metric", "t")
 
 
 # ------------------------------------------------------------------------------ writing
@@ -162,20 +175,35 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
     atomic_write(path, lambda f: f.write(data))
 
 
+def conform(df: pd.DataFrame, columns: dict[str, pa.DataType] = COLUMNS) -> pa.Table:
+    """``df``'s ``columns``, in order, typed as ``columns`` says (a pyarrow table).
+
+    Raises ``KeyError`` naming a missing column and ``pyarrow.ArrowInvalid`` /
+    ``pyarrow.ArrowTypeError`` for a value of the wrong kind.
+    """
+    missing = [c for c in columns if c not in df.columns]
+    if missing:
+        raise KeyError(f"missing column(s) {missing}; the table needs {list(columns)}")
+    schema = pa.schema(list(columns.items()))
+    return pa.Table.from_pandas(df[list(columns)], schema=schema, preserve_index=False)
+
+
 def write_table(
-    path: str | os.PathLike[str], df: pd.DataFrame, meta: dict[str, Any] | None = None
+    path: str | os.PathLike[str],
+    df: pd.DataFrame,
+    meta: dict[str, Any] | None = None,
+    columns: dict[str, pa.DataType] | None = None,
 ) -> Path:
     """Write ``df`` atomically as parquet with ``meta`` (+ the schema version) as metadata.
 
-    The columns and types are those of the file's name (:data:`COLUMNS` for
-    :data:`RESULTS_FILE`, :data:`CURVE_COLUMNS` for :data:`CURVES_FILE`); any other name
-    keeps ``df``'s own columns.
+    The columns and types are ``columns``, by default those of the file's name
+    (:data:`COLUMNS` for :data:`RESULTS_FILE`, :data:`CURVE_COLUMNS` for :data:`CURVES_FILE`);
+    any other name keeps ``df``'s own columns.
     """
     path = Path(path)
-    columns = _SCHEMAS.get(path.name)
+    columns = columns if columns is not None else _SCHEMAS.get(path.name)
     if columns is not None:
-        schema = pa.schema(list(columns.items()))
-        table = pa.Table.from_pandas(df[list(columns)], schema=schema, preserve_index=False)
+        table = conform(df, columns)
     else:
         table = pa.Table.from_pandas(df, preserve_index=False)
     blob = json.dumps({**(meta or {}), "schema_version": SCHEMA_VERSION}, default=str)
@@ -192,12 +220,20 @@ def empty_frame(name: str = RESULTS_FILE) -> pd.DataFrame:
 
 
 # ------------------------------------------------------------------------------ reading
+def _decode(metadata: dict[bytes, bytes] | None) -> dict[str, Any]:
+    raw = (metadata or {}).get(METADATA_KEY)
+    return json.loads(raw) if raw else {}
+
+
+def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The metadata dict of a parquet file written by :func:`write_table` ({} if none)."""
+    return _decode(pq.read_schema(path).metadata)
+
+
 def read_table(path: str | os.PathLike[str]) -> tuple[pd.DataFrame, dict[str, Any]]:
     """A parquet file written by :func:`write_table`, and its metadata dict."""
     table = pq.read_table(path)
-    raw = (table.schema.metadata or {}).get(METADATA_KEY)
-    meta = json.loads(raw) if raw else {}
-    return table.to_pandas(), meta
+    return table.to_pandas(), _decode(table.schema.metadata)
 
 
 def read_results(path: str | os.PathLike[str]) -> tuple[pd.DataFrame, dict[str, Any]]:

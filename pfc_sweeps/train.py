@@ -205,7 +205,9 @@ class Trainer:
         self.sched.load_state_dict(state["sched"])
         self.shuffle.set_state(state["shuffle"])
         _set_rng_state(state["rng"])
-        self.sink.load_rows(pd.read_parquet(io.BytesIO(state["rows"])))
+        self.sink.load_rows(
+            pd.read_parquet(io.BytesIO(state["rows"])), pd.read_parquet(io.BytesIO(state["curves"]))
+        )
         self.start_epoch = state["epoch"] + 1
         print(
             f"Resuming from {self.ckpt_path} at epoch {self.start_epoch} of {self.cfg.train.epochs}."
@@ -264,14 +266,8 @@ class Trainer:
                 batch=tr.eval_batch_size,
             )
             table = table.assign(epoch=epoch, split="train")
-            parts = [rows, table]
-            if len(curves):
-                geo = curves.rename(columns={"t": "rel_pos"})
-                geo = geo.assign(
-                    metric="geodesic_" + geo["metric"], layer=-1, epoch=epoch, split="train"
-                )
-                parts.append(geo)
-            rows = pd.concat(parts, ignore_index=True)
+            rows = pd.concat([rows, table], ignore_index=True)
+            self.sink.add_curves(curves, epoch=epoch)
             self.last_table = table
         self.sink.add(rows)
         self.logger.log_rows(rows, step=epoch)
@@ -284,6 +280,7 @@ class Trainer:
             shuffle=self.shuffle.get_state(),
             rng=_rng_state(),
             rows=_rows_to_bytes(self.sink.frame()),
+            curves=_rows_to_bytes(self.sink.curves_frame()),
         )
         self.sink.write("running")
         return rows

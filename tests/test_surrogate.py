@@ -14,9 +14,9 @@ import pandas as pd
 import pytest
 import torch
 
+from pfc_sweeps.schema import SURROGATE_METRICS
 from pfc_sweeps.surrogate import (
     H_STEP_GUARD_C,
-    SURROGATE_METRICS,
     SurrogateDivergedError,
     alignment,
     closed_form_w,
