@@ -71,14 +71,18 @@ def normalize_table(
 ) -> pd.DataFrame:
     """``df`` with exactly ``columns`` (default: the results table's), in order and typed.
 
-    Raises :class:`SchemaError` naming ``source`` when a column is missing or holds values
-    of the wrong kind.
+    Raises :class:`SchemaError` naming ``source`` when a column is missing, holds values of
+    the wrong kind, or an integer column has missing values.
     """
     try:
-        return conform(df, columns).to_pandas()
+        table = conform(df, columns)
     except (KeyError, TypeError, ValueError, pa.ArrowException) as exc:
         msg = exc.args[0] if exc.args else type(exc).__name__
         raise SchemaError(f"{source}: {msg}") from None
+    for name, kind in columns.items():
+        if pa.types.is_integer(kind) and table.column(name).null_count:
+            raise SchemaError(f"{source}: column {name!r} must hold integers, found missing values")
+    return table.to_pandas()
 
 
 @dataclass(frozen=True)
@@ -238,7 +242,7 @@ def log_hint(job_dir: str | os.PathLike) -> str:
     if logs:
         more = " ..." if len(logs) > 3 else ""
         parts.append("logs: " + ", ".join(str(p) for p in logs[:3]) + more)
-        err = "" if parts[0].startswith("error:") else _last_error_line(logs)
+        err = "" if (job_dir / ERROR_FILE).is_file() else _last_error_line(logs)
         if err:
             parts.append(f"last error: {err}")
     return "; ".join(parts)

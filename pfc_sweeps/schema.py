@@ -198,11 +198,11 @@ def write_table(
 
     The columns and types are ``columns``, by default those of the file's name
     (:data:`COLUMNS` for :data:`RESULTS_FILE`, :data:`CURVE_COLUMNS` for :data:`CURVES_FILE`);
-    any other name keeps ``df``'s own columns.
+    any other name, or an empty ``columns``, keeps ``df``'s own columns.
     """
     path = Path(path)
     columns = columns if columns is not None else _SCHEMAS.get(path.name)
-    if columns is not None:
+    if columns:
         table = conform(df, columns)
     else:
         table = pa.Table.from_pandas(df, preserve_index=False)
