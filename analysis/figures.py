@@ -356,6 +356,14 @@ def fig4_surrogate_bars(df: pd.DataFrame, lam: float | None = None) -> Figure:
 # ----------------------------------------------------------------------------- Fig. 5
 
 
+def _lambda_axis(mufm: pd.DataFrame) -> tuple[pd.DataFrame, str]:
+    """``mufm`` with its setting and x = λ/λ_W (λ where λ_W is missing or 0), and x's label."""
+    mufm = mufm.assign(setting=_setting(mufm))
+    if mufm["lam_w"].notna().all() and (mufm["lam_w"] > 0).all():
+        return mufm.assign(x=(mufm["lam"] / mufm["lam_w"]).round(12)), r"$\lambda/\lambda_W$"
+    return mufm.assign(x=mufm["lam"]), r"$\lambda$"
+
+
 def fig5_lambda_tradeoff(
     df: pd.DataFrame, metrics: Sequence[str] = (*PFC_METRICS, "alignment")
 ) -> Figure:
@@ -372,14 +380,7 @@ def fig5_lambda_tradeoff(
         raise FigureDataError(
             f"needs MUFM rows at >= 2 distinct λ values, found {mufm['lam'].nunique()}"
         )
-    mufm = at_last_epoch(mufm, by=("run_id", "lam")).assign(setting=_setting(mufm))
-    has_w = mufm["lam_w"].notna().all() and (mufm["lam_w"] > 0).all()
-    if has_w:
-        mufm = mufm.assign(x=(mufm["lam"] / mufm["lam_w"]).round(12))
-        xlabel = r"$\lambda/\lambda_W$"
-    else:
-        mufm = mufm.assign(x=mufm["lam"])
-        xlabel = r"$\lambda$"
+    mufm, xlabel = _lambda_axis(at_last_epoch(mufm, by=("run_id", "lam")))
     runs = mufm["run_id"].unique()
     data = sur.loc[(sur["model"] == DATA_MODEL) & sur["run_id"].isin(runs)]
     data = at_last_epoch(data, by=("run_id",))

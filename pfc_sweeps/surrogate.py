@@ -1,6 +1,6 @@
 """MUFM and UFM surrogate models, solved by batched full-batch gradient descent.
 
-SPEC.md, section "MUFM and UFM" (paper eq. 13 and eq. 2, Theorem 4, section IV-B).
+The paper's surrogate models (eq. 13 and eq. 2, Theorem 4, section IV-B).
 
 Notation: X (d, N) data, H (d, N) last-layer features, W (K, d) classifier,
 Y = I_K (x) 1_n^T (K, N) one-hot targets, N = K n samples ordered class by class.
@@ -17,7 +17,7 @@ H (B, d, N), every step a handful of batched matmuls, no Python loop over the gr
 Every configuration with the same seed starts from the same N(0, 1) draw of (W, H), so a
 batched solve equals the per-configuration solves up to float rounding.
 
-Step sizes (SPEC.md **choice**): W moves with ``lr`` times the gradient of F; with
+Step sizes (our choice; the paper does not fix them): W moves with ``lr`` times the gradient of F; with
 ``h_step="per_sample"`` every column h_i moves with ``lr`` times the gradient of its own
 sample's terms, i.e. the H learning rate is ``lr * N``; ``h_step="mean"`` uses ``lr`` for H
 too (the literal gradient of the mean objective, under which UFM barely moves in 5e4 steps);
@@ -146,7 +146,7 @@ def make_gaussian_data(
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float64,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gaussian data of SPEC.md "MUFM and UFM" (paper section IV-B).
+    """Gaussian data of the surrogate experiments (paper section IV-B).
 
     mu_k uniform on the unit sphere of R^d (normalised standard normal), x_{k,i} ~ N(mu_k, I_d),
     samples ordered class by class so that the targets are Y = I_K (x) 1_n^T.
@@ -192,7 +192,7 @@ def objective(
     lam_w: float,
     loss: str = "mse",
 ) -> torch.Tensor:
-    """F(W, H) of SPEC.md eq. 13 (anchor = X) or eq. 2 (anchor = 0), batched.
+    """F(W, H) of paper eq. 13 (anchor = X) or eq. 2 (anchor = 0), batched.
 
     Args:
         W: (B, K, d); H: (B, d, N); anchor: broadcastable to (B, d, N); Y: (K, N);
@@ -242,7 +242,7 @@ def _residual(Z: torch.Tensor, Y: torch.Tensor, loss: str) -> torch.Tensor:
 
 
 def closed_form_w(H: torch.Tensor, Y: torch.Tensor, lam_w: float) -> torch.Tensor:
-    """Minimiser over W of the MSE objective for fixed H (SPEC.md, Theorem 4).
+    """Minimiser over W of the MSE objective for fixed H (paper, Theorem 4).
 
     Setting dF/dW = (W H - Y) H^T / N + (lam_w / K) W = 0 gives
         W*(H) = Y H^T (H H^T + (N / K) lam_w I_d)^{-1},
@@ -264,7 +264,7 @@ def closed_form_w(H: torch.Tensor, Y: torch.Tensor, lam_w: float) -> torch.Tenso
 
 
 def alignment(H: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
-    """||H/||H||_F - X/||X||_F||_F (SPEC.md "MUFM and UFM", paper Fig. 5); batched over B."""
+    """||H/||H||_F - X/||X||_F||_F (paper, Fig. 5); batched over B."""
     Hn = H / torch.linalg.matrix_norm(H).reshape(*H.shape[:-2], 1, 1)
     Xn = X / torch.linalg.matrix_norm(X)
     return torch.linalg.matrix_norm(Hn - Xn)
@@ -398,7 +398,7 @@ class SurrogateProblem:
     shared by every model and lam with that seed), both blocks updated from the same iterate:
         W <- W - lr dF/dW,    H <- H - lr_H dF/dH,
     lr_H = lr * N (``h_step="per_sample"``: each h_i takes an ``lr`` step on its own sample's
-    terms, SPEC.md **choice**), lr * N / K = lr * n (``"per_class"``) or lr (``"mean"``).
+    terms, our choice), lr * N / K = lr * n (``"per_class"``) or lr (``"mean"``).
     ``h_step_guard``: on the steps where that H step would be at or beyond its stability
     limit, lr_H is shortened per configuration to N * H_STEP_GUARD_C / (curv ||W||_2^2 + lam)
     (curv = 1 MSE, 1/2 CE); every other step is plain GD, bit for bit (module docstring).
@@ -482,7 +482,7 @@ def solve_batched(
     callback: Callable[[int, pd.DataFrame], None] | None = None,
     **options: Any,
 ) -> SurrogateResult:
-    """Solve MUFM/UFM (SPEC.md "MUFM and UFM") for the grid models x seeds x lams at once.
+    """Solve MUFM/UFM (paper eq. 13 / eq. 2) for the grid models x seeds x lams at once.
 
     ``options`` are the other fields of :class:`SurrogateProblem` (loss, lr, steps,
     log_every, h_step, h_step_guard, device, dtype, log_data, method), which also says how
@@ -546,7 +546,7 @@ class _Solver:
 
         lr, lam_w = float(p.lr), float(p.lam_w)
         lr_h = {"per_sample": lr * N, "per_class": lr * N / K, "mean": lr}[p.h_step]
-        # W <- (1 - lr lam_w / K) W - (lr / N) R H^T,  R = N dL/dZ  (SPEC.md objective)
+        # W <- (1 - lr lam_w / K) W - (lr / N) R H^T,  R = N dL/dZ  (the objective above)
         self.beta_w, self.alpha_w = 1.0 - lr * lam_w / K, -lr / N
         # H <- (1 - c) H + c anchor - (lr_h / N) W^T R,  c = lr_h lam / N  (per config)
         lam_b = self.lam_t.reshape(B, 1, 1)  # (B, 1, 1)
