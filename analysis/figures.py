@@ -43,6 +43,7 @@ from matplotlib.lines import Line2D
 from analysis.aggregate import Aggregate, NoResultsError, SchemaError, load
 from analysis.summary import render_summary, write_summary
 from analysis.tidy import (
+    LOG_METRICS,
     METRIC_LABELS,
     add_condition,
     at_last_epoch,
@@ -160,7 +161,7 @@ def fig2_training_curves(df: pd.DataFrame, metrics: Sequence[str] = PFC_METRICS)
                 legend=False,
                 ax=ax,
             )
-            if m == "pfc1":
+            if m in LOG_METRICS:
                 ax.set_yscale("log")
             ax.set_xlabel("epoch" if i == len(metrics) - 1 else "")
             ax.set_ylabel(METRIC_LABELS.get(m, m) if j == 0 else "")
@@ -232,7 +233,7 @@ def fig3_depth_profile(
             ax = axes[i, j]
             _observed(ax, obs.loc[(obs["condition"] == cond) & (obs["metric"] == m)])
             _predicted(ax, curves.loc[(curves["condition"] == cond) & (curves["metric"] == m)])
-            if m == "pfc1":
+            if m in LOG_METRICS:
                 ax.set_yscale("log")
             ax.set_xlim(-0.03, 1.03)
             ax.set_xlabel(r"relative position $r_l$" if i == len(metrics) - 1 else "")

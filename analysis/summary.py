@@ -34,6 +34,9 @@ from analysis.tidy import at_last_epoch, surrogate_rows, train_rows
 from pfc_sweeps.schema import (
     DATA_MODEL,
     GEODESIC_ERR_METRICS,
+    PFC1,
+    PFC2,
+    PFC3,
     PFC_METRICS,
     RUN_LAYER,
     SURROGATE_METRICS,
@@ -50,7 +53,7 @@ __all__ = [
     "write_summary",
 ]
 
-MONOTONE_DIRECTION = {"pfc1": "decreasing", "pfc2": "decreasing", "pfc3": "increasing"}
+MONOTONE_DIRECTION = {PFC1: "decreasing", PFC2: "decreasing", PFC3: "increasing"}
 """Direction of the PFC conjecture for each metric across depth."""
 
 _RUN_SCALARS = ("effective_depth", "straightness", "energy_ratio")
@@ -219,14 +222,14 @@ def markdown_table(df: pd.DataFrame, headers: dict[str, str] | None = None) -> s
 _TRAIN_HEADERS = {
     "train_acc": "train acc",
     "test_acc": "test acc",
-    "pfc1_monotone": "PFC1 ↓ monotone",
-    "pfc2_monotone": "PFC2 ↓ monotone",
-    "pfc3_monotone": "PFC3 ↑ monotone",
+    f"{PFC1}_monotone": "PFC1 ↓ monotone",
+    f"{PFC2}_monotone": "PFC2 ↓ monotone",
+    f"{PFC3}_monotone": "PFC3 ↑ monotone",
     "effective_depth": "eff. depth",
     "energy_ratio": "energy ratio",
-    "geo_err_pfc1": "geodesic err PFC1",
-    "geo_err_pfc2": "geodesic err PFC2",
-    "geo_err_pfc3": "geodesic err PFC3",
+    f"geo_err_{PFC1}": "geodesic err PFC1",
+    f"geo_err_{PFC2}": "geodesic err PFC2",
+    f"geo_err_{PFC3}": "geodesic err PFC3",
 }
 
 

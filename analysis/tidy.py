@@ -14,9 +14,10 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from pfc_sweeps.schema import DATA_MODEL, NET_MODEL, SURROGATE_MODELS
+from pfc_sweeps.schema import DATA_MODEL, NET_MODEL, PFC1, PFC2, PFC3, SURROGATE_MODELS
 
 __all__ = [
+    "LOG_METRICS",
     "METRIC_LABELS",
     "add_condition",
     "at_last_epoch",
@@ -31,15 +32,19 @@ DATASET_ORDER = ("digits", "gaussian", "mnist", "fashion_mnist", "cifar10", "stl
 """Data sets in the paper's order (Fig. 2 (a)-(e)), the small test sets first."""
 
 METRIC_LABELS = {
-    "pfc1": r"PFC1: $\mathrm{Tr}(\Sigma_W)/\mathrm{Tr}(\Sigma_B)$",
-    "pfc2": r"PFC2: $\Vert G/\Vert G\Vert_F - E\Vert_F$",
-    "pfc3": "PFC3: NCC accuracy",
+    PFC1: r"PFC1: $\mathrm{Tr}(\Sigma_W)/\mathrm{Tr}(\Sigma_B)$",
+    PFC2: r"PFC2: $\Vert G/\Vert G\Vert_F - E\Vert_F$",
+    PFC3: "PFC3: NCC accuracy",
     "alignment": r"alignment $\Vert H/\Vert H\Vert_F - X/\Vert X\Vert_F\Vert_F$",
     "straightness": "straightness",
     "energy_ratio": "energy ratio",
     "effective_depth": "effective depth",
 }
 """Axis labels: the metrics named as the paper does (section III, "The three PFC metrics")."""
+
+
+LOG_METRICS = frozenset({PFC1})
+"""Metrics drawn on a log axis (PFC1 spans orders of magnitude)."""
 
 
 def ci95(values: Sequence[float] | pd.Series) -> tuple[float, float]:

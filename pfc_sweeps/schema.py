@@ -44,6 +44,9 @@ __all__ = [
     "METADATA_KEY",
     "NET_MODEL",
     "PATH_METRICS",
+    "PFC1",
+    "PFC2",
+    "PFC3",
     "PFC_METRICS",
     "RESULTS_FILE",
     "RESULT_KEY",
@@ -81,7 +84,10 @@ METADATA_KEY = b"pfc_sweeps"
 STATUSES = ("running", "done", "diverged", "failed")
 
 # ------------------------------------------------------------------------------ names
-PFC_METRICS = ("pfc1", "pfc2", "pfc3")
+#: The paper's three PFC metrics: Tr S_W / Tr S_B, the distance of the Gram to the simplex
+#: ETF, and the NCC accuracy (section III).
+PFC1, PFC2, PFC3 = "pfc1", "pfc2", "pfc3"
+PFC_METRICS = (PFC1, PFC2, PFC3)
 #: Per-layer metrics of a training epoch (every studied layer 0..L).
 LAYER_METRICS = (*PFC_METRICS, "nc1", "nc2_equinorm", "nc2_equiangle", "tr_sw", "tr_sb")
 #: |observed - geodesic prediction at t = rel_pos|, per layer.
