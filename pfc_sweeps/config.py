@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import AnyNode, DictConfig, OmegaConf
 
 from .schema import SURROGATE_MODELS
 
@@ -46,6 +46,7 @@ __all__ = [
     "SurrogateConfig",
     "TaskConfig",
     "TrainConfig",
+    "check_override_keys",
     "register_configs",
     "schema_keys",
     "validate",
@@ -241,6 +242,45 @@ def _unknown_keys(cfg: DictConfig) -> None:
             close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.6)
             hint = f"; did you mean {close[0]}?" if close else ""
             raise ConfigError(f"{key} is not a config key{hint}")
+
+
+def check_override_keys(overrides: list[str], groups: set[str]) -> None:
+    """Raise ConfigError for a command-line ``key=value`` whose key the schema does not know.
+
+    Run before Hydra composes the config, so that ``train.epoch=5`` is one line with the
+    nearest valid key (Hydra's own message is several lines and suggests ``+train.epoch``).
+    ``hydra.*`` keys and config groups (``dataset=mnist``) are left to Hydra.
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
+
+    known = set(schema_keys())
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except OverrideParseException:
+        return  # Hydra reports its own grammar errors
+    for o in parsed:
+        key = o.key_or_group
+        if key.split(".")[0].split("/")[0] == "hydra" or "@" in key or key in groups:
+            continue
+        if key not in known and not any(key.startswith(k + ".") for k in _free_nodes()):
+            close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.6)
+            hint = f"; did you mean {close[0]}?" if close else ""
+            raise ConfigError(f"{key} is not a config key{hint}")
+
+
+def _free_nodes() -> list[str]:
+    """Keys whose value is free-form (typed ``Any``): any sub-key is allowed."""
+
+    def walk(node: DictConfig, prefix: str) -> Iterator[str]:
+        for key in node.keys():
+            child = node._get_node(key)
+            if isinstance(child, AnyNode):
+                yield f"{prefix}{key}"
+            elif isinstance(child, DictConfig):
+                yield from walk(child, f"{prefix}{key}.")
+
+    return list(walk(OmegaConf.structured(Config), ""))
 
 
 # --------------------------------------------------------------------------- validation

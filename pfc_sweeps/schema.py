@@ -54,6 +54,7 @@ __all__ = [
     "STATUSES",
     "SURROGATE_METRICS",
     "SURROGATE_MODELS",
+    "SWEEP_ERRORS_DIR",
     "TEMP_GLOB",
     "atomic_write",
     "atomic_write_bytes",
@@ -77,6 +78,8 @@ CHECKPOINT_FILE = "checkpoint.pt"
 FINGERPRINT_FILE = "fingerprint.json"
 LOCK_FILE = ".lock"
 ERROR_FILE = "error.txt"
+#: Folder of a sweep dir where each failed job of the last ``-m`` run leaves ``<job num>.txt``.
+SWEEP_ERRORS_DIR = ".errors"
 #: Temporary files of :func:`atomic_write` (``.<name>.<random>.tmp``); stale ones are removed.
 TEMP_GLOB = ".*.*.tmp"
 METADATA_KEY = b"pfc_sweeps"

@@ -10,18 +10,22 @@ from __future__ import annotations
 import pandas as pd
 
 from .config import Config
+from .data import gaussian_mixture
 from .errors import Diverged
 from .loggers import RunLogger
 from .results import ResultsSink, print_summary
-from .surrogate import SurrogateDivergedError, make_gaussian_data, solve_grid
+from .surrogate import SurrogateDivergedError, solve_grid
 
 __all__ = ["run_surrogate"]
 
 
 def run_surrogate(cfg: Config, sink: ResultsSink, logger: RunLogger) -> None:
     """Solve ``cfg.task.models`` on Gaussian data for every λ; rows go to ``sink``."""
-    s = cfg.surrogate
-    X, labels = make_gaussian_data(s.num_classes, s.dim, s.n_per_class, seed=cfg.seed)
+    s, g = cfg.surrogate, cfg.gaussian
+    ((x, labels),) = gaussian_mixture(
+        g.num_classes, g.dim, [g.n_per_class], sigma=g.sigma, seed=cfg.seed
+    )
+    X = x.T.contiguous()  # (d, N)
     lams = list(cfg.lam.grid) or [cfg.lam.lam]
 
     def stream(step: int, rows: pd.DataFrame) -> None:
@@ -41,7 +45,7 @@ def _solve(cfg: Config, X, labels, lams, stream) -> pd.DataFrame:
         list(cfg.task.models),
         X,
         labels,
-        s.num_classes,
+        cfg.gaussian.num_classes,
         lams,
         lam_w=cfg.lam.lam_w,
         loss=cfg.loss.name,
