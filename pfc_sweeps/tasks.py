@@ -44,7 +44,14 @@ from .jobdir import (
 )
 from .loggers import RunLogger, make_logger
 from .results import ResultsSink
-from .schema import ERROR_FILE, RUN_ID_FILE, SWEEP_ERRORS_DIR, atomic_write_bytes, is_done
+from .schema import (
+    ERROR_FILE,
+    FINGERPRINT_FILE,
+    RUN_ID_FILE,
+    SWEEP_ERRORS_DIR,
+    atomic_write_bytes,
+    is_done,
+)
 
 __all__ = ["JobContext", "LazyLogger", "job_context", "main", "run_job"]
 
@@ -217,8 +224,8 @@ def _one_line(e: BaseException) -> str:
 def _record(line: str, out_dir: Path, owned: bool) -> None:
     """Write a failed job's line to its dir (if ours) and, in a sweep, for the sweep's report."""
     hc = HydraConfig.get()
-    if owned:
-        write_error(out_dir, line)
+    if owned and (hc.mode == RunMode.MULTIRUN or (out_dir / FINGERPRINT_FILE).exists()):
+        write_error(out_dir, line)  # a single run that never produced results leaves nothing
     if hc.mode == RunMode.MULTIRUN:
         entry = Path(hc.sweep.dir) / SWEEP_ERRORS_DIR / f"{hc.job.num}.txt"
         atomic_write_bytes(entry, f"{out_dir}\n{line}\n".encode())
