@@ -261,7 +261,7 @@ def test_run_dir_that_is_a_file_is_one_line(tmp_path):
     f = tmp_path / "f"
     f.write_text("mine")
     for args in ([f"hydra.run.dir={f}"], ["-m", "seed=0,1", f"hydra.sweep.dir={f}"]):
-        p = launch(*TINY, *args, timeout=120)
+        p = launch(*sorted(args), *TINY, timeout=120)  # "-m" first
         assert p.returncode != 0 and _lines(p.stderr) == [
             f"error: {f} is a file, not a directory; choose another output dir"
         ], p.stderr
