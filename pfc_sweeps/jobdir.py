@@ -137,17 +137,22 @@ class JobLock:
     def __init__(self, out_dir: Path):
         self.path = Path(out_dir) / LOCK_FILE
         self.fd: int | None = None
+        self.owned = False
 
     def acquire(self) -> JobLock:
+        """Take the lock without changing the dir (a stale lock file of a dead job is reused)."""
         while True:
             try:
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)
+                created = True
+            except FileExistsError:
+                fd, created = self._open(), False
             except OSError as e:
                 raise JobDirError(f"cannot create {self.path}: {e.strerror}") from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as e:
-                holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown"
+                holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "pid unknown"
                 os.close(fd)
                 if e.errno not in (errno.EWOULDBLOCK, errno.EACCES, errno.EAGAIN):
                     raise JobDirError(f"cannot lock {self.path}: {e.strerror}") from None
@@ -162,14 +167,27 @@ class JobLock:
             if same:
                 break
             os.close(fd)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"host {socket.gethostname()} pid {os.getpid()}".encode(), 0)
-        self.fd = fd
+        self.fd, self.owned = fd, created
         return self
 
+    def _open(self) -> int:
+        try:
+            return os.open(self.path, os.O_RDWR)
+        except OSError as e:
+            raise JobDirError(f"cannot open {self.path}: {e.strerror}") from None
+
+    def claim(self) -> None:
+        """Write the holder (host and pid) into the lock file, for a second process to name."""
+        assert self.fd is not None
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, f"host {socket.gethostname()} pid {os.getpid()}".encode(), 0)
+        self.owned = True
+
     def release(self) -> None:
+        """Unlock; the lock file goes if this job made or claimed it (else it stays untouched)."""
         if self.fd is not None:
-            self.path.unlink(missing_ok=True)  # still locked: nobody else can hold this inode
+            if self.owned:  # still locked: nobody else can hold this inode
+                self.path.unlink(missing_ok=True)
             os.close(self.fd)
             self.fd = None
 

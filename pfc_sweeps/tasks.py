@@ -198,11 +198,12 @@ def _save_hydra_config(cfg: DictConfig, out_dir: Path) -> None:
     OmegaConf.save(hc.overrides.task, sub / "overrides.yaml")
 
 
-def _run_locked(cfg: DictConfig, out_dir: Path) -> None:
+def _run_locked(cfg: DictConfig, out_dir: Path, lock: JobLock) -> None:
     """Steps 2-4 of the module docstring, with the lock held."""
     typed = validate(cfg)
     ctx = job_context(cfg)
     check_fingerprint(out_dir, fingerprint(ctx.config))
+    lock.claim()
     for p in remove_stale_temps(out_dir):
         log.info(f"removed {p.name}, left by an interrupted write")
     (out_dir / ERROR_FILE).unlink(missing_ok=True)
@@ -239,10 +240,10 @@ def main(cfg: DictConfig) -> None:
     out_dir = Path(hc.runtime.output_dir)
     owned = False
     try:
-        with JobLock(out_dir):
+        with JobLock(out_dir) as lock:
             owned = True
             try:
-                _run_locked(cfg, out_dir)
+                _run_locked(cfg, out_dir, lock)
             except JobDirError:
                 owned = False  # the dir holds another config: leave it untouched
                 raise

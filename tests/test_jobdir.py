@@ -100,7 +100,8 @@ def test_fingerprint_names_every_differing_key_and_ignores_excluded_ones(tmp_pat
 def test_lock_is_exclusive_names_the_holder_and_dies_with_it(tmp_path):
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys, time; from pfc_sweeps.jobdir import JobLock; "
-         f"JobLock({str(tmp_path)!r}).acquire(); print('locked', flush=True); time.sleep(60)"],
+         f"JobLock({str(tmp_path)!r}).acquire().claim(); print('locked', flush=True); "
+         "time.sleep(60)"],
         stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)},
     )  # fmt: skip
     try:
@@ -109,10 +110,14 @@ def test_lock_is_exclusive_names_the_holder_and_dies_with_it(tmp_path):
             JobLock(tmp_path).acquire()
         holder.send_signal(signal.SIGKILL)  # the kernel frees the lock of a dead process
         holder.wait()
+        stale = (tmp_path / ".lock").read_bytes()
         with JobLock(tmp_path):
             with pytest.raises(JobDirError):  # also exclusive within one process
                 JobLock(tmp_path).acquire()
-        assert not list(tmp_path.iterdir())  # released: the lock file is gone
+        assert (tmp_path / ".lock").read_bytes() == stale  # taken and released, untouched
+        with JobLock(tmp_path) as lock:
+            lock.claim()
+        assert not list(tmp_path.iterdir())  # a claimed lock file goes with its job
     finally:
         holder.kill()
         holder.wait()
@@ -261,7 +266,7 @@ def test_run_dir_that_is_a_file_is_one_line(tmp_path):
     f = tmp_path / "f"
     f.write_text("mine")
     for args in ([f"hydra.run.dir={f}"], ["-m", "seed=0,1", f"hydra.sweep.dir={f}"]):
-        p = launch(*TINY, *args, timeout=120)
+        p = launch(*sorted(args), *TINY, timeout=120)  # "-m" first
         assert p.returncode != 0 and _lines(p.stderr) == [
             f"error: {f} is a file, not a directory; choose another output dir"
         ], p.stderr
