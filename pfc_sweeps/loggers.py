@@ -9,6 +9,9 @@ The W&B layout (what a run holds) is described in the README, section "Weights &
   ``define_metric``; every row carries it, and W&B's own ``_step`` is left to count rows;
 - charts: PFC1-3 of every layer against epoch (line series), each PFC metric against the
   relative depth with the geodesic prediction (depth profile), and the run's Fig. 2 / Fig. 3;
+- tables: ``tables/results`` (every row of the results table, one row per (epoch, layer,
+  model, λ) and a column per metric), ``tables/geodesic`` (the last curves),
+  ``tables/final_by_lam`` (surrogate jobs);
 - the summary holds the scalars a sweep is sorted by (:func:`train_summary`);
 - the job's parquet tables as an Artifact of type ``results``.
 
@@ -323,12 +326,12 @@ class WandbLogger:
             self._log_epochs(rows.loc[~rows["epoch"].isin(self._logged)])
         last = int(rows["epoch"].max())
         charts = self._charts.end_of_job(rows, curves, surrogate=self.surrogate)
-        charts["results"] = self._charts.table(self._charts.wide_results(rows))
+        charts["tables/results"] = self._charts.table(self._charts.wide_results(rows))
         if len(curves):
             at = curves.loc[
                 curves["epoch"] == curves["epoch"].max(), ["epoch", "t", "metric", "value"]
             ]
-            charts["geodesic"] = self._charts.table(at)
+            charts["tables/geodesic"] = self._charts.table(at)
         self._log(charts, last)
         summary = rows_to_keys(rows.loc[rows["epoch"] == rows["epoch"].max()])
         if not self.surrogate:

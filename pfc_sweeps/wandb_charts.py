@@ -9,7 +9,7 @@ objects keyed by their history key:
   and the geodesic prediction as two series (paper Fig. 3);
 - ``figures/fig2_training_curves``, ``figures/fig3_depth_profile``: the run's own figures,
   drawn by :mod:`analysis.figures`;
-- ``final_by_lam``: a surrogate job's metrics at its last step, one row per (model, λ).
+- ``tables/final_by_lam``: a surrogate job's metrics at its last step, one row per (model, λ).
 """
 
 from __future__ import annotations
@@ -146,7 +146,7 @@ def end_of_job(rows: pd.DataFrame, curves: pd.DataFrame, *, surrogate: bool) -> 
         from analysis.summary import summarize_surrogate
 
         final = summarize_surrogate(rows)
-        return {"final_by_lam": table(final)} if len(final) else {}
+        return {"tables/final_by_lam": table(final)} if len(final) else {}
     out = line_series_by_layer(rows)
     per_layer = rows.loc[(rows["layer"] != RUN_LAYER) & rows["metric"].isin(PFC_METRICS)]
     if len(per_layer) and len(curves):

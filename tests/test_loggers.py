@@ -240,7 +240,7 @@ def test_digits_run_layout_in_the_offline_file(tmp_path):
     arts = [a for a in run.artifacts if a["type"] == "results"]
     assert len(arts) == 1 and arts[0]["files"] == ["metrics.parquet"]
     per_row = df.loc[~df["metric"].isin(CURVES)].groupby(["epoch", "layer"]).ngroups
-    assert run.summary["results"]["nrows"] == per_row
+    assert run.summary["tables/results"]["nrows"] == per_row
     assert not any(k == "lam" or k.startswith("lam/") for k in run.config)
     assert run.tags == ["task:train", "dataset:digits", "arch:digits", "loss:ce"]
     last = df.loc[df["epoch"] == 4]
@@ -283,7 +283,7 @@ def test_surrogate_run_layout(tmp_path):
         key = f"{r.metric}/{r.model}" + ("" if math.isnan(r.lam) else f"/lam={r.lam:g}")
         assert hist[(r.epoch, key)] == pytest.approx(r.value, abs=1e-9)
     assert not {"dataset", "arch", "train", "optim"} & set(run.config)
-    assert run.summary["final_by_lam"]["nrows"] == 2  # (mufm, λ) x 2
+    assert run.summary["tables/final_by_lam"]["nrows"] == 2  # (mufm, λ) x 2
     assert "task:mufm" in run.tags
 
 
