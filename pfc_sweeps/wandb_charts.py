@@ -136,6 +136,9 @@ def figures(rows: pd.DataFrame, curves: pd.DataFrame) -> dict[str, Any]:
         except ValueError as e:  # the table holds no data for this figure
             log.info("no %s for W&B: %s", name, e)
             continue
+        except Exception as e:  # a figure must not fail a finished job: say so and go on
+            log.warning("could not draw %s for W&B: %s: %s", name, type(e).__name__, e)
+            continue
         out[f"figures/{name}"] = _image(fig)
     return out
 
