@@ -8,7 +8,8 @@ directory holds:
 - :data:`CURVES_FILE`: the geodesic-curve predictions, one row per (run, epoch, t, metric).
 - :data:`DONE_FILE`: written last, only when the job finished.
 - :data:`RUN_ID_FILE`, :data:`CHECKPOINT_FILE`: the job's id and its resume state.
-- :data:`ERROR_FILE`: the one-line error of a job that failed.
+- :data:`FINGERPRINT_FILE`: the config the job dir belongs to; :data:`LOCK_FILE`: held by the
+  running job; :data:`ERROR_FILE`: the one-line error of a failed job.
 
 Both tables carry the resolved config, the job status and :data:`SCHEMA_VERSION` as JSON in
 the parquet key-value metadata under :data:`METADATA_KEY`. Every file is written through
@@ -38,9 +39,11 @@ __all__ = [
     "DONE_FILE",
     "EPOCH_METRICS",
     "ERROR_FILE",
+    "FINGERPRINT_FILE",
     "GEODESIC_ERR_METRICS",
     "LAST_LAYER_METRICS",
     "LAYER_METRICS",
+    "LOCK_FILE",
     "METADATA_KEY",
     "NET_MODEL",
     "PATH_METRICS",
@@ -57,6 +60,8 @@ __all__ = [
     "STATUSES",
     "SURROGATE_METRICS",
     "SURROGATE_MODELS",
+    "SWEEP_ERRORS_DIR",
+    "TEMP_GLOB",
     "atomic_write",
     "atomic_write_bytes",
     "conform",
@@ -78,8 +83,13 @@ CURVES_FILE = "curves.parquet"
 DONE_FILE = "done"
 RUN_ID_FILE = "run_id"
 CHECKPOINT_FILE = "checkpoint.pt"
-#: One line naming why a job failed (its first line is shown by ``analysis.aggregate``).
+FINGERPRINT_FILE = "fingerprint.json"
+LOCK_FILE = ".lock"
 ERROR_FILE = "error.txt"
+#: Folder of a sweep dir where each failed job of the last ``-m`` run leaves ``<job num>.txt``.
+SWEEP_ERRORS_DIR = ".errors"
+#: Temporary files of :func:`atomic_write` (``.<name>.<random>.tmp``); stale ones are removed.
+TEMP_GLOB = ".*.*.tmp"
 METADATA_KEY = b"pfc_sweeps"
 STATUSES = ("running", "done", "diverged", "failed")
 
@@ -163,7 +173,7 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[BinaryIO], None]
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")  # TEMP_GLOB
     try:
         os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:

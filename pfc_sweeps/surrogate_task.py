@@ -11,11 +11,12 @@ from __future__ import annotations
 import pandas as pd
 
 from .config import Config
+from .data import gaussian_mixture
 from .errors import Diverged
 from .loggers import RunLogger
 from .results import ResultsSink, print_summary
 from .schema import RUN_LAYER
-from .surrogate import SurrogateDivergedError, make_gaussian_data, solve_grid
+from .surrogate import SurrogateDivergedError, solve_grid
 
 __all__ = ["run_surrogate"]
 
@@ -26,8 +27,11 @@ def run_surrogate(cfg: Config, sink: ResultsSink, logger: RunLogger) -> None:
     Raises :class:`~pfc_sweeps.errors.Diverged` (status ``diverged``) when gradient descent
     produces non-finite values or its objective grows without bound.
     """
-    s = cfg.surrogate
-    X, labels = make_gaussian_data(s.num_classes, s.dim, s.n_per_class, seed=cfg.seed)
+    s, g = cfg.surrogate, cfg.gaussian
+    ((x, labels),) = gaussian_mixture(
+        g.num_classes, g.dim, [g.n_per_class], sigma=g.sigma, seed=cfg.seed
+    )
+    X = x.T.contiguous()  # (d, N)
     lams = list(cfg.lam.grid) or [cfg.lam.lam]
 
     def stream(step: int, rows: pd.DataFrame) -> None:
@@ -38,7 +42,7 @@ def run_surrogate(cfg: Config, sink: ResultsSink, logger: RunLogger) -> None:
             list(cfg.task.models),
             X,
             labels,
-            s.num_classes,
+            g.num_classes,
             lams,
             lam_w=cfg.lam.lam_w,
             seed=cfg.seed,
