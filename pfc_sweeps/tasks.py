@@ -211,10 +211,12 @@ def _run_locked(cfg: DictConfig, out_dir: Path, lock: JobLock) -> None:
     run_job(typed, ctx)
 
 
-def _expected() -> tuple[type[BaseException], ...]:
-    from .data import DatasetNotFound
-
-    return (ConfigError, DatasetNotFound, PFCError)
+def _expected(e: BaseException) -> bool:
+    """A failure reported as one line (the data module, and torch, only if already loaded)."""
+    data = sys.modules.get(f"{__package__}.data")
+    return isinstance(e, (ConfigError, PFCError)) or (
+        data is not None and isinstance(e, data.DatasetNotFound)
+    )
 
 
 def _one_line(e: BaseException) -> str:
@@ -248,7 +250,7 @@ def main(cfg: DictConfig) -> None:
                 owned = False  # the dir holds another config: leave it untouched
                 raise
     except Exception as e:
-        expected = isinstance(e, _expected())
+        expected = _expected(e)
         line = _one_line(e) if expected else f"{type(e).__name__}: {_one_line(e)}"
         try:
             _record(line, out_dir, owned and not isinstance(e, JobDirError))
