@@ -38,6 +38,7 @@ class Case:
     sweep: bool = False
     allowed: tuple[str, ...] = field(default_factory=tuple)  # files a failure may leave
     sub: str = ""  # run in <job dir>/<sub> (e.g. under a file)
+    recovers: bool = False  # the right outcome is a normal run (the input is repaired)
 
 
 def _snapshot(d: Path) -> dict[str, bytes]:
@@ -161,7 +162,7 @@ CASES = [
     ),
     Case("empty checkpoint", [], "{dir}/checkpoint.pt", setup=_ckpt(lambda b: b"")),
     Case("corrupt fingerprint", [], "{dir}/fingerprint.json", setup=_corrupt("fingerprint.json")),
-    Case("corrupt parquet, not done", [], "metrics.parquet", setup=_corrupt("metrics.parquet")),
+    Case("corrupt parquet, not done", [], "", setup=_corrupt("metrics.parquet"), recovers=True),
     Case("changed epochs on a done dir", ["train.epochs=3"], "train.epochs", setup=_train_done),
     Case("other seed on a done dir", ["seed=1"], "seed", setup=_train_done),
     Case("dir in use by another process", [], "{dir}", setup=_locked),
@@ -253,8 +254,17 @@ def run_case(case: Case, base: Path) -> dict:
     one = len(lines) == 1 or (case.sweep and all(ln.startswith(("error:", "  ")) for ln in lines))
     named = target in p.stderr
     clean = p.returncode != 0 and one and named and not left and "Traceback" not in p.stderr
+    if case.recovers:  # rebuilt from the checkpoint: exit 0 and a done dir are right
+        clean, left = p.returncode == 0 and (d / "done").exists(), []
     return {"rc": p.returncode, "first": first, "lines": len(lines), "named": named,
             "left": left, "clean": clean}  # fmt: skip
+
+
+def _short(paths: list[str]) -> str:
+    if not paths:
+        return "-"
+    more = f" (+{len(paths) - 3} more)" if len(paths) > 3 else ""
+    return ", ".join(paths[:3]) + more
 
 
 def main() -> None:
@@ -279,7 +289,7 @@ def main() -> None:
         n_clean += bool(r.get("clean"))
         rows.append(
             f"| {i + 1} | {case.name}: `{args}` | {r['rc']} | `{first}` | {r.get('lines', '')} | "
-            f"{'yes' if r.get('named') else 'no'} | {', '.join(r.get('left', [])) or '-'} | "
+            f"{'yes' if r.get('named') else 'no'} | {_short(r.get('left', []))} | "
             f"{'yes' if r.get('clean') else 'no'} |"
         )
         print(rows[-1], flush=True)
