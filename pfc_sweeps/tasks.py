@@ -102,6 +102,9 @@ class LazyLogger:
     def log_rows(self, rows: pd.DataFrame, step: int) -> None:
         self._logger().log_rows(rows, step)
 
+    def log_curves(self, curves: pd.DataFrame, step: int) -> None:
+        self._logger().log_curves(curves, step)
+
     def log_summary(self, table: pd.DataFrame, status: str) -> None:
         self._logger().log_summary(table, status)
 

@@ -272,7 +272,8 @@ class Trainer:
         }
         rows = pd.DataFrame(_scalar_rows(epoch, scalars))
         last = epoch == tr.epochs
-        if last or epoch % tr.metrics_every == 0:
+        measured = last or epoch % tr.metrics_every == 0
+        if measured:
             table, curves = collapse_table(
                 self.model,
                 data.train_x,
@@ -284,10 +285,13 @@ class Trainer:
             )
             table = table.assign(epoch=epoch, split="train")
             rows = pd.concat([rows, table], ignore_index=True)
-            self.sink.add_curves(curves, epoch=epoch)
+            curves = curves.assign(epoch=epoch)
+            self.sink.add_curves(curves)
             self.last_table = table
         self.sink.add(rows)
         self.logger.log_rows(rows, step=epoch)
+        if measured and len(curves):
+            self.logger.log_curves(curves, step=epoch)
         _save_checkpoint(
             self.ckpt_path,
             epoch=epoch,

@@ -22,7 +22,7 @@ from conftest import REPO, launch
 from wandb_reader import read_runs, records, wandb_files
 
 from pfc_sweeps.loggers import curve_rows, rows_to_keys, run_tags, train_summary, wandb_config
-from pfc_sweeps.schema import RUN_ID_FILE, read_results
+from pfc_sweeps.schema import RUN_ID_FILE, read_curves, read_results
 from pfc_sweeps.wandb_charts import wide_results
 
 SMALL = ["train.epochs=4", "arch.width=32", "arch.blocks=3", "train.geodesic_points=11"]
@@ -259,7 +259,9 @@ def _check_depth_profile(out: Path, run, df: pd.DataFrame) -> None:
     got = pd.DataFrame(data["data"], columns=data["columns"])
     last = df.loc[df["epoch"] == df["epoch"].max()]
     obs = last.loc[(last["metric"] == "pfc2") & (last["layer"] >= 0)].sort_values("layer")
-    geo = last.loc[last["metric"] == "geodesic_pfc2"].sort_values("rel_pos")
+    curves = read_curves(out)
+    geo = curves.loc[(curves["epoch"] == curves["epoch"].max()) & (curves["metric"] == "pfc2")]
+    geo = geo.sort_values("t")
     mine = got.loc[got["lineKey"] == "observed (layers)"]
     assert np.allclose(mine["step"], obs["rel_pos"], atol=1e-12)
     assert np.allclose(mine["lineVal"], obs["value"], atol=1e-12)
