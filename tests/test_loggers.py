@@ -238,7 +238,7 @@ def test_digits_run_layout_in_the_offline_file(tmp_path):
         assert run.summary[f"figures/{fig}"]["_type"] == "image-file"
     # the results artifact, the results table with all rows, config, tags, summary
     arts = [a for a in run.artifacts if a["type"] == "results"]
-    assert len(arts) == 1 and arts[0]["files"] == ["metrics.parquet"]
+    assert len(arts) == 1 and arts[0]["files"] == ["curves.parquet", "metrics.parquet"]
     per_row = df.loc[~df["metric"].isin(CURVES)].groupby(["epoch", "layer"]).ngroups
     assert run.summary["tables/results"]["nrows"] == per_row
     assert not any(k == "lam" or k.startswith("lam/") for k in run.config)
