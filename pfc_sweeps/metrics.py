@@ -1,6 +1,6 @@
 """Exact PFC / NC metrics from sufficient statistics (SPEC.md, paper eq. 7-9 / 17-19).
 
-Every function here is pure, works on the device of its inputs, accumulates in float64 and never
+Every function here is pure, works on the device of its inputs, computes in float64 and never
 builds a d x d matrix: all second-order quantities live in the K x K Gram algebra of
 Htilde = [m_1 - g, ..., m_K - g] (SPEC.md "Notation").
 
@@ -60,10 +60,13 @@ __all__ = [
 ]
 
 F64 = torch.float64
-# Rows per chunk are chosen so that a float64 chunk holds at most this many elements:
-# 2**22 (32 MiB) on accelerators, 2**17 (1 MiB, cache resident) on CPU.
+# Rows per chunk are chosen so that a work chunk holds at most this many elements:
+# _CHUNK_ELEMENTS = 2**24 (128 MiB in float64) on accelerators; on CPU also at most
+# _CPU_CHUNK_ELEMENTS = 2**17 (1 MiB, cache resident: elementwise ops are memory bound there).
 _CHUNK_ELEMENTS = 2**24
 _CPU_CHUNK_ELEMENTS = 2**17
+# Elements of one (K, T, b) block of geodesic NCC scores (32 MiB in float64).
+_GEO_SCORE_ELEMENTS = 2**22
 
 
 class MetricInputError(ValueError):
@@ -137,10 +140,12 @@ def _check_inputs(features: Tensor, labels: Tensor, num_classes: int) -> Tensor:
 
 
 def rows_per_chunk(d: int, device: torch.device | str | None = None) -> int:
-    """Rows per float64 work chunk: L2-cache sized on CPU (elementwise ops are memory bound
-    there), large on accelerators. ``_CHUNK_ELEMENTS`` caps both."""
+    """Rows per work chunk: ``_CHUNK_ELEMENTS`` // d, on CPU at most
+    ``_CPU_CHUNK_ELEMENTS`` // d (L2-cache sized)."""
     dev = torch.device(device) if device is not None else torch.device("cpu")
-    budget = min(_CHUNK_ELEMENTS, _CPU_CHUNK_ELEMENTS if dev.type == "cpu" else 2**22)
+    budget = _CHUNK_ELEMENTS
+    if dev.type == "cpu":
+        budget = min(budget, _CPU_CHUNK_ELEMENTS)
     return max(1, budget // max(d, 1))
 
 
@@ -333,7 +338,7 @@ def geodesic_ncc_correct(
     cross: Tensor,
     pl: Tensor,
     labels: Tensor,
-    budget: int = 2**22,
+    budget: int = _GEO_SCORE_ELEMENTS,
 ) -> Tensor:
     """Number of correct NCC predictions of h(t) = (1-t) h0 + t hL for every t, one chunk.
 

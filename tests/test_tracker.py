@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pfc_sweeps.metrics import DegenerateFeaturesError, EmptyClassError, MetricInputError
+from pfc_sweeps.schema import PFC_METRICS
 from pfc_sweeps.tracker import CollapseResult, CollapseTracker, TrackerStateError
 
 RTOL = 1e-8
@@ -214,9 +215,9 @@ def test_result_schema_and_rows():
         "transport_cost",
     }
     assert list(res.curves.columns) == ["t", "metric", "value"] and len(res.curves) == 9
-    rows = res.rows()
-    geo = rows[rows.metric.str.startswith("geodesic_pfc")]
-    assert len(geo) == 9 and (geo.layer == -1).all() and set(geo.rel_pos) == {0.0, 0.5, 1.0}
+    # the curves are their own table (t, metric, value): 3 t x pfc1-3, never table rows
+    assert set(res.curves.t) == {0.0, 0.5, 1.0} and set(res.curves.metric) == set(PFC_METRICS)
+    assert not res.table.metric.str.startswith("geodesic_pfc").any()
     assert np.isfinite(res.table.value).all()
 
 
