@@ -43,6 +43,7 @@ LOGGERS = ("wandb", "none")
 WANDB_MODES = ("offline", "online", "disabled")
 H_STEPS = ("per_sample", "per_class", "mean")
 DEVICES = ("auto", "cpu", "cuda")
+TRAIN_PRECISIONS = ("fp32", "bf16", "fp16")  # train.precision (pfc_sweeps.accel)
 
 
 class ConfigError(ValueError):
@@ -147,6 +148,12 @@ class TrainConfig:
     eval_batch_size: int = 1000
     device: str = "auto"
     num_threads: int = 0  # 0: leave torch's default
+    # Speed options (pfc_sweeps.accel), all off by default: autocast precision of the
+    # training steps (fp16 needs CUDA), NHWC conv nets, TF32 matmuls, torch.compile.
+    precision: str = "fp32"
+    channels_last: bool = False
+    tf32: bool = False
+    compile: bool = False
 
 
 @dataclass
@@ -299,6 +306,12 @@ def validate(cfg: DictConfig | Config) -> Config:
     _check("train.cache_gb", tr.cache_gb, tr.cache_gb >= 0, "must be >= 0")
     _one_of("train.device", tr.device, DEVICES)
     _check("train.num_threads", tr.num_threads, tr.num_threads >= 0, "must be >= 0")
+    _one_of("train.precision", tr.precision, TRAIN_PRECISIONS)
+    if tr.precision == "fp16":
+        import torch
+
+        cuda = tr.device == "cuda" or (tr.device == "auto" and torch.cuda.is_available())
+        _check("train.precision", tr.precision, cuda, "fp16 autocast needs CUDA; use bf16 on CPU")
 
     _one_of("logger.name", lg.name, LOGGERS)
     _one_of("logger.mode", lg.mode, WANDB_MODES)

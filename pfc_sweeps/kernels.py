@@ -123,7 +123,7 @@ class ExactKernel:
 
     def __init__(self, lm: LayerMeans, ws: Workspace, geodesic: bool) -> None:
         self.lm, self.ws, self.geodesic = lm, ws, geodesic
-        self.rhs_t = [r.T.contiguous() for r in lm.rhs]  # (d, K + e)
+        self.rhs = [r.contiguous() for r in lm.rhs]  # (K + e, d)
 
     def pass2(self, layers: list[Tensor], y: Tensor) -> Pass2Chunk:
         lm, k, last = self.lm, self.lm.gram.shape[-1], len(layers) - 1
@@ -133,11 +133,10 @@ class ExactKernel:
             u = self.ws.get("x0" if i == 0 else "a", h.shape).copy_(h).sub_(lm.g[i])  # (b, d)
             flat = u.view(-1)
             uu.append(torch.dot(flat, flat))
-            if self.rhs_t[i].shape[1] == k:
-                torch.mm(u, self.rhs_t[i], out=own[i])
-            else:
-                proj = u @ self.rhs_t[i]  # (b, K + e)
-                own[i], extra[i] = proj[:, :k], proj[:, k:]
+            proj = (self.rhs[i] @ u.T).T  # (b, K + e); (K + e, d) @ (d, b) is the fast layout
+            own[i] = proj[:, :k]
+            if proj.shape[1] > k:
+                extra[i] = proj[:, k:]
             if i in (0, last):
                 ends.append(u)
         gy = lm.gram.index_select(1, y)  # (S, b, K) rows G[y_i]
@@ -152,44 +151,51 @@ class ExactKernel:
 
 class FastKernel:
     """Pass 2 in float32 with float64 statistics: r = h - m'_y (m' = float32 class means),
-    q = r rhs^T (float32 matmul), then in float64 <h - g, .> = q + ((m' - g) rhs^T)[y] and
+    q = rhs r^T (float32 matmul), then in float64 <h - g, .> = q + ((m' - g) rhs^T)[y] and
     <h - m_y, Ht_c> = q + (delta Ht^T)[y], delta = m' - m; ||h - m_y||^2 summed over a class
     = sum ||r||^2 - n_y ||delta_y||^2 (exact: the residuals of a class sum to zero)."""
 
     def __init__(self, lm: LayerMeans, ws: Workspace, geodesic: bool) -> None:
         self.lm, self.ws, self.geodesic = lm, ws, geodesic
-        self.k = lm.gram.shape[-1]
-        self.ref32, self.rhs32_t, self.shift, self.dz, self.dn2, deltas = [], [], [], [], [], []
+        self.k = k = lm.gram.shape[-1]
+        self.ref32, self.rhs32, shift, dz, dn2, deltas = [], [], [], [], [], []
         for g, ht, rhs in zip(lm.g, lm.ht, lm.rhs, strict=True):
             ref32 = (ht + g).to(F32)  # (K, d) m'_c
             delta = ref32.to(F64) - (ht + g)  # (K, d) m' - m, exact in float64
             self.ref32.append(ref32)
-            self.rhs32_t.append(rhs.T.to(F32).contiguous())  # (d, K + e)
-            self.shift.append((ref32.to(F64) - g) @ rhs.T)  # (K, K + e)
-            self.dz.append(delta @ ht.T)  # (K, K)
-            self.dn2.append(delta.square().sum(1))  # (K,)
+            self.rhs32.append(rhs.to(F32).contiguous())  # (K + e, d)
+            shift.append((ref32.to(F64) - g) @ rhs.T)  # (K, K + e)
+            dz.append(delta @ ht.T)  # (K, K)
+            dn2.append(delta.square().sum(1))  # (K,)
             deltas.append(delta)
+        self.shift_own = torch.stack([s[:, :k] for s in shift])  # (S, K, K)
+        self.shift_extra = {i: s[:, k:] for i, s in enumerate(shift) if s.shape[1] > k}
+        self.dz = torch.stack(dz)  # (S, K, K)
+        self.dn2 = torch.stack(dn2)  # (S, K)
         self.dd = (deltas[0] * deltas[-1]).sum(1)  # (K,) <delta0_c, deltaL_c> (geodesic)
 
     def pass2(self, layers: list[Tensor], y: Tensor) -> Pass2Chunk:
-        k, last, n_s = self.k, len(layers) - 1, len(layers)
-        own = torch.empty(n_s, y.shape[0], k, dtype=F64, device=y.device)
-        z = torch.empty_like(own)
-        rr = torch.empty(n_s, dtype=F64, device=y.device)
+        k, last, n_s, b = self.k, len(layers) - 1, len(layers), y.shape[0]
+        q32 = torch.empty(n_s, k, b, dtype=F32, device=y.device)  # (S, K, b) Ht r^T
+        sq = torch.empty(n_s, b, dtype=F32, device=y.device)  # (S, b) ||r||^2 rows
         extra, ends = {}, []
         for i, h in enumerate(layers):
             r = self.ws.get("x0" if i == 0 else "a", h.shape)  # (b, d) float32
             torch.index_select(self.ref32[i], 0, y, out=r)
             torch.sub(h, r, out=r)  # h - m'_y (one rounding)
-            sq = torch.linalg.vector_norm(r, dim=1).to(F64).square()  # (b,)
-            rr[i] = sq.sum() - self.dn2[i].index_select(0, y).sum()
-            q = (r @ self.rhs32_t[i]).to(F64)  # (b, K + e)
-            own[i] = q[:, :k] + self.shift[i][:, :k].index_select(0, y)
-            z[i] = q[:, :k] + self.dz[i].index_select(0, y)
-            if q.shape[1] > k:
-                extra[i] = q[:, k:] + self.shift[i][:, k:].index_select(0, y)
+            torch.linalg.vector_norm(r, dim=1, out=sq[i])
+            if self.rhs32[i].shape[0] == k:  # (K, d) @ (d, b): the fast layout on CPU
+                torch.mm(self.rhs32[i], r.T, out=q32[i])
+            else:
+                q = self.rhs32[i] @ r.T  # (K + e, b)
+                q32[i] = q[:k]
+                extra[i] = q[k:].T.to(F64) + self.shift_extra[i].index_select(0, y)
             if i in (0, last):
                 ends.append(r)
+        q = q32.transpose(1, 2).to(F64)  # (S, b, K)
+        own = q + self.shift_own[:, y]
+        z = q + self.dz[:, y]
+        rr = sq.to(F64).square().sum(1) - self.dn2[:, y].sum(1)  # (S,)
         cross = None
         if self.geodesic:  # sum <r0, rL> - sum_i <delta0_y, deltaL_y>
             dots = torch.linalg.vecdot(ends[0], ends[-1], dim=1).to(F64)  # (b,)

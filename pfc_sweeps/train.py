@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .accel import Accelerator, prepare_model
 from .config import Config
 from .data import DataBundle, load_dataset
 from .errors import Diverged
@@ -176,6 +177,8 @@ class Trainer:
         self.model = build_model(
             a.kind, self.data.in_shape, self.data.num_classes, block=a.block, **shape
         ).to(self.device)
+        self.model = prepare_model(self.model, tr, self.device)
+        self.accel = Accelerator(tr, self.device)
         self.opt = torch.optim.SGD(
             self.model.parameters(),
             lr=cfg.optim.lr,
@@ -220,12 +223,11 @@ class Trainer:
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         correct = torch.zeros((), dtype=torch.int64, device=self.device)
         for idx in perm.split(tr.batch_size):
-            xb, yb = data.train_x[idx], data.train_y[idx]
-            logits = self.model.forward_logits(xb)
-            loss = loss_fn(self.cfg.loss.name, logits, yb)
-            self.opt.zero_grad(set_to_none=True)
-            loss.backward()
-            self.opt.step()
+            xb, yb = self.accel.inputs(data.train_x[idx]), data.train_y[idx]
+            with self.accel.autocast():
+                logits = self.model.forward_logits(xb)
+                loss = loss_fn(self.cfg.loss.name, logits, yb)
+            self.accel.step(loss, self.opt)
             loss_sum += loss.detach().double() * len(yb)
             correct += (logits.detach().argmax(1) == yb).sum()
         self.sched.step()
