@@ -73,7 +73,7 @@ def test_bf16_autocast_runs_the_forward_in_bf16_on_cpu():
 def test_fp16_needs_cuda():
     if torch.cuda.is_available():
         pytest.skip("CUDA present: fp16 is allowed")
-    with pytest.raises(ValueError, match="fp16.*CUDA"):
+    with pytest.raises(ValueError, match=r"fp16.*CUDA"):
         Accelerator(opts(precision="fp16"), CPU)
     cfg = OmegaConf.structured(Config)
     cfg.train.precision = "fp16"
