@@ -26,7 +26,6 @@ from pfc_sweeps.metrics import (
     geodesic_bernstein_diag,
     geodesic_coefficients,
     geodesic_from_stats,
-    geodesic_gram,
     geodesic_ncc_correct,
     geodesic_score_matrix,
     nc3_from_stats,
@@ -225,9 +224,9 @@ class GeodesicCurve:
         self.ts_all = torch.cat([ts.to(r.device), r])  # ts, then every r_l
         coef = geodesic_coefficients(self.ts_all)  # (T', 3)
         g0, gl = lm.gram[0], lm.gram[-1]
-        gdiag_t = torch.diagonal(geodesic_gram(coef, g0, lm.x01, gl), dim1=1, dim2=2)
-        self.smat = geodesic_score_matrix(coef, gdiag_t).contiguous()  # (K, T', 4)
         self.bern = geodesic_bernstein_diag(g0, lm.x01, gl)  # (3, K)
+        gdiag_t = coef @ self.bern  # (T', K) diag G(t), without the (T', K, K) G(t)
+        self.smat = geodesic_score_matrix(coef, gdiag_t).contiguous()  # (K, T', 4)
         self.cross = torch.zeros((), dtype=F64, device=r.device)
         self.correct = torch.zeros(self.ts_all.numel(), dtype=torch.int64, device=r.device)
         self.k = g0.shape[0]

@@ -409,8 +409,12 @@ def nc_from_stats(n: int, gram: Tensor, zz: Tensor) -> dict[str, Tensor]:
     NC2 equinorm uses the unbiased std over classes (as Papyan et al.'s code: torch.std).
     """
     k = gram.shape[0]
-    gplus = torch.linalg.pinv(gram, hermitian=True)  # (K, K)
-    nc1 = torch.trace(gplus @ (zz / n) @ gplus)
+    # G^+ = V diag(1/lam) V^T over the eigenvalues kept by pinv's default cutoff, so
+    # Tr(G^+ zz G^+) = sum_j lam_j^-2 (V^T zz V)_jj: one eigh and one K x K x K product
+    lam, vec = torch.linalg.eigh(gram)  # (K,), (K, K)
+    keep = lam.abs() > torch.finfo(lam.dtype).eps * k * lam.abs().max()
+    inv2 = torch.where(keep, 1.0 / torch.where(keep, lam, 1.0).square(), 0.0)
+    nc1 = (inv2 * ((zz / n) @ vec * vec).sum(0)).sum()
     norms = torch.diagonal(gram).clamp_min(0).sqrt()  # (K,) ||m_k - g||
     if bool((norms == 0).any()):
         bad = (norms == 0).nonzero().flatten().tolist()
@@ -442,12 +446,17 @@ def geodesic_from_stats(
     """
     coef = geodesic_coefficients(ts.to(g0.device))  # (T, 3)
     trw = coef[:, 0] * trw0 + 2.0 * coef[:, 1] * trw_cross + coef[:, 2] * trwl  # (T,)
-    gram_t = geodesic_gram(coef, g0, x01, gl)  # (T, K, K)
-    try:
-        out = pfc_from_stats(n, trw, gram_t, correct)
-    except DegenerateFeaturesError as err:
-        raise DegenerateFeaturesError(f"on the geodesic curve: {err}") from None
-    return {key: out[key] for key in ("pfc1", "pfc2", "pfc3")}
+    k = g0.shape[0]
+    step = max(1, _GEO_SCORE_ELEMENTS // (k * k))  # G(t) for a block of t at a time
+    parts = []
+    for s in range(0, coef.shape[0], step):
+        gram_t = geodesic_gram(coef[s : s + step], g0, x01, gl)  # (T_block, K, K)
+        try:
+            out = pfc_from_stats(n, trw[s : s + step], gram_t, correct[s : s + step])
+        except DegenerateFeaturesError as err:
+            raise DegenerateFeaturesError(f"on the geodesic curve: {err}") from None
+        parts.append(out)
+    return {key: torch.cat([p[key] for p in parts]) for key in ("pfc1", "pfc2", "pfc3")}
 
 
 # --------------------------------------------------------------------------------------------
