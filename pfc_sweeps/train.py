@@ -26,13 +26,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .accel import Accelerator, prepare_model
-from .config import Config
+from .config import Config, ConfigError
 from .data import DataBundle, load_dataset
-from .errors import Diverged
+from .errors import Diverged, PFCError
 from .loggers import RunLogger
 from .models import build_model
 from .results import ResultsSink, print_summary
-from .schema import CHECKPOINT_FILE, atomic_write
+from .schema import CHECKPOINT_FILE, RESULTS_FILE, atomic_write
 from .tracker import CollapseTracker
 
 __all__ = ["Trainer", "collapse_table", "evaluate", "loss_fn", "run_training"]
@@ -158,20 +158,25 @@ class Trainer:
         if tr.num_threads:
             torch.set_num_threads(tr.num_threads)
         torch.manual_seed(cfg.seed)
-        d = cfg.dataset
-        self.data: DataBundle = load_dataset(
-            d.name,
-            root=d.root,
-            download=d.download,
-            n_per_class=d.n_per_class,
-            seed=cfg.seed,
-            device=self.device,
-            num_classes=d.num_classes,
-            dim=d.dim,
-            sigma=d.sigma,
-            n=d.n_train_per_class,
-            n_test=d.n_test_per_class,
-        )
+        d, g = cfg.dataset, cfg.gaussian
+        try:
+            self.data: DataBundle = load_dataset(
+                d.name,
+                root=d.root,
+                download=d.download,
+                n_per_class=d.subset_per_class,
+                seed=cfg.seed,
+                device=self.device,
+                num_classes=g.num_classes,
+                dim=g.dim,
+                sigma=g.sigma,
+                n=g.n_per_class,
+                n_test=g.n_test_per_class,
+            )
+        except ValueError as e:  # the subset is checked against the data as soon as it loads
+            if d.subset_per_class is None or "n_per_class" not in str(e):
+                raise
+            raise ConfigError(f"dataset.subset_per_class={d.subset_per_class}: {e}") from None
         a = cfg.arch
         shape = {"width": a.width, "blocks": a.blocks} if a.kind == "fc" else {"stages": a.stages}
         self.model = build_model(
@@ -202,14 +207,28 @@ class Trainer:
             self._restore()
 
     def _restore(self) -> None:
-        state = torch.load(self.ckpt_path, map_location=self.device, weights_only=False)
+        try:
+            state = torch.load(self.ckpt_path, map_location=self.device, weights_only=False)
+        except Exception as e:  # torch raises many types for a truncated or foreign file
+            raise PFCError(
+                f"{self.ckpt_path} is corrupt or unreadable ({type(e).__name__}); delete it and "
+                f"{RESULTS_FILE} to start the job over, or use a new hydra.run.dir"
+            ) from None
         self.model.load_state_dict(state["model"])
         self.opt.load_state_dict(state["optim"])
         self.sched.load_state_dict(state["sched"])
         self.shuffle.set_state(state["shuffle"])
         _set_rng_state(state["rng"])
-        self.sink.load_rows(pd.read_parquet(io.BytesIO(state["rows"])))
+        self.sink.load_rows(
+            pd.read_parquet(io.BytesIO(state["rows"])), pd.read_parquet(io.BytesIO(state["curves"]))
+        )
         self.start_epoch = state["epoch"] + 1
+        if self.start_epoch > self.cfg.train.epochs:
+            print(f"{self.ckpt_path} has all {self.cfg.train.epochs} epochs; finishing the job.")
+            rows = self.sink.frame()
+            last = rows[(rows["epoch"] == rows["epoch"].max()) & (rows["layer"] >= 0)]
+            self.last_table = last if len(last) else None
+            return
         print(
             f"Resuming from {self.ckpt_path} at epoch {self.start_epoch} of {self.cfg.train.epochs}."
         )
@@ -266,14 +285,8 @@ class Trainer:
                 batch=tr.eval_batch_size,
             )
             table = table.assign(epoch=epoch, split="train")
-            parts = [rows, table]
-            if len(curves):
-                geo = curves.rename(columns={"t": "rel_pos"})
-                geo = geo.assign(
-                    metric="geodesic_" + geo["metric"], layer=-1, epoch=epoch, split="train"
-                )
-                parts.append(geo)
-            rows = pd.concat(parts, ignore_index=True)
+            rows = pd.concat([rows, table], ignore_index=True)
+            self.sink.add_curves(curves, epoch=epoch)
             self.last_table = table
         self.sink.add(rows)
         self.logger.log_rows(rows, step=epoch)
@@ -286,6 +299,7 @@ class Trainer:
             shuffle=self.shuffle.get_state(),
             rng=_rng_state(),
             rows=_rows_to_bytes(self.sink.frame()),
+            curves=_rows_to_bytes(self.sink.curves_frame()),
         )
         self.sink.write("running")
         return rows

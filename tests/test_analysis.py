@@ -1,13 +1,12 @@
 """Tests of analysis/ (issue 5): aggregation, figures, summary.
 
-All inputs are generated here in the tidy schema of /tmp/pfc_design.md and laid out as the
-producers do: <sweep>/<job_num>/{metrics.parquet (metadata b"pfc_sweeps"), run_id, done, .hydra/}
+All inputs are generated here in the format of pfc_sweeps.schema and laid out as the
+producers do: <sweep>/<job_num>/{metrics.parquet, curves.parquet, run_id, done, .hydra/}
 next to <sweep>/multirun.yaml.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from pathlib import Path
@@ -15,43 +14,67 @@ from pathlib import Path
 import matplotlib
 import numpy as np
 import pandas as pd
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 from matplotlib.collections import PolyCollection
 from matplotlib.colors import to_rgb
 from matplotlib.patches import Rectangle
 
 from analysis import aggregate as agg_mod
-from analysis import figures, summary
+from analysis import discovery, figures, summary
 from analysis.aggregate import (
-    ID_COLUMNS,
-    SCHEMA,
     NoResultsError,
     SchemaError,
     aggregate,
     drop_duplicate_rows,
-    expected_job_count,
     load,
     read_aggregate,
 )
+from analysis.discovery import expected_job_count
 from analysis.figures import FigureDataError
 from analysis.summary import is_monotone, summarize_surrogate, summarize_train
 from analysis.tidy import ci95
+from pfc_sweeps.schema import (
+    COLUMNS,
+    CURVE_COLUMNS,
+    CURVE_KEY,
+    CURVES_FILE,
+    PFC1,
+    PFC2,
+    PFC3,
+    RESULT_KEY,
+    RESULTS_FILE,
+    write_table,
+)
 
 matplotlib.use("Agg")
 
 # ----------------------------------------------------------------------------- generators
 
 
-def _frame(rows: list[dict], meta: dict) -> pd.DataFrame:
+def _frame(rows: list[dict], meta: dict, columns=COLUMNS) -> pd.DataFrame:
     df = pd.DataFrame(rows)
     for k, v in meta.items():
-        df[k] = v
-    for col in SCHEMA:
+        if k in columns and k not in df.columns:
+            df[k] = v
+    for col in columns:
         if col not in df.columns:
             df[col] = np.nan
-    return df[list(SCHEMA)].astype(SCHEMA)
+    return discovery.normalize_table(df, columns=columns)
+
+
+def _train_meta(run_id, *, dataset, seed, sweep_id):
+    return dict(
+        run_id=run_id,
+        sweep_id=sweep_id,
+        task="train",
+        dataset=dataset,
+        arch="fc_resnet",
+        loss="ce",
+        seed=seed,
+        lam=np.nan,
+        lam_w=np.nan,
+        model="net",
+    )
 
 
 def pfc_profile(n_layers: int, epoch: int, *, bump: float = 0.0, bump_layer: int = 2) -> dict:
@@ -63,7 +86,7 @@ def pfc_profile(n_layers: int, epoch: int, *, bump: float = 0.0, bump_layer: int
         pfc1[bump_layer] = pfc1[bump_layer - 1] * (1 + bump)
     pfc2 = [1.0 - 0.2 * k * (1 - f / 2) for k in range(n_layers)]
     pfc3 = [0.5 + 0.1 * k + 0.01 * epoch for k in range(n_layers)]
-    return {"pfc1": pfc1, "pfc2": pfc2, "pfc3": pfc3}
+    return {PFC1: pfc1, PFC2: pfc2, PFC3: pfc3}
 
 
 def train_frame(
@@ -75,11 +98,10 @@ def train_frame(
     epochs: tuple[int, ...] = (0, 1, 2),
     bump: float = 0.0,
     pfc3_decreasing: bool = False,
-    n_t: int = 5,
     noise: float = 0.0,
     sweep_id: str = "sw",
 ) -> pd.DataFrame:
-    """A training run's rows: per-layer PFC/NC rows, run-level scalars, geodesic curve rows."""
+    """A training run's rows: per-layer PFC/NC rows and run-level scalars."""
     rng = np.random.default_rng(seed)
     L = n_layers - 1
     rel = np.sqrt(np.arange(n_layers) / L)  # r_0 = 0, r_L = 1, non-uniform
@@ -87,7 +109,7 @@ def train_frame(
     for e in epochs:
         prof = pfc_profile(n_layers, e, bump=bump)
         if pfc3_decreasing:
-            prof["pfc3"] = prof["pfc3"][::-1]
+            prof[PFC3] = prof[PFC3][::-1]
         for m, vals in prof.items():
             for k, v in enumerate(vals):
                 v = v * (1 + noise * rng.standard_normal())
@@ -134,62 +156,63 @@ def train_frame(
                 value=0.8 + 0.01 * e,
             )
         )
+    return _frame(rows, _train_meta(run_id, dataset=dataset, seed=seed, sweep_id=sweep_id))
+
+
+def train_curves(
+    run_id: str,
+    *,
+    dataset: str = "digits",
+    seed: int = 0,
+    n_layers: int = 4,
+    epochs: tuple[int, ...] = (0, 1, 2),
+    bump: float = 0.0,
+    n_t: int = 5,
+    sweep_id: str = "sw",
+) -> pd.DataFrame:
+    """The run's geodesic curves (curves.parquet): straight lines at the last epoch."""
     last = epochs[-1]
     prof = pfc_profile(n_layers, last, bump=bump)
+    rows = []
     for t in np.linspace(0, 1, n_t):
         for m, vals in prof.items():
             v = vals[0] + t * (vals[-1] - vals[0])
-            rows.append(
-                dict(
-                    epoch=last, split="train", layer=-1, rel_pos=t, metric=f"geodesic_{m}", value=v
-                )
-            )
-    meta = dict(
-        run_id=run_id,
-        sweep_id=sweep_id,
-        task="train",
-        dataset=dataset,
-        arch="fc_resnet",
-        loss="ce",
-        seed=seed,
-        lam=np.nan,
-        lam_w=np.nan,
-        model="net",
-    )
-    return _frame(rows, meta)
+            rows.append(dict(epoch=last, t=t, metric=m, value=v))
+    meta = _train_meta(run_id, dataset=dataset, seed=seed, sweep_id=sweep_id)
+    return _frame(rows, meta, CURVE_COLUMNS)
 
 
 def mufm_value(metric: str, lam: float, model: str) -> float:
     """Closed-form stand-in values: MUFM moves from the ETF toward the data as λ grows."""
     if model == "data":
         return {
-            "pfc1": 2.0,
-            "pfc2": 0.6,
-            "pfc3": 0.7,
+            PFC1: 2.0,
+            PFC2: 0.6,
+            PFC3: 0.7,
             "alignment": 0.0,
             "objective": 0.0,
             "grad_norm": 0.0,
         }[metric]
     if model == "ufm":
         return {
-            "pfc1": 1e-4,
-            "pfc2": 1e-3,
-            "pfc3": 1.0,
+            PFC1: 1e-4,
+            PFC2: 1e-3,
+            PFC3: 1.0,
             "alignment": 1.2,
             "objective": 0.1,
             "grad_norm": 1e-6,
         }[metric]
     return {
-        "pfc1": 0.1 + 50 * lam,
-        "pfc2": 0.05 + 10 * lam,
-        "pfc3": 1.0 - 5 * lam,
+        PFC1: 0.1 + 50 * lam,
+        PFC2: 0.05 + 10 * lam,
+        PFC3: 1.0 - 5 * lam,
         "alignment": 1.0 / (1 + 100 * lam),
         "objective": 0.2,
         "grad_norm": 1e-5,
     }[metric]
 
 
-SUR_METRICS = ("pfc1", "pfc2", "pfc3", "alignment", "objective", "grad_norm")
+SUR_METRICS = (PFC1, PFC2, PFC3, "alignment", "objective", "grad_norm")
 
 
 def surrogate_frame(
@@ -202,27 +225,23 @@ def surrogate_frame(
     seed: int = 0,
     steps: tuple[int, ...] = (0, 500),
     sweep_id: str = "s",
-    data_lam: str = "nan",
 ) -> pd.DataFrame:
     """A surrogate job's rows (one job may hold a λ grid), as pfc_sweeps.surrogate writes them:
-    model="data" rows once per logged step with lam = lam_w = NaN (``data_lam="nan"``), or
-    repeated per λ with the λ values (``data_lam="per_lam"``). Solution rows at steps before
-    the last hold junk (123), so a figure that does not take the last step is caught."""
+    model="data" rows once per logged step with lam = lam_w = NaN, and arch = model.
+    Solution rows at steps before the last hold junk (123), so a figure that does not take
+    the last step is caught."""
     rows = []
 
     def add(step, m, v, model, lam, lw):
         rows.append(
             dict(epoch=step, split="train", layer=-1, rel_pos=np.nan, metric=m, value=v)
-            | dict(model=model, lam=lam, lam_w=lw)
+            | dict(model=model, lam=lam, lam_w=lw, arch=model)
         )
 
     for step in steps:
         if "data" in models:
-            data_lams = lams if data_lam == "per_lam" else (np.nan,)
-            for lam in data_lams:
-                lw = lam_w if data_lam == "per_lam" else np.nan
-                for m in ("pfc1", "pfc2", "pfc3"):
-                    add(step, m, mufm_value(m, 0, "data"), "data", lam, lw)
+            for m in (PFC1, PFC2, PFC3):
+                add(step, m, mufm_value(m, 0, "data"), "data", np.nan, np.nan)
         for lam in lams:
             for model in (m for m in models if m != "data"):
                 for m in SUR_METRICS:
@@ -233,7 +252,6 @@ def surrogate_frame(
         sweep_id=sweep_id,
         task=task,
         dataset="gaussian",
-        arch="ufm",
         loss="mse",
         seed=seed,
     )
@@ -248,8 +266,9 @@ def write_job(
     done: bool = True,
     config: dict | None = None,
     run_id: str | None = None,
+    curves: pd.DataFrame | None = None,
 ) -> Path:
-    """Lay a job folder out as the producers do (metadata key b"pfc_sweeps")."""
+    """Lay a job folder out as the producers do (pfc_sweeps.schema.write_table)."""
     job_dir.mkdir(parents=True, exist_ok=True)
     (job_dir / ".hydra").mkdir(exist_ok=True)
     (job_dir / ".hydra" / "config.yaml").write_text("task: x\n")
@@ -257,12 +276,12 @@ def write_job(
         run_id = str(df["run_id"].iloc[0])
     if run_id:
         (job_dir / "run_id").write_text(run_id + "\n")
+    meta = {"config": config or {"run_id": run_id}, "status": status}
+    if curves is not None:
+        write_table(job_dir / CURVES_FILE, curves, meta)
     if df is not None:
-        tbl = pa.Table.from_pandas(df, preserve_index=False)
-        meta = {"config": config or {"run_id": run_id}, "status": status}
-        md = dict(tbl.schema.metadata or {})
-        md[b"pfc_sweeps"] = json.dumps(meta).encode()
-        pq.write_table(tbl.replace_schema_metadata(md), job_dir / "metrics.parquet")
+        # own columns: a test may write a table that breaks the schema on purpose
+        write_table(job_dir / RESULTS_FILE, df, meta, columns={})
     if done:
         (job_dir / "done").write_text("")
     return job_dir
@@ -318,11 +337,11 @@ def test_aggregate_sweep_with_failed_job_duplicates_and_mixed_tasks(tmp_path, ca
     assert [p.name for p in out.parent.iterdir()] == ["all.parquet"]  # no tmp file left
     # independent count: every generated row once; the failed job's rows excluded
     assert len(res.table) == len(train) + len(sur)
-    assert not res.table.duplicated(list(ID_COLUMNS)).any()
+    assert not res.table.duplicated(list(RESULT_KEY)).any()
     assert res.n_duplicates == len(sur) and res.n_conflicts == 0
     assert set(res.table["run_id"]) == {"tr0", "su1"}
     assert set(res.table["task"]) == {"train", "mufm"}
-    assert list(res.table.columns) == list(SCHEMA)
+    assert list(res.table.columns) == list(COLUMNS)
     assert res.config("tr0") == {"task": "train", "seed": 0}
     assert res.config("su1")["task"] == "mufm"
     states = {Path(j.job_dir).name: j.state for j in res.jobs}
@@ -342,7 +361,7 @@ def test_expected_job_count_from_multirun_yaml(tmp_path):
 
 
 def test_drop_duplicates_keeps_last_and_keys_on_t_only_for_curve_rows():
-    df = train_frame("r", epochs=(0,), n_t=5)
+    df = train_frame("r", epochs=(0,))
     n = len(df)
     again = df.copy()
     per_layer = again["layer"] >= 0
@@ -354,8 +373,11 @@ def test_drop_duplicates_keeps_last_and_keys_on_t_only_for_curve_rows():
     got = out.loc[out["layer"] >= 0].sort_values(["metric", "layer"])["value"].to_numpy()
     want = again.loc[per_layer].sort_values(["metric", "layer"])["value"].to_numpy()
     np.testing.assert_array_equal(got, want)
-    # geodesic rows at different t are distinct measurements
-    assert (out["metric"] == "geodesic_pfc1").sum() == 5
+    # geodesic curve points at different t are distinct measurements (curves table)
+    curves = train_curves("r", epochs=(0,), n_t=5)
+    out, n_dup, _ = drop_duplicate_rows(pd.concat([curves, curves], ignore_index=True), CURVE_KEY)
+    assert n_dup == len(curves)
+    assert (out["metric"] == PFC1).sum() == 5
 
 
 def test_no_results_names_the_searched_dirs(tmp_path, capsys):
@@ -394,11 +416,11 @@ def test_include_unfinished_and_broken_parquet(tmp_path):
 def test_schema_error_names_file(tmp_path):
     df = train_frame("a").drop(columns=["value"])
     write_job(tmp_path / "0", df)
-    rec, table, _ = agg_mod.inspect_job(tmp_path / "0")
+    rec, table = discovery.inspect_job(tmp_path / "0")
     assert rec.state == "broken" and table is None
     assert "value" in rec.detail
     with pytest.raises(SchemaError, match=re.escape("src.parquet")):
-        agg_mod.normalize_table(df, source="src.parquet")
+        discovery.normalize_table(df, source="src.parquet")
 
 
 def test_load_accepts_aggregate_and_job_parquet_files(tmp_path):
@@ -428,11 +450,11 @@ def test_fig2_one_line_per_layer_coloured_by_depth_and_log_pfc1():
     fig = figures.fig2_training_curves(df)
     axes = np.array(fig.axes[:6]).reshape(3, 2)
     for j, n_layers in enumerate((4, 3)):  # columns sorted: digits, gaussian
-        for i, m in enumerate(("pfc1", "pfc2", "pfc3")):
+        for i, m in enumerate((PFC1, PFC2, PFC3)):
             ax = axes[i, j]
             lines = _data_lines(ax)
             assert len(lines) == n_layers
-            assert ax.get_yscale() == ("log" if m == "pfc1" else "linear")
+            assert ax.get_yscale() == ("log" if m == PFC1 else "linear")
             # line for layer l holds that layer's values over epochs 0, 1, 2
             for k, ln in enumerate(lines):
                 np.testing.assert_array_equal(ln.get_xdata(), [0, 1, 2])
@@ -449,18 +471,16 @@ def test_fig2_one_line_per_layer_coloured_by_depth_and_log_pfc1():
 
 def test_fig2_seeds_mean_and_95_band():
     df = pd.concat([train_frame(f"r{s}", seed=s, noise=0.1) for s in range(3)])
-    fig = figures.fig2_training_curves(df, metrics=("pfc2",))
+    fig = figures.fig2_training_curves(df, metrics=(PFC2,))
     ax = fig.axes[0]
     lines = _data_lines(ax)
     assert len(lines) == 4
     bands = [c for c in ax.collections if isinstance(c, PolyCollection)]
     assert len(bands) == 4
-    sub = df.loc[(df["metric"] == "pfc2") & (df["layer"] == 1)].groupby("epoch")["value"]
+    sub = df.loc[(df["metric"] == PFC2) & (df["layer"] == 1)].groupby("epoch")["value"]
     np.testing.assert_allclose(lines[1].get_ydata(), sub.mean().to_numpy())
     # band edges = Student-t 95% CI, checked against a direct formula at epoch 0
-    x = df.loc[
-        (df["metric"] == "pfc2") & (df["layer"] == 1) & (df["epoch"] == 0), "value"
-    ].to_numpy()
+    x = df.loc[(df["metric"] == PFC2) & (df["layer"] == 1) & (df["epoch"] == 0), "value"].to_numpy()
     half = 4.302652729911275 * x.std(ddof=1) / math.sqrt(3)  # t_{0.975, 2}
     verts = bands[1].get_paths()[0].vertices
     at0 = verts[np.isclose(verts[:, 0], 0.0), 1]
@@ -476,13 +496,14 @@ def test_ci95_matches_formula_and_handles_small_n():
 
 
 def test_fig3_points_per_layer_and_geodesic_curve():
-    df = pd.concat(
-        [train_frame("a", n_layers=5, n_t=7), train_frame("b", dataset="gaussian", n_layers=3)]
+    df = pd.concat([train_frame("a", n_layers=5), train_frame("b", dataset="gaussian", n_layers=3)])
+    curves = pd.concat(
+        [train_curves("a", n_layers=5, n_t=7), train_curves("b", dataset="gaussian", n_layers=3)]
     )
-    fig = figures.fig3_depth_profile(df)
+    fig = figures.fig3_depth_profile(df, curves=curves)
     axes = np.array(fig.axes[:6]).reshape(3, 2)
     for j, (n_layers, n_t) in enumerate(((5, 7), (3, 5))):
-        for i, m in enumerate(("pfc1", "pfc2", "pfc3")):
+        for i, m in enumerate((PFC1, PFC2, PFC3)):
             ax = axes[i, j]
             obs, geo = _data_lines(ax)
             rel = np.sqrt(np.arange(n_layers) / (n_layers - 1))
@@ -493,16 +514,16 @@ def test_fig3_points_per_layer_and_geodesic_curve():
             np.testing.assert_allclose(geo.get_xdata(), np.linspace(0, 1, n_t))
             assert to_rgb(obs.get_color()) == to_rgb("tab:green")
             assert to_rgb(geo.get_color()) == to_rgb("tab:blue")
-            assert ax.get_yscale() == ("log" if m == "pfc1" else "linear")
+            assert ax.get_yscale() == ("log" if m == PFC1 else "linear")
 
 
 def test_fig3_seed_error_bars():
     df = pd.concat([train_frame(f"r{s}", seed=s, noise=0.1) for s in range(3)])
-    fig = figures.fig3_depth_profile(df, metrics=("pfc2",))
+    fig = figures.fig3_depth_profile(df, metrics=(PFC2,))
     ax = fig.axes[0]
     obs = _data_lines(ax)[0]
     want = (
-        df.loc[(df["metric"] == "pfc2") & (df["epoch"] == 2) & (df["layer"] >= 0)]
+        df.loc[(df["metric"] == PFC2) & (df["epoch"] == 2) & (df["layer"] >= 0)]
         .groupby("layer")["value"]
         .mean()
     )
@@ -528,8 +549,8 @@ def test_fig4_bars_at_last_step_with_log_ufm_panel():
         assert len(bars) == 6  # 3 metrics x (data, model)
         heights = sorted(b.get_height() for b in bars)
         want = sorted(
-            [mufm_value(m, 0.001, "data") for m in ("pfc1", "pfc2", "pfc3")]
-            + [mufm_value(m, 0.001, model) for m in ("pfc1", "pfc2", "pfc3")]
+            [mufm_value(m, 0.001, "data") for m in (PFC1, PFC2, PFC3)]
+            + [mufm_value(m, 0.001, model) for m in (PFC1, PFC2, PFC3)]
         )
         np.testing.assert_allclose(heights, want)
     assert ax_a.get_yscale() == "linear" and ax_b.get_yscale() == "log"
@@ -542,9 +563,7 @@ def test_fig4_picks_the_lambda_nearest_the_paper_setting():
     (ax,) = fig.axes[:1]
     assert len(fig.axes) == 1  # no UFM rows -> only panel (a)
     heights = sorted(b.get_height() for b in _bars(ax))
-    want = sorted(
-        [mufm_value(m, 0.0011, k) for m in ("pfc1", "pfc2", "pfc3") for k in ("data", "mufm")]
-    )
+    want = sorted([mufm_value(m, 0.0011, k) for m in (PFC1, PFC2, PFC3) for k in ("data", "mufm")])
     np.testing.assert_allclose(heights, want)
     assert "0.0011" in ax.get_title()
     with pytest.raises(FigureDataError):
@@ -554,20 +573,17 @@ def test_fig4_picks_the_lambda_nearest_the_paper_setting():
 LAMS = (0.0005, 0.001, 0.005, 0.02)
 
 
-@pytest.mark.parametrize("data_lam", ["nan", "per_lam"])
 @pytest.mark.parametrize("layout", ["grid_job", "one_lam_per_job"])
-def test_fig5_same_curve_from_grid_and_per_lambda_jobs(layout, data_lam):
+def test_fig5_same_curve_from_grid_and_per_lambda_jobs(layout):
     if layout == "grid_job":
-        df = surrogate_frame("g", LAMS, data_lam=data_lam)
+        df = surrogate_frame("g", LAMS)
     else:
-        df = pd.concat(
-            [surrogate_frame(f"j{k}", (lam,), data_lam=data_lam) for k, lam in enumerate(LAMS)]
-        )
+        df = pd.concat([surrogate_frame(f"j{k}", (lam,)) for k, lam in enumerate(LAMS)])
     fig = figures.fig5_lambda_tradeoff(df)
     axes = fig.axes[:4]
     assert len(axes) == 4
     ratios = np.array(LAMS) / 0.005
-    for ax, m in zip(axes, ("pfc1", "pfc2", "pfc3", "alignment"), strict=True):
+    for ax, m in zip(axes, (PFC1, PFC2, PFC3, "alignment"), strict=True):
         lines = _data_lines(ax)
         curve = lines[0]
         np.testing.assert_allclose(curve.get_xdata(), ratios)
@@ -587,10 +603,10 @@ def test_fig5_needs_two_lambdas_and_averages_seeds():
     a = surrogate_frame("a", LAMS, seed=0)
     b = surrogate_frame("b", LAMS, seed=1)
     b["value"] = np.where(b["model"] == "mufm", b["value"] + 0.1, b["value"])
-    fig = figures.fig5_lambda_tradeoff(pd.concat([a, b]), metrics=("pfc2",))
+    fig = figures.fig5_lambda_tradeoff(pd.concat([a, b]), metrics=(PFC2,))
     curve = _data_lines(fig.axes[0])[0]
     np.testing.assert_allclose(
-        curve.get_ydata(), [mufm_value("pfc2", lam, "mufm") + 0.05 for lam in LAMS]
+        curve.get_ydata(), [mufm_value(PFC2, lam, "mufm") + 0.05 for lam in LAMS]
     )
     assert any(isinstance(c, PolyCollection) for c in fig.axes[0].collections)
 
@@ -669,18 +685,18 @@ def test_summary_monotonicity_flags():
     def flag(run, m, t=tab):
         return summary._fmt(t.loc[run, f"{m}_monotone"])  # "yes" / "no" / "n/a"
 
-    assert [flag("mono", m) for m in ("pfc1", "pfc2", "pfc3")] == ["yes"] * 3
-    assert flag("bump10", "pfc1") == "no"
-    assert flag("bump1", "pfc1") == "yes"
-    assert flag("bump1", "pfc1", summarize_train(df, tol=0.0).set_index("run_id")) == "no"
-    assert flag("pfc3down", "pfc3") == "no"
-    assert flag("pfc3down", "pfc1") == "yes"
+    assert [flag("mono", m) for m in (PFC1, PFC2, PFC3)] == ["yes"] * 3
+    assert flag("bump10", PFC1) == "no"
+    assert flag("bump1", PFC1) == "yes"
+    assert flag("bump1", PFC1, summarize_train(df, tol=0.0).set_index("run_id")) == "no"
+    assert flag("pfc3down", PFC3) == "no"
+    assert flag("pfc3down", PFC1) == "yes"
     # final accuracies, effective depth, straightness, geodesic error (mean of 0.01*l, l=0..3)
     assert tab.loc["mono", "train_acc"] == pytest.approx(0.92)
     assert tab.loc["mono", "test_acc"] == pytest.approx(0.82)
     assert tab.loc["mono", "effective_depth"] == 2
     assert tab.loc["mono", "straightness"] == pytest.approx(0.9)
-    assert tab.loc["mono", "geo_err_pfc2"] == pytest.approx(0.015)
+    assert tab.loc["mono", f"geo_err_{PFC2}"] == pytest.approx(0.015)
 
     text = summary.render_summary(df)
     rows = {r["run_id"]: r for r in _summary_rows(text, "Training runs")}
@@ -695,24 +711,23 @@ def test_summary_monotonicity_flags():
 
 def test_geodesic_error_from_curve_when_err_rows_missing():
     df = train_frame("a")
-    df = df.loc[~df["metric"].str.startswith("geodesic_err")]
-    tab = summarize_train(df).set_index("run_id")
+    df = df.loc[~df["metric"].str.startswith("geodesic_err_")]
+    tab = summarize_train(df, curves=train_curves("a")).set_index("run_id")
     # independent: |observed - linear interpolation of the straight curve at r_l|
-    prof = pfc_profile(4, 2)["pfc2"]
+    prof = pfc_profile(4, 2)[PFC2]
     rel = np.sqrt(np.arange(4) / 3)
     pred = prof[0] + rel * (prof[-1] - prof[0])
-    assert tab.loc["a", "geo_err_pfc2"] == pytest.approx(
+    assert tab.loc["a", f"geo_err_{PFC2}"] == pytest.approx(
         np.mean(np.abs(np.array(prof) - pred)), rel=1e-6
     )
 
 
-@pytest.mark.parametrize("data_lam", ["nan", "per_lam"])
-def test_summarize_surrogate_one_row_per_run_model_lambda(data_lam):
-    df = surrogate_frame("g", LAMS, models=("data", "mufm", "ufm"), data_lam=data_lam)
+def test_summarize_surrogate_one_row_per_run_model_lambda():
+    df = surrogate_frame("g", LAMS, models=("data", "mufm", "ufm"))
     tab = summarize_surrogate(df)
     assert len(tab) == 2 * len(LAMS)
     row = tab.loc[(tab["model"] == "mufm") & (tab["lam"] == 0.005)].iloc[0]
-    assert row["pfc1"] == pytest.approx(mufm_value("pfc1", 0.005, "mufm"))  # last step, not 123
+    assert row[PFC1] == pytest.approx(mufm_value(PFC1, 0.005, "mufm"))  # last step, not 123
     assert row["data_pfc1"] == pytest.approx(2.0)
     assert row["lam_ratio"] == pytest.approx(1.0)
 
@@ -743,7 +758,11 @@ def test_acceptance_1_four_lambda_sweep(tmp_path, capsys):
 
 def test_acceptance_2_digits_train_and_paper_fig4(tmp_path):
     """Default digits run + `experiment=paper_fig4`: Fig. 2, 3 and 4 are drawn."""
-    write_job(tmp_path / "outputs" / "digits", train_frame("digits_run"))
+    write_job(
+        tmp_path / "outputs" / "digits",
+        train_frame("digits_run"),
+        curves=train_curves("digits_run"),
+    )
     write_job(
         tmp_path / "outputs" / "fig4",
         surrogate_frame("fig4_run", (0.001,), models=("data", "mufm", "ufm")),
@@ -768,9 +787,9 @@ def test_acceptance_2_digits_train_and_paper_fig4(tmp_path):
 
 def test_acceptance_3_failed_job_named_and_rest_drawn(tmp_path, capsys):
     sweep = tmp_path / "s"
-    write_job(sweep / "0", train_frame("a", seed=0))
+    write_job(sweep / "0", train_frame("a", seed=0), curves=train_curves("a", seed=0))
     write_job(sweep / "1", train_frame("b", seed=1, epochs=(0,)), status="diverged", done=False)
-    write_job(sweep / "2", train_frame("c", seed=2))
+    write_job(sweep / "2", train_frame("c", seed=2), curves=train_curves("c", seed=2))
     figs = tmp_path / "figs"
     assert figures.main([str(sweep), "-o", str(figs), "--dpi", "40", "--formats", "png"]) == 0
     err = capsys.readouterr().err
@@ -813,13 +832,14 @@ def test_figures_cli_when_no_figure_is_supported(tmp_path, capsys):
     assert list((tmp_path / "figs").glob("*.png")) == []
 
 
-def test_normalize_fills_missing_data_row_seed_from_the_run(tmp_path):
+def test_normalize_rejects_a_missing_seed(tmp_path):
+    """Every row carries its run's seed (the sink fills it); a table without one is broken."""
     df = surrogate_frame("a", (0.001,), seed=7).astype({"seed": "Int64"})
     df.loc[df["model"] == "data", "seed"] = pd.NA
-    out = agg_mod.normalize_table(df)
-    assert out["seed"].dtype == "int64" and (out["seed"] == 7).all()
-    # the data rows (lam = lam_w = NaN) still take part in Fig. 4's data bars
-    fig = figures.fig4_surrogate_bars(out)
+    with pytest.raises(SchemaError, match=r"src\.parquet: column 'seed'"):
+        discovery.normalize_table(df, source="src.parquet")
+    # the data rows (lam = lam_w = NaN) take part in Fig. 4's data bars
+    fig = figures.fig4_surrogate_bars(surrogate_frame("a", (0.001,), seed=7))
     assert len(_bars(fig.axes[0])) == 6
 
 
@@ -828,11 +848,11 @@ def test_fig5_one_curve_per_setting_when_losses_differ():
     mse = surrogate_frame("m", LAMS)
     ce = surrogate_frame("c", LAMS).assign(loss="ce")
     ce["value"] = np.where(ce["model"] == "mufm", ce["value"] + 1.0, ce["value"])
-    fig = figures.fig5_lambda_tradeoff(pd.concat([mse, ce]), metrics=("pfc1",))
+    fig = figures.fig5_lambda_tradeoff(pd.concat([mse, ce]), metrics=(PFC1,))
     curves = [c for c in _data_lines(fig.axes[0]) if c.get_linestyle() != "--"]  # not data X
     curves = sorted(curves, key=lambda c: c.get_ydata()[0])
     assert len(curves) == 2
-    want = np.array([mufm_value("pfc1", lam, "mufm") for lam in LAMS])
+    want = np.array([mufm_value(PFC1, lam, "mufm") for lam in LAMS])
     np.testing.assert_allclose(curves[0].get_ydata(), want)
     np.testing.assert_allclose(curves[1].get_ydata(), want + 1.0)
     labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
