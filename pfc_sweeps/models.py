@@ -30,12 +30,8 @@ the ones the optimiser saw; the BN-free blocks ("relu", "mlp") have no such gap 
 batch coupling. Unlike a textbook pre-activation ResNet there is no final BN + ReLU
 after the last block: the classifier reads the residual stream itself (layer L).
 
-Default block: ``"preact_bn"`` (:data:`DEFAULT_BLOCK`). On digits with the paper's recipe
-(FC, width 128 or 256, 8 or 10 blocks, 60-350 epochs, 29 runs over up to 8 seeds) it gave,
-at the last epoch, PFC1 and PFC2 decreasing and PFC3 increasing monotonically across
-layers in every run (PFC2 from 0.69-0.76 at layer 0 to 0.39-0.51 at layer L). "relu"
-and "mlp" gave monotone PFC1/PFC3 too, but PFC2 stayed flat or grew (0.70-0.87) whatever
-the epochs, lr, weight decay or schedule.
+Default block: ``"preact_bn"`` (:data:`DEFAULT_BLOCK`); why, with the runs that chose it, is in
+the README ("Residual blocks").
 All weights use PyTorch's default initialisation.
 """
 
@@ -47,53 +43,17 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
+from .config import ARCH_KINDS, BLOCKS
+
 __all__ = [
-    "ARCH_PRESETS",
-    "BLOCKS",
-    "DATASET_SHAPES",
     "DEFAULT_BLOCK",
-    "TABLE_I",
     "PFCNet",
     "build_model",
+    "torchvision_resnet",
 ]
 
-BLOCKS: tuple[str, ...] = ("relu", "mlp", "preact_bn", "mlp_bn")
-KINDS: tuple[str, ...] = ("fc", "conv")
 DEFAULT_BLOCK = "preact_bn"
-
-#: Paper Table I: data set -> keyword arguments of :func:`build_model` (besides in_shape,
-#: num_classes and block). Stages are (channels, size, blocks); the last one is studied.
-TABLE_I: dict[str, dict] = {
-    "mnist": {"kind": "fc", "width": 1000, "blocks": 10},
-    "fashion_mnist": {"kind": "conv", "stages": [(32, 14, 5), (64, 7, 4)]},
-    "cifar10": {"kind": "conv", "stages": [(64, 16, 2), (128, 8, 3), (256, 4, 4)]},
-    "stl10": {
-        "kind": "conv",
-        "stages": [(64, 48, 5), (128, 24, 5), (256, 12, 5), (512, 6, 5)],
-    },
-    "cifar100": {
-        "kind": "conv",
-        "stages": [(64, 32, 3), (128, 16, 3), (256, 8, 4), (512, 4, 4)],
-    },
-}
-
-#: Defaults for the small data sets (not in the paper; chosen in issue 4 so that the
-#: default run shows PFC on 2 CPU cores in seconds with the paper's recipe).
-ARCH_PRESETS: dict[str, dict] = {
-    **TABLE_I,
-    "digits": {"kind": "fc", "width": 128, "blocks": 10},
-    "gaussian": {"kind": "fc", "width": 64, "blocks": 8},
-}
-
-#: (in_shape, num_classes) of each data set, for building without loading data.
-DATASET_SHAPES: dict[str, tuple[tuple[int, ...], int]] = {
-    "mnist": ((1, 28, 28), 10),
-    "fashion_mnist": ((1, 28, 28), 10),
-    "cifar10": ((3, 32, 32), 10),
-    "stl10": ((3, 96, 96), 10),
-    "cifar100": ((3, 32, 32), 100),
-    "digits": ((1, 8, 8), 10),
-}
+_KINDS = tuple(k for k in ARCH_KINDS if k != "module")  # what build_model builds
 
 
 # ----------------------------------------------------------------------------- blocks
@@ -156,7 +116,6 @@ class PFCNet(nn.Module):
         classifier: ``nn.Linear(feature_dims[-1], num_classes)``.
         num_blocks: L.
         num_layers: L + 1, the number of feature tensors (layers 0..L).
-        feature_shapes: per layer, the unflattened shape ((C, H, W) or (width,)).
         feature_dims: per layer, d = prod(feature_shape).
     """
 
@@ -182,7 +141,6 @@ class PFCNet(nn.Module):
         self.num_classes = num_classes
         self.num_blocks = len(self.blocks)
         self.num_layers = self.num_blocks + 1
-        self.feature_shapes = [tuple(feature_shape)] * self.num_layers
         self.feature_dims = [d] * self.num_layers
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -223,10 +181,11 @@ def build_model(
             integer factors; the last stage is studied and needs >= 1 block.
         block: residual block type, one of :data:`BLOCKS`.
 
-    Example: ``build_model(in_shape=(3, 32, 32), num_classes=10, **TABLE_I["cifar10"])``.
+    Example: ``build_model("conv", (3, 32, 32), 10, stages=[(64, 16, 2), (128, 8, 3), (256, 4, 4)])``
+    (paper Table I, CIFAR10; the Table I networks are the ``conf/arch/*.yaml`` files).
     """
-    if kind not in KINDS:
-        raise ValueError(f"unknown model kind {kind!r}; allowed: {', '.join(KINDS)}")
+    if kind not in _KINDS:
+        raise ValueError(f"unknown model kind {kind!r}; allowed: {', '.join(_KINDS)}")
     if block not in BLOCKS:
         raise ValueError(f"unknown block {block!r}; allowed: {', '.join(BLOCKS)}")
     in_shape = tuple(int(s) for s in in_shape)
@@ -309,3 +268,25 @@ def _check_stages(
     if out[-1][2] < 1:
         raise ValueError(f"the last (studied) stage needs >= 1 block, got {tuple(stages[-1])}")
     return out
+
+
+def torchvision_resnet(
+    name: str = "resnet18", num_classes: int | None = None, in_shape: Sequence[int] | None = None
+) -> nn.Module:
+    """torchvision's ResNet ``name`` (random init) for ``num_classes`` and inputs ``in_shape``.
+
+    ``in_shape`` (C, H, W): with C != 3 or H < 64 the first conv becomes a 3x3 stride-1 conv
+    from C channels and the max-pool is dropped (the usual CIFAR adaptation), so that a 32x32
+    image still reaches the last stage at 4x4. ``arch=module`` fills both arguments from the
+    data when the config leaves them null.
+    """
+    import torchvision
+
+    if num_classes is None or in_shape is None:
+        raise ValueError("torchvision_resnet needs num_classes and in_shape")
+    net = getattr(torchvision.models, name)(weights=None, num_classes=int(num_classes))
+    c, h = int(in_shape[0]), int(in_shape[-1])
+    if c != 3 or h < 64:
+        net.conv1 = nn.Conv2d(c, net.conv1.out_channels, 3, stride=1, padding=1, bias=False)
+        net.maxpool = nn.Identity()
+    return net

@@ -77,7 +77,7 @@ def job_context(cfg: DictConfig) -> JobContext:
 
 
 def _meta(cfg: Config, ctx: JobContext) -> dict[str, Any]:
-    surrogate = cfg.task.name != "train"
+    surrogate = cfg.task.name not in ("train", "measure")
     nan = float("nan")
     return {
         "run_id": ctx.run_id,
@@ -112,6 +112,10 @@ def run_job(cfg: Config, ctx: JobContext) -> str:
             from .train import run_training
 
             run_training(cfg, ctx.out_dir, sink, logger)
+        elif cfg.task.name == "measure":
+            from .measure import run_measure
+
+            run_measure(cfg, ctx.out_dir, sink, logger)
         else:
             from .surrogate_task import run_surrogate
 
