@@ -158,6 +158,9 @@ def _stream(
         batch_sampler=[i.tolist() for i in index],
         num_workers=num_workers,
         pin_memory=device.type == "cuda",
+        # its own generator: iterating must not draw from the global RNG (model init,
+        # dropout, the checkpointed RNG state) or the two paths would differ
+        generator=torch.Generator().manual_seed(0),
     )
     for x, y in loader:
         yield (

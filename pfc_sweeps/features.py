@@ -113,7 +113,7 @@ class FeatureNet(nn.Module):
                 f"arch.classifier={classifier!r} has {clf.out_features} outputs but the data "
                 f"set has {num_classes} classes"
             )
-        self.classifier = clf
+        self.classifier_name = classifier  # a property, not a second registration of it
         self.num_layers = len(self.layer_names) + 1
         self._record: list[Tensor] | None = None
         self._clf_in: Tensor | None = None
@@ -134,6 +134,11 @@ class FeatureNet(nn.Module):
     def _take_classifier_input(self, _m: nn.Module, args: tuple) -> None:
         if self._record is not None:
             self._clf_in = _tensor(args, "classifier input")
+
+    @property
+    def classifier(self) -> nn.Linear:
+        """The final ``nn.Linear`` (``arch.classifier``) of the wrapped model."""
+        return self.net.get_submodule(self.classifier_name)  # type: ignore[return-value]
 
     def forward_logits(self, x: Tensor) -> Tensor:
         """Logits (B, K) of the wrapped model (no recording)."""
