@@ -174,4 +174,3 @@ def _tensor(value: Any, what: str) -> Tensor:
     if not isinstance(value, Tensor):
         raise ModelSpecError(f"arch.layers: the {what} is a {type(value).__name__}, not a tensor")
     return value
-

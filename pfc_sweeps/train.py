@@ -50,7 +50,9 @@ def loss_fn(name: str, logits: Tensor, y: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data: Data, split: str, loss: str, batch: int) -> tuple[float, float]:
+def evaluate(
+    model: nn.Module, data: Data, split: str, loss: str, batch: int
+) -> tuple[float, float]:
     """(mean loss, accuracy) of ``model`` in eval mode on ``split`` of ``data``."""
     model.eval()
     n = data.size(split)

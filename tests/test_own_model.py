@@ -19,7 +19,7 @@ from test_presets import run_in_process
 from user_model import Mixer
 
 from pfc_sweeps.data import load_dataset
-from pfc_sweeps.schema import CHECKPOINT_FILE, PFC_METRICS, read_results
+from pfc_sweeps.schema import CHECKPOINT_FILE, EPOCH_METRICS, PFC_METRICS, read_results
 
 MIXER = [
     "arch=module",
@@ -85,9 +85,8 @@ def test_user_model_metrics_equal_brute_force_on_hooked_features(mixer_job):
 
 def _metric_rows(df: pd.DataFrame, epoch: int) -> pd.DataFrame:
     cols = ["layer", "metric", "rel_pos", "value"]
-    rows = df[(df.epoch == epoch) & ~df.metric.isin(["train_loss", "train_acc", "test_loss"])]
-    rows = rows[~rows.metric.isin(["test_acc", "lr"])]
-    return rows[cols].sort_values(cols[:2] + ["rel_pos"]).reset_index(drop=True)
+    rows = df[(df.epoch == epoch) & ~df.metric.isin(EPOCH_METRICS)]
+    return rows[cols].sort_values([*cols[:2], "rel_pos"]).reset_index(drop=True)
 
 
 def test_measure_own_checkpoint_equals_last_epoch(mixer_job, tmp_path):
