@@ -30,8 +30,8 @@ the ones the optimiser saw; the BN-free blocks ("relu", "mlp") have no such gap 
 batch coupling. Unlike a textbook pre-activation ResNet there is no final BN + ReLU
 after the last block: the classifier reads the residual stream itself (layer L).
 
-Default block: ``"preact_bn"`` (:data:`DEFAULT_BLOCK`); why, with the runs that chose it, is in
-the README ("Residual blocks").
+Default block: ``"preact_bn"`` (:data:`DEFAULT_BLOCK`); the measurements that chose it are in
+the README ("Running jobs", Models).
 All weights use PyTorch's default initialisation.
 """
 
@@ -194,8 +194,6 @@ def build_model(
     if int(num_classes) < 2:
         raise ValueError(f"num_classes must be >= 2, got {num_classes}")
     num_classes = int(num_classes)
-    bn = block.endswith("bn")
-
     if kind == "fc":
         if stages is not None:
             raise ValueError("kind='fc' takes width and blocks, not stages")
@@ -203,23 +201,29 @@ def build_model(
             raise ValueError(
                 f"kind='fc' needs width >= 1 and blocks >= 1, got width={width}, blocks={blocks}"
             )
-        width, blocks = int(width), int(blocks)
-        stem = nn.Sequential(nn.Flatten(), nn.Linear(math.prod(in_shape), width))
-        return PFCNet(
-            stem,
-            nn.Identity(),
-            [_fc_block(block, width) for _ in range(blocks)],
-            (width,),
-            num_classes,
-            kind=kind,
-            block=block,
-        )
-
+        return _build_fc(in_shape, num_classes, int(width), int(blocks), block)
     if width is not None or blocks is not None:
         raise ValueError("kind='conv' takes stages, not width/blocks")
-    stages = _check_stages(stages, in_shape)
+    return _build_conv(in_shape, num_classes, _check_stages(stages, in_shape), block)
+
+
+def _build_fc(
+    in_shape: tuple[int, ...], num_classes: int, width: int, blocks: int, block: str
+) -> PFCNet:
+    """Flatten + linear embedding (layer 0), then ``blocks`` studied residual blocks."""
+    stem = nn.Sequential(nn.Flatten(), nn.Linear(math.prod(in_shape), width))
+    studied = [_fc_block(block, width) for _ in range(blocks)]
+    return PFCNet(stem, nn.Identity(), studied, (width,), num_classes, kind="fc", block=block)
+
+
+def _build_conv(
+    in_shape: tuple[int, ...], num_classes: int, stages: list[tuple[int, int, int]], block: str
+) -> PFCNet:
+    """Stem and transitions (3x3 conv, stride size_{s-1} // size_s), trunk, studied stage."""
+    bn = block.endswith("bn")
     c_prev, size_prev = in_shape[0], in_shape[1]
     pre: list[nn.Module] = []
+    stem: nn.Module = nn.Identity()
     for s, (c, size, n) in enumerate(stages):
         transition = _conv_transition(c_prev, c, size_prev // size, bn)
         if s == 0:
@@ -230,15 +234,9 @@ def build_model(
             pre.extend(_conv_block(block, c) for _ in range(n))
         c_prev, size_prev = c, size
     c, size, n = stages[-1]
-    return PFCNet(
-        stem,
-        nn.Sequential(*pre),
-        [_conv_block(block, c) for _ in range(n)],
-        (c, size, size),
-        num_classes,
-        kind=kind,
-        block=block,
-    )
+    studied = [_conv_block(block, c) for _ in range(n)]
+    shape = (c, size, size)
+    return PFCNet(stem, nn.Sequential(*pre), studied, shape, num_classes, kind="conv", block=block)
 
 
 def _check_stages(
