@@ -113,11 +113,10 @@ class DataBundle:
     def size(self, split: str) -> int:
         return len(self.train_y if split == "train" else self.test_y)
 
-    def batches(self, split: str, index: Sequence[torch.Tensor]) -> Iterator[tuple[Tensor, Tensor]]:
-        """(x (B, *in_shape), y (B,)) for each index tensor of ``index``, on the data's device."""
+    def batches(self, split: str, order: Tensor, batch: int) -> Iterator[tuple[Tensor, Tensor]]:
+        """(x (B, *in_shape), y (B,)) of the samples ``order`` (N,), ``batch`` at a time."""
         x, y = (self.train_x, self.train_y) if split == "train" else (self.test_x, self.test_y)
-        for idx in index:
-            idx = idx.to(y.device)
+        for idx in order.to(y.device).split(batch):
             yield x[idx], y[idx]
 
 
@@ -140,9 +139,10 @@ class StreamBundle:
     def size(self, split: str) -> int:
         return len(self.train_set if split == "train" else self.test_set)
 
-    def batches(self, split: str, index: Sequence[torch.Tensor]) -> Iterator[tuple[Tensor, Tensor]]:
+    def batches(self, split: str, order: Tensor, batch: int) -> Iterator[tuple[Tensor, Tensor]]:
+        """(x (B, *in_shape), y (B,)) of the samples ``order`` (N,), ``batch`` at a time."""
         ds = self.train_set if split == "train" else self.test_set
-        return _stream(ds, index, self.device, self.num_workers)
+        return _stream(ds, order.cpu().split(batch), self.device, self.num_workers)
 
 
 def _stream(
@@ -522,6 +522,5 @@ def load_module_dataset(
 
 
 def _materialise(stream: StreamBundle, split: str, batch: int = 512) -> tuple[Tensor, Tensor]:
-    index = torch.arange(stream.size(split)).split(batch)
-    xs, ys = zip(*stream.batches(split, index), strict=True)
+    xs, ys = zip(*stream.batches(split, torch.arange(stream.size(split)), batch), strict=True)
     return torch.cat(xs), torch.cat(ys)

@@ -71,7 +71,15 @@ def _run_start(feats: list[Tensor]) -> int:
 class _Trackers:
     """The trackers of one measurement: head layers, the path run, the classifier input."""
 
-    def __init__(self, model, feats, clf_in, k, ts, cache_bytes) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        feats: list[Tensor],
+        clf_in: Tensor,
+        k: int,
+        ts: Tensor | None,
+        cache_bytes: int,
+    ) -> None:
         self.s = _run_start(feats)
         last = feats[-1].flatten(1)
         self.own_clf = clf_in.shape == last.shape and bool(torch.equal(clf_in, last))
@@ -97,7 +105,9 @@ class _Trackers:
     def all(self) -> list[CollapseTracker]:
         return [t for t in (self.head, self.run, self.clf) if t is not None]
 
-    def update(self, feats: list[Tensor], clf_in: Tensor, y: Tensor, only: list) -> None:
+    def update(
+        self, feats: list[Tensor], clf_in: Tensor, y: Tensor, only: list[CollapseTracker]
+    ) -> None:
         parts = {id(self.head): feats[: self.s], id(self.run): feats[self.s :]}
         parts[id(self.clf)] = [clf_in]
         for t in only:
@@ -120,11 +130,11 @@ def collapse_table(
     One forward pass when all layers' features fit ``cache_bytes``; two otherwise.
     """
     model.eval()
-    index = torch.arange(data.size(split)).split(batch)
+    order = torch.arange(data.size(split))
     trackers: _Trackers | None = None
     active: list[CollapseTracker] = []
     for _ in range(2):
-        for x, y in data.batches(split, index):
+        for x, y in data.batches(split, order, batch):
             feats, clf_in = _features(model, x)
             if trackers is None:
                 trackers = _Trackers(model, feats, clf_in, num_classes, geodesic_ts, cache_bytes)

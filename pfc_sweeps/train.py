@@ -57,7 +57,7 @@ def evaluate(
     model.eval()
     n = data.size(split)
     total, correct = 0.0, 0
-    for xb, yb in data.batches(split, torch.arange(n).split(batch)):
+    for xb, yb in data.batches(split, torch.arange(n), batch):
         logits = model.forward_logits(xb)
         total += float(loss_fn(loss, logits, yb)) * len(yb)
         correct += int((logits.argmax(1) == yb).sum())
@@ -170,7 +170,7 @@ class Trainer:
         perm = torch.randperm(n, generator=self.shuffle)
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         correct = torch.zeros((), dtype=torch.int64, device=self.device)
-        for xb, yb in self.data.batches("train", perm.split(self.cfg.train.batch_size)):
+        for xb, yb in self.data.batches("train", perm, self.cfg.train.batch_size):
             logits = self.model.forward_logits(xb)
             loss = loss_fn(self.cfg.loss.name, logits, yb)
             self.opt.zero_grad(set_to_none=True)
