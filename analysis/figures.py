@@ -1,7 +1,7 @@
 """The paper's Figures 2-5 (and path-straightness plots) from the tidy results table (issue 5).
 
-Every ``fig*`` function takes a tidy DataFrame (schema in /tmp/pfc_design.md, as returned by
-:func:`analysis.aggregate.load`) and returns a :class:`matplotlib.figure.Figure` drawn on the
+Every ``fig*`` function takes a tidy results table (:data:`pfc_sweeps.schema.COLUMNS`, e.g.
+``analysis.aggregate.load(...).table``) and returns a :class:`matplotlib.figure.Figure` drawn on the
 Agg canvas; it raises :class:`FigureDataError` (a ValueError) when the table holds no data
 for it. Runs that differ only by ``seed`` are averaged: the line is the mean and the band
 (or error bar) its 95% Student-t confidence interval (:func:`analysis.tidy.ci95`).
@@ -9,8 +9,8 @@ for it. Runs that differ only by ``seed`` are averaged: the line is the mean and
 - :func:`fig2_training_curves`: PFC metrics against epoch, one line per layer coloured by depth
   (viridis, layer 0 = input features), one panel per (metric, data set); PFC1 on a log axis.
 - :func:`fig3_depth_profile`: each PFC metric at the last epoch against the relative position
-  r_l, observed layers as green points joined by a line, the geodesic prediction
-  (``geodesic_pfcK`` rows, t on the rel_pos column) as a blue curve.
+  r_l, observed layers as green points joined by a line, the geodesic prediction (the
+  curves table, ``curves.parquet``) as a blue curve.
 - :func:`fig4_surrogate_bars`: PFC1-3 of the data, MUFM and UFM at the last GD step as bars;
   panel (a) data + MUFM on a linear axis, panel (b) data + UFM on a log axis.
 - :func:`fig5_lambda_tradeoff`: MUFM's PFC1-3 and alignment against λ/λ_W (λ-grid jobs and
@@ -25,6 +25,7 @@ Command line (writes PNG + PDF of every figure the data supports, and summary.md
 from __future__ import annotations
 
 import argparse
+import io
 import math
 import os
 import sys
@@ -42,8 +43,8 @@ from matplotlib.lines import Line2D
 from analysis.aggregate import Aggregate, NoResultsError, SchemaError, load
 from analysis.summary import render_summary, write_summary
 from analysis.tidy import (
+    LOG_METRICS,
     METRIC_LABELS,
-    PFC_METRICS,
     add_condition,
     at_last_epoch,
     ci95,
@@ -51,6 +52,15 @@ from analysis.tidy import (
     seed_clashes,
     surrogate_rows,
     train_rows,
+)
+from pfc_sweeps.schema import (
+    CURVES_FILE,
+    DATA_MODEL,
+    PFC_METRICS,
+    RUN_LAYER,
+    SURROGATE_MODELS,
+    atomic_write_bytes,
+    empty_frame,
 )
 
 __all__ = [
@@ -68,13 +78,13 @@ __all__ = [
 ]
 
 PAPER_LAM = 0.001
-"""λ of the paper's Fig. 4 setting (SPEC.md, MUFM and UFM); Fig. 4 uses the λ nearest to it."""
+"""λ of the paper's Fig. 4 setting (section IV-B); Fig. 4 uses the λ nearest to it."""
 
 OBSERVED_COLOR = "tab:green"
 GEODESIC_COLOR = "tab:blue"
 DATA_COLOR = "tab:red"
-MODEL_COLORS = {"data": DATA_COLOR, "mufm": "tab:blue", "ufm": "tab:purple"}
-MODEL_NAMES = {"data": "data X", "mufm": "MUFM", "ufm": "UFM"}
+MODEL_COLORS = {DATA_MODEL: DATA_COLOR, "mufm": "tab:blue", "ufm": "tab:purple"}
+MODEL_NAMES = {DATA_MODEL: "data X", "mufm": "MUFM", "ufm": "UFM"}
 _PANEL_W, _PANEL_H = 3.4, 2.6
 
 
@@ -128,7 +138,7 @@ def fig2_training_curves(df: pd.DataFrame, metrics: Sequence[str] = PFC_METRICS)
     """
     rows = add_condition(_per_layer(train_rows(df), metrics))
     if rows.empty:
-        raise FigureDataError("no per-layer PFC rows of training runs (task=train, layer >= 0)")
+        raise FigureDataError("no per-layer PFC rows of training runs (model net, layer >= 0)")
     metrics = [m for m in metrics if (rows["metric"] == m).any()]
     conds = condition_order(rows)
     fig, axes = _new_figure(len(metrics), len(conds))
@@ -151,7 +161,7 @@ def fig2_training_curves(df: pd.DataFrame, metrics: Sequence[str] = PFC_METRICS)
                 legend=False,
                 ax=ax,
             )
-            if m == "pfc1":
+            if m in LOG_METRICS:
                 ax.set_yscale("log")
             ax.set_xlabel("epoch" if i == len(metrics) - 1 else "")
             ax.set_ylabel(METRIC_LABELS.get(m, m) if j == 0 else "")
@@ -165,57 +175,65 @@ def fig2_training_curves(df: pd.DataFrame, metrics: Sequence[str] = PFC_METRICS)
 # ----------------------------------------------------------------------------- Fig. 3
 
 
-def fig3_depth_profile(df: pd.DataFrame, metrics: Sequence[str] = PFC_METRICS) -> Figure:
+def _observed(ax, o: pd.DataFrame) -> None:
+    """Per layer: mean over seeds of (r_l, value) joined by a line, 95% CI bars with seeds."""
+    g = o.groupby("layer").agg(x=("rel_pos", "mean"), y=("value", "mean"), n=("value", "size"))
+    ax.plot(g["x"], g["y"], "o-", color=OBSERVED_COLOR, ms=4, label="observed (layers)")
+    if g["n"].max() > 1:
+        ci = o.groupby("layer")["value"].apply(ci95)
+        lo = np.array([c[0] for c in ci])
+        hi = np.array([c[1] for c in ci])
+        y = g["y"].to_numpy()
+        ax.errorbar(g["x"], y, yerr=[y - lo, hi - y], fmt="none", ecolor=OBSERVED_COLOR)
+
+
+def _predicted(ax, c: pd.DataFrame) -> None:
+    """The geodesic curve (mean over seeds, 95% band with seeds)."""
+    if c.empty:
+        return
+    eb = _errorbar(c, ["t"])
+    sns.lineplot(
+        data=c,
+        x="t",
+        y="value",
+        color=GEODESIC_COLOR,
+        estimator="mean" if eb else None,
+        errorbar=eb,
+        label="geodesic prediction",
+        legend=False,
+        ax=ax,
+    )
+
+
+def fig3_depth_profile(
+    df: pd.DataFrame, metrics: Sequence[str] = PFC_METRICS, curves: pd.DataFrame | None = None
+) -> Figure:
     """Fig. 3: each PFC metric at the last epoch against relative depth, with the geodesic curve.
 
     Observed: per layer, mean over seeds of (r_l, metric) as green points joined by a line
-    (95% CI error bars with several seeds). Predicted: the ``geodesic_<metric>`` rows
-    (layer -1, rel_pos = t) at each run's last epoch holding them, as a blue curve.
+    (95% CI error bars with several seeds). Predicted: ``curves`` (the curves table) at each
+    run's last epoch holding them, as a blue curve against t.
     """
     tr = add_condition(train_rows(df))
     obs = at_last_epoch(_per_layer(tr, metrics), by=("run_id",))
     if obs.empty:
-        raise FigureDataError("no per-layer PFC rows of training runs (task=train, layer >= 0)")
+        raise FigureDataError("no per-layer PFC rows of training runs (model net, layer >= 0)")
     obs = obs.copy()
     depth = obs.groupby("run_id")["layer"].transform("max").clip(lower=1)
     obs["rel_pos"] = obs["rel_pos"].fillna(obs["layer"] / depth)
-    curve_names = {f"geodesic_{m}": m for m in metrics}
-    curves = tr.loc[tr["metric"].isin(list(curve_names)) & (tr["layer"] < 0)]
-    curves = at_last_epoch(curves, by=("run_id",)).assign(
-        metric=lambda d: d["metric"].map(curve_names)
-    )
+    curves = empty_frame(CURVES_FILE) if curves is None else curves
+    condition = tr.groupby("run_id")["condition"].first()
+    curves = at_last_epoch(curves.loc[curves["run_id"].isin(condition.index)], by=("run_id",))
+    curves = curves.assign(condition=curves["run_id"].map(condition))
     metrics = [m for m in metrics if (obs["metric"] == m).any()]
     conds = condition_order(obs)
     fig, axes = _new_figure(len(metrics), len(conds))
     for j, cond in enumerate(conds):
         for i, m in enumerate(metrics):
             ax = axes[i, j]
-            o = obs.loc[(obs["condition"] == cond) & (obs["metric"] == m)]
-            g = o.groupby("layer").agg(
-                x=("rel_pos", "mean"), y=("value", "mean"), n=("value", "size")
-            )
-            ax.plot(g["x"], g["y"], "o-", color=OBSERVED_COLOR, ms=4, label="observed (layers)")
-            if g["n"].max() > 1:
-                ci = o.groupby("layer")["value"].apply(ci95)
-                lo = np.array([c[0] for c in ci])
-                hi = np.array([c[1] for c in ci])
-                y = g["y"].to_numpy()
-                ax.errorbar(g["x"], y, yerr=[y - lo, hi - y], fmt="none", ecolor=OBSERVED_COLOR)
-            c = curves.loc[(curves["condition"] == cond) & (curves["metric"] == m)]
-            if len(c):
-                eb = _errorbar(c, ["rel_pos"])
-                sns.lineplot(
-                    data=c,
-                    x="rel_pos",
-                    y="value",
-                    color=GEODESIC_COLOR,
-                    estimator="mean" if eb else None,
-                    errorbar=eb,
-                    label="geodesic prediction",
-                    legend=False,
-                    ax=ax,
-                )
-            if m == "pfc1":
+            _observed(ax, obs.loc[(obs["condition"] == cond) & (obs["metric"] == m)])
+            _predicted(ax, curves.loc[(curves["condition"] == cond) & (curves["metric"] == m)])
+            if m in LOG_METRICS:
                 ax.set_yscale("log")
             ax.set_xlim(-0.03, 1.03)
             ax.set_xlabel(r"relative position $r_l$" if i == len(metrics) - 1 else "")
@@ -252,82 +270,82 @@ def _setting(df: pd.DataFrame) -> pd.Series:
     return label
 
 
+def _fig4_bars(s: pd.DataFrame, model: str, target: float) -> tuple[pd.DataFrame, float]:
+    """Bars of one Fig. 4 panel: ``model`` at the λ nearest ``target`` and the data of the same
+    runs, at the last step; returns (rows run_id/metric/value/model/label, the λ used)."""
+    sol = s.loc[s["model"] == model]
+    lams = sol["lam"].dropna().unique()
+    chosen = _nearest(lams, target) if len(lams) else math.nan
+    if len(lams):
+        sol = sol.loc[sol["lam"] == chosen]
+    sol = at_last_epoch(sol, by=("run_id", "lam"))
+    data = s.loc[(s["model"] == DATA_MODEL) & s["run_id"].isin(sol["run_id"].unique())]
+    data = at_last_epoch(data, by=("run_id",))
+    data = data.groupby(["run_id", "metric"], as_index=False)["value"].mean()
+    bars = pd.concat(
+        [data.assign(model=DATA_MODEL), sol[["run_id", "metric", "value"]].assign(model=model)],
+        ignore_index=True,
+    )
+    return bars.assign(label=bars["metric"].map(METRIC_LABELS)), chosen
+
+
+def _fig4_panel(ax, bars: pd.DataFrame, model: str, chosen: float, setting: str) -> None:
+    hue_order = [h for h in (DATA_MODEL, model) if (bars["model"] == h).any()]
+    sns.barplot(
+        data=bars,
+        x="label",
+        y="value",
+        hue="model",
+        order=[METRIC_LABELS[m] for m in PFC_METRICS],
+        hue_order=hue_order,
+        palette=MODEL_COLORS,
+        errorbar=_errorbar(bars, ["label", "model"]),
+        ax=ax,
+    )
+    ax.set_xlabel("")
+    ax.set_xticks(ax.get_xticks(), ["PFC1", "PFC2", "PFC3"])
+    ax.set_ylabel("metric value" + (" (log scale)" if model == "ufm" else ""))
+    if model == "ufm":
+        ax.set_yscale("log")
+    title = f"{'(a)' if model == 'mufm' else '(b)'} {MODEL_NAMES[model]}"
+    if math.isfinite(chosen):
+        title += f", λ={chosen:g}"
+    if setting:
+        title += f"\n{setting}"
+    ax.set_title(title, fontsize="medium")
+    handles, _ = ax.get_legend_handles_labels()
+    labels = [MODEL_NAMES[h] for h in hue_order]
+    ax.legend(
+        handles, labels, fontsize="x-small", frameon=False, loc="upper left", bbox_to_anchor=(1, 1)
+    )
+
+
 def fig4_surrogate_bars(df: pd.DataFrame, lam: float | None = None) -> Figure:
     """Fig. 4: PFC1-3 of the data, MUFM and UFM at the last GD step, as bars.
 
     Panel (a): data and MUFM, linear axis. Panel (b): data and UFM, log axis. One panel per
     solution model present (a row per (loss, λ_W) setting where those vary). Each model uses
     the λ nearest to ``lam`` (default: the paper's :data:`PAPER_LAM`, log distance) among its
-    rows. The data bars come from the same runs (model "data", last step, mean over λ).
+    rows. The data bars come from the same runs (model "data", last step).
     Seeds: bar = mean, error bar = 95% CI.
     """
     target = PAPER_LAM if lam is None else float(lam)
     sur = surrogate_rows(df)
     sur = sur.loc[sur["metric"].isin(PFC_METRICS)]
-    models = [m for m in ("mufm", "ufm") if (sur["model"] == m).any()]
+    models = [m for m in SURROGATE_MODELS if (sur["model"] == m).any()]
     if not models:
         raise FigureDataError("no surrogate solution rows (model mufm or ufm) with PFC metrics")
     sur = sur.assign(setting=_setting(sur))
     settings = sorted(sur["setting"].unique())
     fig, axes = _new_figure(len(settings), len(models))
-    order = [METRIC_LABELS[m] for m in PFC_METRICS]
     for i, setting in enumerate(settings):
         s = sur.loc[sur["setting"] == setting]
         for j, model in enumerate(models):
-            ax = axes[i, j]
-            sol = s.loc[s["model"] == model]
-            if sol.empty:
-                ax.set_axis_off()
+            if not (s["model"] == model).any():
+                axes[i, j].set_axis_off()
                 continue
-            lams = sol["lam"].dropna().unique()
-            chosen = _nearest(lams, target) if len(lams) else math.nan
-            if len(lams):
-                sol = sol.loc[sol["lam"] == chosen]
-            sol = at_last_epoch(sol, by=("run_id", "lam"))
-            data = s.loc[(s["model"] == "data") & s["run_id"].isin(sol["run_id"].unique())]
-            same = data.loc[data["lam"] == chosen]
-            data = at_last_epoch(same if len(same) else data, by=("run_id", "lam"))
-            data = data.groupby(["run_id", "metric"], as_index=False)["value"].mean()
-            bars = pd.concat(
-                [
-                    data.assign(model="data"),
-                    sol[["run_id", "metric", "value"]].assign(model=model),
-                ],
-                ignore_index=True,
-            ).assign(label=lambda d: d["metric"].map(METRIC_LABELS))
-            hue_order = [h for h in ("data", model) if (bars["model"] == h).any()]
-            sns.barplot(
-                data=bars,
-                x="label",
-                y="value",
-                hue="model",
-                order=order,
-                hue_order=hue_order,
-                palette=MODEL_COLORS,
-                errorbar=_errorbar(bars, ["label", "model"]),
-                ax=ax,
-            )
-            ax.set_xlabel("")
-            ax.set_xticks(ax.get_xticks(), ["PFC1", "PFC2", "PFC3"])
-            ax.set_ylabel("metric value" + (" (log scale)" if model == "ufm" else ""))
-            if model == "ufm":
-                ax.set_yscale("log")
-            panel = "(a)" if model == "mufm" else "(b)"
-            title = f"{panel} {MODEL_NAMES[model]}"
-            if math.isfinite(chosen):
-                title += f", λ={chosen:g}"
-            if setting:
-                title += f"\n{setting}"
-            ax.set_title(title, fontsize="medium")
-            handles, _ = ax.get_legend_handles_labels()
-            ax.legend(
-                handles,
-                [MODEL_NAMES[h] for h in hue_order],
-                fontsize="x-small",
-                frameon=False,
-                loc="upper left",
-                bbox_to_anchor=(1.0, 1.0),
-            )
+            bars, chosen = _fig4_bars(s, model, target)
+            _fig4_panel(axes[i, j], bars, model, chosen, setting)
     fig.suptitle(
         "MUFM vs UFM at the last step (Fig. 4)\n"
         + ", ".join(METRIC_LABELS[m].replace(": ", " = ") for m in PFC_METRICS),
@@ -337,6 +355,14 @@ def fig4_surrogate_bars(df: pd.DataFrame, lam: float | None = None) -> Figure:
 
 
 # ----------------------------------------------------------------------------- Fig. 5
+
+
+def _lambda_axis(mufm: pd.DataFrame) -> tuple[pd.DataFrame, str]:
+    """``mufm`` with its setting and x = λ/λ_W (λ where λ_W is missing or 0), and x's label."""
+    mufm = mufm.assign(setting=_setting(mufm))
+    if mufm["lam_w"].notna().all() and (mufm["lam_w"] > 0).all():
+        return mufm.assign(x=(mufm["lam"] / mufm["lam_w"]).round(12)), r"$\lambda/\lambda_W$"
+    return mufm.assign(x=mufm["lam"]), r"$\lambda$"
 
 
 def fig5_lambda_tradeoff(
@@ -355,17 +381,10 @@ def fig5_lambda_tradeoff(
         raise FigureDataError(
             f"needs MUFM rows at >= 2 distinct λ values, found {mufm['lam'].nunique()}"
         )
-    mufm = at_last_epoch(mufm, by=("run_id", "lam")).assign(setting=_setting(mufm))
-    has_w = mufm["lam_w"].notna().all() and (mufm["lam_w"] > 0).all()
-    if has_w:
-        mufm = mufm.assign(x=(mufm["lam"] / mufm["lam_w"]).round(12))
-        xlabel = r"$\lambda/\lambda_W$"
-    else:
-        mufm = mufm.assign(x=mufm["lam"])
-        xlabel = r"$\lambda$"
+    mufm, xlabel = _lambda_axis(at_last_epoch(mufm, by=("run_id", "lam")))
     runs = mufm["run_id"].unique()
-    data = sur.loc[(sur["model"] == "data") & sur["run_id"].isin(runs)]
-    data = at_last_epoch(data, by=("run_id", "lam"))
+    data = sur.loc[(sur["model"] == DATA_MODEL) & sur["run_id"].isin(runs)]
+    data = at_last_epoch(data, by=("run_id",))
     metrics = [m for m in metrics if (mufm["metric"] == m).any()]
     settings = sorted(mufm["setting"].unique())
     hue = "setting" if len(settings) > 1 else None
@@ -411,10 +430,10 @@ def fig5_lambda_tradeoff(
 def fig_paths(
     df: pd.DataFrame, metrics: Sequence[str] = ("straightness", "energy_ratio")
 ) -> Figure:
-    """Straightness and energy ratio of the forward path (SPEC.md, "Beyond the paper") against
+    """Straightness and energy ratio of the forward path ("beyond the paper") against
     epoch, one line per condition (mean over seeds, 95% band); dotted line at the ideal 1."""
     tr = train_rows(df)
-    rows = tr.loc[tr["metric"].isin(metrics) & (tr["layer"] < 0)]
+    rows = tr.loc[tr["metric"].isin(metrics) & (tr["layer"] == RUN_LAYER)]
     if rows.empty:
         raise FigureDataError(f"no run-level {list(metrics)} rows of training runs")
     rows = add_condition(rows)
@@ -468,17 +487,12 @@ def save_figure(
     dpi: int = 150,
 ) -> list[Path]:
     """Save ``fig`` as ``<out_dir>/<stem>.<fmt>`` for each format, each atomically."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     paths = []
     for fmt in formats:
-        path = out / f"{stem}.{fmt}"
-        tmp = out / f".{stem}.{os.getpid()}.{fmt}.tmp"
-        try:
-            fig.savefig(tmp, format=fmt, dpi=dpi)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        buf = io.BytesIO()
+        fig.savefig(buf, format=fmt, dpi=dpi)
+        path = Path(out_dir) / f"{stem}.{fmt}"
+        atomic_write_bytes(path, buf.getvalue())
         paths.append(path)
     return paths
 
@@ -501,13 +515,14 @@ def make_figures(
     bad = [f for f in formats if f not in ("png", "pdf", "svg")]
     if bad:
         raise ValueError(f"unsupported format(s) {bad}; allowed: png, pdf, svg")
-    agg = results if isinstance(results, Aggregate) else None
-    df = agg.table if agg is not None else results
+    agg = results if isinstance(results, Aggregate) else Aggregate(results, pd.DataFrame())
+    df, curves = agg.table, agg.curves
     out = Path(out_dir)
     report: dict[str, str] = {}
+    options = {"fig3": {"curves": curves}, "fig4": {"lam": lam}}
     for key, (stem, fn) in FIGURES.items():
         try:
-            fig = fn(df, lam=lam) if key == "fig4" else fn(df)
+            fig = fn(df, **options.get(key, {}))
         except FigureDataError as exc:
             report[key] = f"skipped: {exc}"
             continue
@@ -516,19 +531,18 @@ def make_figures(
     notes = seed_clashes(df)
     text = render_summary(
         df,
+        curves=curves,
         notes=notes,
         tol=tol,
-        problems=[j.describe() for j in agg.problems] if agg is not None else (),
+        problems=[j.describe() for j in agg.problems],
         figures=report,
-        sources=agg.sources if agg is not None else (),
+        sources=agg.sources,
     )
     write_summary(text, out / "summary.md")
     return report
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m analysis.figures <inputs...> -o figs/``; returns the exit code."""
-    matplotlib.use("Agg")
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="python -m analysis.figures",
         description="Draw the paper's Figures 2-5 (PNG + PDF) and summary.md from sweep/job "
@@ -554,7 +568,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument(
         "--include-unfinished", action="store_true", help="also use jobs without `done`"
     )
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m analysis.figures <inputs...> -o figs/``; returns the exit code."""
+    matplotlib.use("Agg")
+    args = _parser().parse_args(argv)
     try:
         agg = load(args.inputs, include_unfinished=args.include_unfinished)
         for j in agg.problems:

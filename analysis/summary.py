@@ -3,20 +3,20 @@
 Training runs, one row per run, at the run's last metrics epoch:
 
 - final train and test accuracy (metrics ``train_acc`` / ``test_acc`` at their last epoch);
-- whether each PFC metric is monotone across layers 0..L (the PFC conjecture, SPEC.md):
+- whether each PFC metric is monotone across layers 0..L (the PFC conjecture):
   PFC1 and PFC2 non-increasing, PFC3 non-decreasing, within a relative tolerance ``tol``
   (:func:`is_monotone`, default 2%);
 - effective depth, straightness and energy ratio (run-level rows, each at the last epoch
   recording it);
 - the geodesic prediction error per PFC metric: the mean over layers 0..L of
-  ``geodesic_err_pfcK`` = |observed at layer l - geodesic curve at t = r_l| (SPEC.md,
-  "Beyond the paper"); when those rows are missing it is computed from the ``geodesic_pfcK``
-  curve rows by linear interpolation at r_l.
+  ``geodesic_err_pfcK`` = |observed at layer l - geodesic curve at t = r_l| ("beyond the
+  paper": the straight-line path h(t) = (1-t) h_0 + t h_L); when those rows are missing it is
+  computed from the run's curve (``curves.parquet``) by linear interpolation at r_l.
 
 Surrogate runs, one row per (run, solution model in {mufm, ufm}, λ) at the last GD step:
-PFC1-3, alignment, objective and gradient norm of H, and PFC1-3 of the data X (model "data" of
-the same run and λ; the run's mean over λ when the data rows carry no matching λ). A batched
-λ-grid job therefore gives one row per λ; the header counts distinct runs.
+PFC1-3, alignment, objective and gradient norm of H, and PFC1-3 of the data X (the run's
+model "data" rows, which hold no λ: X does not depend on it). A batched λ-grid job therefore
+gives one row per λ; the header counts distinct runs.
 """
 
 from __future__ import annotations
@@ -30,7 +30,18 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from analysis.tidy import PFC_METRICS, at_last_epoch, surrogate_rows, train_rows
+from analysis.tidy import at_last_epoch, surrogate_rows, train_rows
+from pfc_sweeps.schema import (
+    DATA_MODEL,
+    GEODESIC_ERR_METRICS,
+    PFC1,
+    PFC2,
+    PFC3,
+    PFC_METRICS,
+    RUN_LAYER,
+    SURROGATE_METRICS,
+    atomic_write_bytes,
+)
 
 __all__ = [
     "MONOTONE_DIRECTION",
@@ -42,7 +53,7 @@ __all__ = [
     "write_summary",
 ]
 
-MONOTONE_DIRECTION = {"pfc1": "decreasing", "pfc2": "decreasing", "pfc3": "increasing"}
+MONOTONE_DIRECTION = {PFC1: "decreasing", PFC2: "decreasing", PFC3: "increasing"}
 """Direction of the PFC conjecture for each metric across depth."""
 
 _RUN_SCALARS = ("effective_depth", "straightness", "energy_ratio")
@@ -71,7 +82,7 @@ def is_monotone(values: Sequence[float], direction: str, tol: float = 0.02) -> b
 
 def _last_value(run: pd.DataFrame, metric: str) -> float:
     """The run-level value of ``metric`` at the last epoch recording it (NaN if never)."""
-    rows = run.loc[(run["metric"] == metric) & (run["layer"] < 0)]
+    rows = run.loc[(run["metric"] == metric) & (run["layer"] == RUN_LAYER)]
     if rows.empty:
         return math.nan
     rows = rows.loc[rows["epoch"] == rows["epoch"].max()]
@@ -79,38 +90,46 @@ def _last_value(run: pd.DataFrame, metric: str) -> float:
 
 
 def _geodesic_errors(layers: pd.DataFrame, run_last: pd.DataFrame, curves: pd.DataFrame) -> dict:
+    """geo_err_<m>: mean |observed - curve at r_l| over layers, from the geodesic_err rows
+    of the last epoch, else from the run's curve (its last epoch, interpolated at r_l)."""
     out = {}
-    for m in PFC_METRICS:
-        err = run_last.loc[(run_last["metric"] == f"geodesic_err_{m}") & (run_last["layer"] >= 0)]
+    for m, err_name in zip(PFC_METRICS, GEODESIC_ERR_METRICS, strict=True):
+        err = run_last.loc[(run_last["metric"] == err_name) & (run_last["layer"] >= 0)]
+        curve = curves.loc[curves["metric"] == m]
+        obs = layers.loc[layers["metric"] == m]
+        out[f"geo_err_{m}"] = math.nan
         if not err.empty:
             out[f"geo_err_{m}"] = float(err["value"].abs().mean())
-            continue
-        curve = curves.loc[curves["metric"] == f"geodesic_{m}"]
-        if not curve.empty:
-            curve = curve.loc[curve["epoch"] == curve["epoch"].max()].sort_values("rel_pos")
-            obs = layers.loc[layers["metric"] == m]
-            if not obs.empty and obs["rel_pos"].notna().all():
-                pred = np.interp(obs["rel_pos"], curve["rel_pos"], curve["value"])
-                out[f"geo_err_{m}"] = float(np.abs(obs["value"].to_numpy() - pred).mean())
-                continue
-        out[f"geo_err_{m}"] = math.nan
+        elif len(curve) and len(obs) and obs["rel_pos"].notna().all():
+            curve = curve.loc[curve["epoch"] == curve["epoch"].max()].sort_values("t")
+            pred = np.interp(obs["rel_pos"], curve["t"], curve["value"])
+            out[f"geo_err_{m}"] = float(np.abs(obs["value"].to_numpy() - pred).mean())
     return out
 
 
-def summarize_train(df: pd.DataFrame, tol: float = 0.02) -> pd.DataFrame:
-    """One row per training run (see the module docstring for the columns)."""
+def _last_layers(run: pd.DataFrame) -> tuple[int, pd.DataFrame]:
+    """(last metrics epoch, its per-layer PFC rows averaged per (metric, layer))."""
+    per_layer = run.loc[(run["layer"] >= 0) & run["metric"].isin(PFC_METRICS)]
+    if (per_layer["split"] == "train").any():
+        per_layer = per_layer.loc[per_layer["split"] == "train"]
+    last = int(per_layer["epoch"].max()) if len(per_layer) else int(run["epoch"].max())
+    layers = per_layer.loc[per_layer["epoch"] == last]
+    layers = layers.groupby(["metric", "layer"], as_index=False).agg(
+        value=("value", "mean"), rel_pos=("rel_pos", "mean")
+    )
+    return last, layers
+
+
+def summarize_train(
+    df: pd.DataFrame, tol: float = 0.02, curves: pd.DataFrame | None = None
+) -> pd.DataFrame:
+    """One row per training run (see the module docstring for the columns); ``curves``:
+    the runs' geodesic curves (``curves.parquet``), used where geodesic_err rows are absent."""
     tr = train_rows(df)
+    curves = curves if curves is not None else pd.DataFrame(columns=["run_id", "metric", "t"])
     rows = []
     for run_id, run in tr.groupby("run_id", sort=True):
-        per_layer = run.loc[(run["layer"] >= 0) & run["metric"].isin(PFC_METRICS)]
-        if (per_layer["split"] == "train").any():
-            per_layer = per_layer.loc[per_layer["split"] == "train"]
-        last = int(per_layer["epoch"].max()) if len(per_layer) else int(run["epoch"].max())
-        run_last = run.loc[run["epoch"] == last]
-        layers = per_layer.loc[per_layer["epoch"] == last]
-        layers = layers.groupby(["metric", "layer"], as_index=False).agg(
-            value=("value", "mean"), rel_pos=("rel_pos", "mean")
-        )
+        last, layers = _last_layers(run)
         first = run.iloc[0]
         row: dict[str, Any] = {
             "run_id": run_id,
@@ -127,8 +146,8 @@ def summarize_train(df: pd.DataFrame, tol: float = 0.02) -> pd.DataFrame:
             row[f"{m}_monotone"] = is_monotone(seq.to_numpy(), MONOTONE_DIRECTION[m], tol)
         for s in _RUN_SCALARS:
             row[s] = _last_value(run, s)
-        curves = run.loc[run["metric"].str.startswith("geodesic_pfc") & (run["layer"] < 0)]
-        row.update(_geodesic_errors(layers, run_last, curves))
+        run_curves = curves.loc[curves["run_id"] == run_id]
+        row.update(_geodesic_errors(layers, run.loc[run["epoch"] == last], run_curves))
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -149,18 +168,11 @@ def summarize_surrogate(df: pd.DataFrame) -> pd.DataFrame:
         step=("epoch", "max"),
     )
     wide = info.reset_index().merge(values.reset_index(), on=keys, how="left")
-    data = wide.loc[wide["model"] == "data"]
-    sol = wide.loc[wide["model"] != "data"].copy()
+    data = wide.loc[wide["model"] == DATA_MODEL]
+    sol = wide.loc[wide["model"] != DATA_MODEL].copy()
     for m in PFC_METRICS:
-        if m not in data.columns:
-            sol[f"data_{m}"] = math.nan
-            continue
-        by_run = data.groupby("run_id")[m].mean()
-        vals = []
-        for rid, lam in zip(sol["run_id"], sol["lam"], strict=True):
-            hit = data.loc[(data["run_id"] == rid) & (data["lam"] == lam), m]
-            vals.append(float(hit.mean()) if len(hit) else float(by_run.get(rid, math.nan)))
-        sol[f"data_{m}"] = vals
+        by_run = data.groupby("run_id")[m].mean() if m in data.columns else pd.Series(dtype=float)
+        sol[f"data_{m}"] = sol["run_id"].map(by_run).astype("float64")
     sol["lam_ratio"] = sol["lam"] / sol["lam_w"]
     cols = [
         "run_id",
@@ -172,10 +184,7 @@ def summarize_surrogate(df: pd.DataFrame) -> pd.DataFrame:
         "lam_w",
         "lam_ratio",
         "step",
-        *PFC_METRICS,
-        "alignment",
-        "objective",
-        "grad_norm",
+        *SURROGATE_METRICS,
         *(f"data_{m}" for m in PFC_METRICS),
     ]
     for c in cols:
@@ -213,20 +222,58 @@ def markdown_table(df: pd.DataFrame, headers: dict[str, str] | None = None) -> s
 _TRAIN_HEADERS = {
     "train_acc": "train acc",
     "test_acc": "test acc",
-    "pfc1_monotone": "PFC1 ↓ monotone",
-    "pfc2_monotone": "PFC2 ↓ monotone",
-    "pfc3_monotone": "PFC3 ↑ monotone",
+    f"{PFC1}_monotone": "PFC1 ↓ monotone",
+    f"{PFC2}_monotone": "PFC2 ↓ monotone",
+    f"{PFC3}_monotone": "PFC3 ↑ monotone",
     "effective_depth": "eff. depth",
     "energy_ratio": "energy ratio",
-    "geo_err_pfc1": "geodesic err PFC1",
-    "geo_err_pfc2": "geodesic err PFC2",
-    "geo_err_pfc3": "geodesic err PFC3",
+    f"geo_err_{PFC1}": "geodesic err PFC1",
+    f"geo_err_{PFC2}": "geodesic err PFC2",
+    f"geo_err_{PFC3}": "geodesic err PFC3",
 }
+
+
+def _train_section(train: pd.DataFrame, tol: float) -> list[str]:
+    if train.empty:
+        return []
+    depth = train["effective_depth"].map(lambda v: "not reached" if v < 0 else v)
+    return [
+        "## Training runs",
+        "",
+        "One row per run, at its last metrics epoch. Monotone: PFC1 and PFC2 non-increasing, "
+        f"PFC3 non-decreasing over layers 0..L, allowing a step against the direction of at "
+        f"most {tol:.0%} of the previous layer's value. Geodesic err: mean over layers of "
+        "|observed - geodesic prediction at r_l|. Effective depth: first layer with NCC "
+        "error <= epsilon, as recorded by the run (not reached: no layer does).",
+        "",
+        markdown_table(train.assign(effective_depth=depth), _TRAIN_HEADERS),
+        "",
+    ]
+
+
+def _surrogate_section(sur: pd.DataFrame) -> list[str]:
+    if sur.empty:
+        return []
+    return [
+        "## Surrogate runs",
+        "",
+        "One row per (run, model, λ), at the last GD step; data_* are the data X's metrics.",
+        "",
+        markdown_table(sur, {"lam": "λ", "lam_w": "λ_W", "lam_ratio": "λ/λ_W"}),
+        "",
+    ]
+
+
+def _list_section(title: str, items: Sequence[str], empty: str | None = "none") -> list[str]:
+    if not items and empty is None:
+        return []
+    return [f"## {title}", "", *([f"- {i}" for i in items] or [empty]), ""]
 
 
 def render_summary(
     df: pd.DataFrame,
     *,
+    curves: pd.DataFrame | None = None,
     tol: float = 0.02,
     problems: Iterable[str] = (),
     figures: dict[str, str] | None = None,
@@ -235,10 +282,11 @@ def render_summary(
 ) -> str:
     """The text of ``summary.md``.
 
-    problems: one line per unfinished/failed job; figures: figure name -> "drawn: files" or
-    "skipped: reason"; notes: extra warnings listed under "Notes".
+    curves: the runs' geodesic curves; problems: one line per unfinished/failed job;
+    figures: figure name -> "drawn: files" or "skipped: reason"; notes: extra warnings
+    listed under "Notes".
     """
-    train = summarize_train(df, tol)
+    train = summarize_train(df, tol, curves)
     sur = summarize_surrogate(df)
     n_train = train["run_id"].nunique() if len(train) else 0
     n_sur = sur["run_id"].nunique() if len(sur) else 0
@@ -246,55 +294,15 @@ def render_summary(
     if sources:
         out += [f"Sources: {', '.join(sources)}", ""]
     out += [f"{n_train + n_sur} runs: {n_train} training, {n_sur} surrogate.", ""]
-    if len(train):
-        out += [
-            "## Training runs",
-            "",
-            "One row per run, at its last metrics epoch. Monotone: PFC1 and PFC2 non-increasing, "
-            f"PFC3 non-decreasing over layers 0..L, allowing a step against the direction of at "
-            f"most {tol:.0%} of the previous layer's value. Geodesic err: mean over layers of "
-            "|observed - geodesic prediction at r_l|. Effective depth: first layer with NCC "
-            "error <= epsilon, as recorded by the run (not reached: no layer does).",
-            "",
-            markdown_table(
-                train.assign(
-                    effective_depth=train["effective_depth"].map(
-                        lambda v: "not reached" if v < 0 else v
-                    )
-                ),
-                _TRAIN_HEADERS,
-            ),
-            "",
-        ]
-    if len(sur):
-        out += [
-            "## Surrogate runs",
-            "",
-            "One row per (run, model, λ), at the last GD step; data_* are the data X's metrics.",
-            "",
-            markdown_table(sur, {"lam": "λ", "lam_w": "λ_W", "lam_ratio": "λ/λ_W"}),
-            "",
-        ]
-    problems = list(problems)
-    out += ["## Unfinished or failed jobs", ""]
-    out += [f"- {p}" for p in problems] if problems else ["none"]
-    out.append("")
-    if notes:
-        out += ["## Notes", ""]
-        out += [f"- {n}" for n in notes]
-        out.append("")
-    if figures:
-        out += ["## Figures", ""]
-        out += [f"- {name}: {what}" for name, what in figures.items()]
-        out.append("")
+    out += _train_section(train, tol) + _surrogate_section(sur)
+    out += _list_section("Unfinished or failed jobs", list(problems))
+    out += _list_section("Notes", list(notes), empty=None)
+    figs = [f"{name}: {what}" for name, what in (figures or {}).items()]
+    out += _list_section("Figures", figs, empty=None)
     return "\n".join(out)
 
 
 def write_summary(text: str, path: str | os.PathLike) -> Path:
-    """Write ``text`` to ``path`` atomically (tmp file + os.replace)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-    return path
+    """Write ``text`` to ``path`` atomically (:func:`pfc_sweeps.schema.atomic_write`)."""
+    atomic_write_bytes(path, text.encode())
+    return Path(path)

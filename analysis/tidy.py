@@ -1,6 +1,8 @@
-"""Shared selections on the tidy results table (schema in /tmp/pfc_design.md) and labels.
+"""Shared selections on the tidy results table (:mod:`pfc_sweeps.schema`) and labels.
 
-Pure pandas helpers used by :mod:`analysis.figures` and :mod:`analysis.summary`.
+Pure pandas helpers used by :mod:`analysis.figures` and :mod:`analysis.summary`. Rows are
+told apart by their ``model`` column: ``net`` (a trained network), ``data`` (the data X of a
+surrogate job) or a surrogate model (``mufm``, ``ufm``).
 """
 
 from __future__ import annotations
@@ -12,11 +14,11 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from pfc_sweeps.schema import DATA_MODEL, NET_MODEL, PFC1, PFC2, PFC3, SURROGATE_MODELS
+
 __all__ = [
+    "LOG_METRICS",
     "METRIC_LABELS",
-    "METRIC_SHORT",
-    "PFC_METRICS",
-    "SURROGATE_MODELS",
     "add_condition",
     "at_last_epoch",
     "ci95",
@@ -26,24 +28,23 @@ __all__ = [
     "train_rows",
 ]
 
-PFC_METRICS = ("pfc1", "pfc2", "pfc3")
-SURROGATE_MODELS = ("data", "mufm", "ufm")
-
 DATASET_ORDER = ("digits", "gaussian", "mnist", "fashion_mnist", "cifar10", "stl10", "cifar100")
 """Data sets in the paper's order (Fig. 2 (a)-(e)), the small test sets first."""
 
-METRIC_SHORT = {"pfc1": "PFC1", "pfc2": "PFC2", "pfc3": "PFC3"}
-
 METRIC_LABELS = {
-    "pfc1": r"PFC1: $\mathrm{Tr}(\Sigma_W)/\mathrm{Tr}(\Sigma_B)$",
-    "pfc2": r"PFC2: $\Vert G/\Vert G\Vert_F - E\Vert_F$",
-    "pfc3": "PFC3: NCC accuracy",
+    PFC1: r"PFC1: $\mathrm{Tr}(\Sigma_W)/\mathrm{Tr}(\Sigma_B)$",
+    PFC2: r"PFC2: $\Vert G/\Vert G\Vert_F - E\Vert_F$",
+    PFC3: "PFC3: NCC accuracy",
     "alignment": r"alignment $\Vert H/\Vert H\Vert_F - X/\Vert X\Vert_F\Vert_F$",
     "straightness": "straightness",
     "energy_ratio": "energy ratio",
     "effective_depth": "effective depth",
 }
-"""Axis labels: the metrics named as the paper does (SPEC.md, "The three PFC metrics")."""
+"""Axis labels: the metrics named as the paper does (section III, "The three PFC metrics")."""
+
+
+LOG_METRICS = frozenset({PFC1})
+"""Metrics drawn on a log axis (PFC1 spans orders of magnitude)."""
 
 
 def ci95(values: Sequence[float] | pd.Series) -> tuple[float, float]:
@@ -63,8 +64,8 @@ def ci95(values: Sequence[float] | pd.Series) -> tuple[float, float]:
 
 
 def train_rows(df: pd.DataFrame) -> pd.DataFrame:
-    """Rows of training runs (task == "train"; model "net"), with a fresh 0..n-1 index."""
-    return df.loc[df["task"] == "train"].reset_index(drop=True)
+    """Rows of trained networks (model "net"), with a fresh 0..n-1 index."""
+    return df.loc[df["model"] == NET_MODEL].reset_index(drop=True)
 
 
 def surrogate_rows(df: pd.DataFrame) -> pd.DataFrame:
@@ -74,7 +75,7 @@ def surrogate_rows(df: pd.DataFrame) -> pd.DataFrame:
     lam_w is filled here with the run's λ_W (first non-missing value of the run), so that data
     and solutions of one run share a setting. lam stays NaN.
     """
-    sur = df.loc[df["model"].isin(SURROGATE_MODELS)].reset_index(drop=True)
+    sur = df.loc[df["model"].isin((DATA_MODEL, *SURROGATE_MODELS))].reset_index(drop=True)
     if sur["lam_w"].isna().any():
         run_lw = sur.groupby("run_id")["lam_w"].transform("first")
         sur = sur.assign(lam_w=sur["lam_w"].fillna(run_lw))
@@ -133,7 +134,7 @@ def seed_clashes(df: pd.DataFrame) -> list[str]:
                     f"and seed {seed}: the figures average them as if they were seeds"
                 )
     sur = surrogate_rows(df)
-    sur = sur.loc[sur["model"] != "data"]
+    sur = sur.loc[sur["model"] != DATA_MODEL]
     if len(sur):
         keys = sur.drop_duplicates(["run_id", "model", "lam"])
         for (m, lo, lw, lam, seed), g in keys.groupby(["model", "loss", "lam_w", "lam", "seed"]):

@@ -34,10 +34,10 @@ from pfc_sweeps.train import Trainer, loss_fn
 def make_config(n_per_class: int, metrics: bool, width: int, blocks: int) -> Config:
     cfg = OmegaConf.structured(Config)
     cfg.dataset.name = "gaussian"
-    cfg.dataset.num_classes = 10
-    cfg.dataset.dim = 784
-    cfg.dataset.n_train_per_class = n_per_class
-    cfg.dataset.n_test_per_class = max(1, n_per_class // 6)  # MNIST: 60k train, 10k test
+    cfg.gaussian.num_classes = 10
+    cfg.gaussian.dim = 784
+    cfg.gaussian.n_per_class = n_per_class
+    cfg.gaussian.n_test_per_class = max(1, n_per_class // 6)  # MNIST: 60k train, 10k test
     cfg.arch.width, cfg.arch.blocks = width, blocks
     cfg.optim.lr = 0.005
     cfg.train.epochs = 1000  # no lr decay inside the measured epochs

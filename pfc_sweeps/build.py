@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import ArchConfig, Config
+from .config import ArchConfig, Config, ConfigError
 from .data import DataBundle, StreamBundle, load_dataset, load_module_dataset
 from .features import FeatureNet, ModelSpecError, build_module
 from .models import build_model
@@ -30,30 +30,35 @@ def resolve_device(name: str) -> torch.device:
 
 def build_data(cfg: Config, device: torch.device) -> DataBundle | StreamBundle:
     """The configured data set: in memory, or streamed when it exceeds ``train.data_gb``."""
-    d = cfg.dataset
-    if d.name == "module":
-        return load_module_dataset(
-            d.train,
-            d.test,
-            n_per_class=d.n_per_class,
+    d, g = cfg.dataset, cfg.gaussian
+    try:
+        if d.name == "module":
+            return load_module_dataset(
+                d.train,
+                d.test,
+                n_per_class=d.subset_per_class,
+                seed=cfg.seed,
+                device=device,
+                data_gb=cfg.train.data_gb,
+                num_workers=cfg.train.num_workers,
+            )
+        return load_dataset(
+            d.name,
+            root=d.root,
+            download=d.download,
+            n_per_class=d.subset_per_class,
             seed=cfg.seed,
             device=device,
-            data_gb=cfg.train.data_gb,
-            num_workers=cfg.train.num_workers,
+            num_classes=g.num_classes,
+            dim=g.dim,
+            sigma=g.sigma,
+            n=g.n_per_class,
+            n_test=g.n_test_per_class,
         )
-    return load_dataset(
-        d.name,
-        root=d.root,
-        download=d.download,
-        n_per_class=d.n_per_class,
-        seed=cfg.seed,
-        device=device,
-        num_classes=d.num_classes,
-        dim=d.dim,
-        sigma=d.sigma,
-        n=d.n_train_per_class,
-        n_test=d.n_test_per_class,
-    )
+    except ValueError as e:  # the subset is checked against the data as soon as it loads
+        if d.subset_per_class is None or "n_per_class" not in str(e):
+            raise
+        raise ConfigError(f"dataset.subset_per_class={d.subset_per_class}: {e}") from None
 
 
 def build_net(a: ArchConfig, in_shape: tuple[int, ...], num_classes: int) -> nn.Module:

@@ -1,26 +1,45 @@
-"""Structured configs: the typed schema of every config group, and its range checks.
+"""Structured configs: the typed schema of every config group, and its one validation.
 
 The dataclasses below are registered in Hydra's ConfigStore as ``base_config``; the YAML
 files under ``conf/`` only say what differs from these defaults (one source of truth per
-default).  OmegaConf checks the types when a config or an override is merged;
-:func:`validate` checks the ranges before any work starts and raises a one-line
-:class:`ConfigError` that names the key.
+default). The allowed-value lists (:data:`TASKS`, :data:`DATASETS`, ...) are defined here
+once; the library modules import them. OmegaConf checks the types when a config or an
+override is merged; :func:`validate` checks everything else before any work starts -- keys
+the schema does not know, ranges, inf/NaN, ``train.device=cuda`` without CUDA -- and raises a
+one-line :class:`ConfigError` that names the key.
 """
 
 from __future__ import annotations
 
+import difflib
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import AnyNode, DictConfig, OmegaConf
+
+from .schema import SURROGATE_MODELS
 
 __all__ = [
+    "ARCH_KINDS",
+    "BLOCKS",
+    "DATASETS",
+    "DEVICES",
+    "H_STEPS",
+    "LOGGERS",
+    "LOSSES",
+    "MEASURE_SPLITS",
+    "OPTIMIZERS",
+    "SURROGATE_MODELS",
+    "TASKS",
+    "WANDB_MODES",
     "ArchConfig",
     "Config",
     "ConfigError",
     "DatasetConfig",
+    "GaussianConfig",
     "LamConfig",
     "LoggerConfig",
     "LossConfig",
@@ -29,12 +48,15 @@ __all__ = [
     "SurrogateConfig",
     "TaskConfig",
     "TrainConfig",
+    "check_override_keys",
     "register_configs",
+    "schema_keys",
     "validate",
 ]
 
-TASKS = ("train", "mufm", "ufm", "measure")
-SURROGATE_MODELS = ("mufm", "ufm")
+#: ``task.name``: train a ResNet, or solve the surrogate models of ``task.models``.
+TASKS = ("train", "surrogate", "measure")
+#: ``module``: any data set from ``_target_`` nodes (``dataset.train``, ``dataset.test``).
 DATASETS = (
     "digits",
     "gaussian",
@@ -47,6 +69,7 @@ DATASETS = (
 )
 LOSSES = ("ce", "mse")
 OPTIMIZERS = ("sgd",)
+#: ``module``: any nn.Module from a ``_target_`` node (``arch.model``).
 ARCH_KINDS = ("fc", "conv", "module")
 MEASURE_SPLITS = ("train", "test")
 BLOCKS = ("relu", "mlp", "preact_bn", "mlp_bn")
@@ -57,16 +80,30 @@ DEVICES = ("auto", "cpu", "cuda")
 
 
 class ConfigError(ValueError):
-    """A config value is out of range; the message names the key and what is allowed."""
+    """A config key or value is invalid; the one-line message names the key and what is allowed."""
 
 
 @dataclass
 class TaskConfig:
-    """Which job to run: ``train`` (a ResNet), ``mufm`` or ``ufm`` (surrogate solves)."""
+    """Which job to run: ``train`` (a ResNet) or ``surrogate`` (MUFM/UFM solves)."""
 
     name: str = "train"
-    # Surrogate models solved in the job, on the same data X (``paper_fig4``: both).
+    # surrogate: the models solved in the job, on the same data X (``paper_fig4``: both).
     models: list[str] = field(default_factory=list)
+
+
+@dataclass
+class GaussianConfig:
+    """The Gaussian mixture of ``dataset=gaussian`` and of the surrogate tasks (SPEC "MUFM").
+
+    K classes of N(mu_k, sigma^2 I_dim), mu_k uniform on the unit sphere of R^dim.
+    """
+
+    num_classes: int = 5
+    dim: int = 20
+    sigma: float = 1.0
+    n_per_class: int = 100  # training samples per class (the surrogate's X)
+    n_test_per_class: int = 100  # dataset=gaussian only
 
 
 @dataclass
@@ -77,13 +114,7 @@ class DatasetConfig:
     root: str | None = None
     download: bool = True
     # Balanced, seeded subset of the training split (null: all samples).
-    n_per_class: int | None = None
-    # Only for ``gaussian``: K classes of N(mu_k, sigma^2 I_dim), mu_k on the unit sphere.
-    num_classes: int = 10
-    dim: int = 20
-    sigma: float = 1.0
-    n_train_per_class: int = 100
-    n_test_per_class: int = 100
+    subset_per_class: int | None = None
     # Only for ``module``: ``_target_`` nodes of the train and test sets (any map-style
     # torch Dataset of (image tensor, int label), e.g. a torchvision class or ImageFolder).
     train: Any = None
@@ -92,7 +123,7 @@ class DatasetConfig:
 
 @dataclass
 class ArchConfig:
-    """A ResNet of Table I (SPEC.md); ``name`` is the label written to the results."""
+    """A ResNet of Table I; ``name`` is the label written to the results."""
 
     name: str = "digits"
     kind: str = "fc"  # fc | conv
@@ -124,7 +155,7 @@ class LossConfig:
 
 @dataclass
 class OptimConfig:
-    """SGD with step decay (SPEC.md recipe: lr / 10 at epochs 117 and 233 of 350)."""
+    """SGD with step decay (paper recipe: lr / 10 at epochs 117 and 233 of 350)."""
 
     name: str = "sgd"
     lr: float = 0.01
@@ -147,19 +178,15 @@ class LamConfig:
 
 @dataclass
 class SurrogateConfig:
-    """MUFM / UFM solver settings (paper section IV-B; SPEC.md 'MUFM and UFM')."""
+    """MUFM / UFM solver settings (paper section IV-B); the data is ``gaussian.*``."""
 
-    num_classes: int = 5
-    dim: int = 20
-    n_per_class: int = 100
     steps: int = 50_000
     lr: float = 0.1
     log_every: int = 1000
-    # per_sample (SPEC choice: H lr = lr * K n) or mean (the plain mean-scaled gradient).
+    # per_sample (H lr = lr * K n) or mean (the plain mean-scaled gradient).
     h_step: str = "per_sample"
     # Stability guard on the H step: min(step, 1.9 / (curv * sigma_max(W)^2 + lam)). It only
-    # shortens the first steps from the N(0,1) init, which otherwise diverge for about half
-    # of the seeds at lr 0.1 (seed 0 included); false gives plain GD.
+    # shortens the first steps from the N(0,1) init; false gives plain GD.
     h_step_guard: bool = True
 
 
@@ -195,6 +222,7 @@ class LoggerConfig:
 class Config:
     task: TaskConfig = field(default_factory=TaskConfig)
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    gaussian: GaussianConfig = field(default_factory=GaussianConfig)
     arch: ArchConfig = field(default_factory=ArchConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -225,6 +253,72 @@ def register_configs() -> None:
     ConfigStore.instance().store(name="base_config", node=Config)
 
 
+# ------------------------------------------------------------------------- unknown keys
+
+
+def _walk(node: DictConfig, prefix: str = "") -> Iterator[str]:
+    for key in node.keys():
+        path = f"{prefix}{key}"
+        yield path
+        child = node._get_node(key)
+        if isinstance(child, DictConfig) and OmegaConf.get_type(child) not in (dict, None):
+            yield from _walk(child, f"{path}.")
+
+
+def schema_keys() -> list[str]:
+    """Every dotted key of the schema (``train``, ``train.epochs``, ...)."""
+    return list(_walk(OmegaConf.structured(Config)))
+
+
+def _unknown_keys(cfg: DictConfig) -> None:
+    """Raise ConfigError for the first key that is not in the schema (e.g. ``+train.epoch=5``)."""
+    known = set(schema_keys())
+    for key in _walk(cfg):
+        if key not in known:
+            close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.6)
+            hint = f"; did you mean {close[0]}?" if close else ""
+            raise ConfigError(f"{key} is not a config key{hint}")
+
+
+def check_override_keys(overrides: list[str], groups: set[str]) -> None:
+    """Raise ConfigError for a command-line ``key=value`` whose key the schema does not know.
+
+    Run before Hydra composes the config, so that ``train.epoch=5`` is one line with the
+    nearest valid key (Hydra's own message is several lines and suggests ``+train.epoch``).
+    ``hydra.*`` keys and config groups (``dataset=mnist``) are left to Hydra.
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
+
+    known = set(schema_keys())
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except OverrideParseException:
+        return  # Hydra reports its own grammar errors
+    for o in parsed:
+        key = o.key_or_group
+        if key.split(".")[0].split("/")[0] == "hydra" or "@" in key or key in groups:
+            continue
+        if key not in known and not any(key.startswith(k + ".") for k in _free_nodes()):
+            close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.6)
+            hint = f"; did you mean {close[0]}?" if close else ""
+            raise ConfigError(f"{key} is not a config key{hint}")
+
+
+def _free_nodes() -> list[str]:
+    """Keys whose value is free-form (typed ``Any``): any sub-key is allowed."""
+
+    def walk(node: DictConfig, prefix: str) -> Iterator[str]:
+        for key in node.keys():
+            child = node._get_node(key)
+            if isinstance(child, AnyNode):
+                yield f"{prefix}{key}"
+            elif isinstance(child, DictConfig):
+                yield from walk(child, f"{prefix}{key}.")
+
+    return list(walk(OmegaConf.structured(Config), ""))
+
+
 # --------------------------------------------------------------------------- validation
 
 
@@ -237,74 +331,56 @@ def _one_of(key: str, value: Any, choices: tuple[str, ...]) -> None:
     _check(key, value, value in choices, f"allowed values are {', '.join(choices)}")
 
 
-def _finite(x: float) -> bool:
-    return isinstance(x, int | float) and math.isfinite(x)
+def _finite(x: Any) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _number(key: str, value: Any, lo: float, hi: float = math.inf, *, open_lo=False, open_hi=False):
+    """A finite number in the interval lo..hi (open or closed at each end)."""
+    ok = _finite(value) and (value > lo if open_lo else value >= lo)
+    ok = ok and (value < hi if open_hi else value <= hi)
+    left, right = "(" if open_lo else "[", ")" if open_hi or hi == math.inf else "]"
+    _check(key, value, ok, f"must be a finite number in {left}{lo:g}, {hi:g}{right}")
 
 
 def _positive_int(key: str, value: Any) -> None:
     _check(key, value, isinstance(value, int) and value > 0, "must be an integer > 0")
 
 
-def validate(cfg: DictConfig | Config) -> Config:
-    """Check every value's range; return the typed :class:`Config`.
-
-    Raises :class:`ConfigError` (one line, naming the key) on the first bad value.
-    """
-    if isinstance(cfg, DictConfig):
-        cfg = OmegaConf.to_object(cfg)  # resolves interpolations, builds the dataclasses
-    assert isinstance(cfg, Config)
-    t, d, a, o, lam, s, tr, lg = (
-        cfg.task,
-        cfg.dataset,
-        cfg.arch,
-        cfg.optim,
-        cfg.lam,
-        cfg.surrogate,
-        cfg.train,
-        cfg.logger,
-    )
+def _validate_task(cfg: Config) -> None:
+    t = cfg.task
     _one_of("task.name", t.name, TASKS)
     for i, m in enumerate(t.models):
         _one_of(f"task.models[{i}]", m, SURROGATE_MODELS)
-    if t.name in SURROGATE_MODELS:
+    if t.name == "surrogate":
         _check("task.models", list(t.models), len(t.models) > 0, "list at least one of mufm, ufm")
     _one_of("loss.name", cfg.loss.name, LOSSES)
     _check("seed", cfg.seed, cfg.seed >= 0, "must be >= 0")
 
-    # λ group (used by the surrogate tasks; checked always so a typo never waits for a job)
-    _check("lam.lam", lam.lam, _finite(lam.lam) and lam.lam >= 0, "must be a finite number >= 0")
-    _check(
-        "lam.lam_w",
-        lam.lam_w,
-        _finite(lam.lam_w) and lam.lam_w >= 0,
-        "must be a finite number >= 0",
-    )
-    for i, v in enumerate(lam.grid):
-        _check(f"lam.grid[{i}]", v, _finite(v) and v >= 0, "must be a finite number >= 0")
 
-    # surrogate
-    _check("surrogate.num_classes", s.num_classes, s.num_classes >= 2, "must be >= 2 (K >= 2)")
-    _check(
-        "surrogate.dim",
-        s.dim,
-        s.dim >= s.num_classes - 1,
-        f"must be >= num_classes - 1 = {s.num_classes - 1} (d >= K-1)",
-    )
-    _positive_int("surrogate.n_per_class", s.n_per_class)
+def _validate_surrogate(cfg: Config) -> None:
+    lam, s, g = cfg.lam, cfg.surrogate, cfg.gaussian
+    _number("lam.lam", lam.lam, 0)
+    _number("lam.lam_w", lam.lam_w, 0)
+    for i, v in enumerate(lam.grid):
+        _number(f"lam.grid[{i}]", v, 0)
     _positive_int("surrogate.steps", s.steps)
     _positive_int("surrogate.log_every", s.log_every)
-    _check("surrogate.lr", s.lr, _finite(s.lr) and s.lr > 0, "must be a finite number > 0")
+    _number("surrogate.lr", s.lr, 0, open_lo=True)
     _one_of("surrogate.h_step", s.h_step, H_STEPS)
+    _check("gaussian.num_classes", g.num_classes, g.num_classes >= 2, "must be >= 2 (K >= 2)")
+    dim_ok = g.dim >= max(1, g.num_classes - 1)
+    _check("gaussian.dim", g.dim, dim_ok, f"must be >= num_classes - 1 = {g.num_classes - 1}")
+    _number("gaussian.sigma", g.sigma, 0)
+    _positive_int("gaussian.n_per_class", g.n_per_class)
+    _positive_int("gaussian.n_test_per_class", g.n_test_per_class)
 
-    # data, model, optimiser, training
+
+def _validate_model(cfg: Config) -> None:
+    d, a, o = cfg.dataset, cfg.arch, cfg.optim
     _one_of("dataset.name", d.name, DATASETS)
-    if d.n_per_class is not None:
-        _positive_int("dataset.n_per_class", d.n_per_class)
-    _check("dataset.num_classes", d.num_classes, d.num_classes >= 2, "must be >= 2")
-    _check("dataset.dim", d.dim, d.dim >= d.num_classes - 1, "must be >= dataset.num_classes - 1")
-    _check("dataset.sigma", d.sigma, _finite(d.sigma) and d.sigma >= 0, "must be >= 0")
-    _positive_int("dataset.n_train_per_class", d.n_train_per_class)
-    _positive_int("dataset.n_test_per_class", d.n_test_per_class)
+    if d.subset_per_class is not None:
+        _positive_int("dataset.subset_per_class", d.subset_per_class)
     _one_of("arch.kind", a.kind, ARCH_KINDS)
     _one_of("arch.block", a.block, BLOCKS)
     _validate_module(cfg)
@@ -319,28 +395,34 @@ def validate(cfg: DictConfig | Config) -> Config:
             ok = len(st) == 3 and all(isinstance(x, int) and x > 0 for x in st)
             _check(f"arch.stages[{i}]", list(st), ok, "must be [channels, size, blocks], all > 0")
     _one_of("optim.name", o.name, OPTIMIZERS)
-    _check("optim.lr", o.lr, _finite(o.lr) and o.lr > 0, "must be a finite number > 0")
-    _check("optim.momentum", o.momentum, 0 <= o.momentum < 1, "must be in [0, 1)")
-    _check("optim.weight_decay", o.weight_decay, o.weight_decay >= 0, "must be >= 0")
-    _check("optim.gamma", o.gamma, 0 < o.gamma <= 1, "must be in (0, 1]")
+    _number("optim.lr", o.lr, 0, open_lo=True)
+    _number("optim.momentum", o.momentum, 0, 1, open_hi=True)
+    _number("optim.weight_decay", o.weight_decay, 0)
+    _number("optim.gamma", o.gamma, 0, 1, open_lo=True)
     for i, f in enumerate(o.decay_at):
-        _check(f"optim.decay_at[{i}]", f, 0 < f < 1, "must be a fraction of train.epochs in (0, 1)")
+        _number(f"optim.decay_at[{i}]", f, 0, 1, open_lo=True, open_hi=True)
+
+
+def _validate_train(cfg: Config) -> None:
+    tr, lg = cfg.train, cfg.logger
     _positive_int("train.epochs", tr.epochs)
     _positive_int("train.batch_size", tr.batch_size)
     _positive_int("train.metrics_every", tr.metrics_every)
     _positive_int("train.eval_batch_size", tr.eval_batch_size)
     _check("train.geodesic_points", tr.geodesic_points, tr.geodesic_points >= 0, "must be >= 0")
-    _check("train.cache_gb", tr.cache_gb, tr.cache_gb >= 0, "must be >= 0")
+    # 2**30 * cache_gb must be a byte count: up to 1 PiB.
+    _number("train.cache_gb", tr.cache_gb, 0, 2**20)
     _one_of("train.device", tr.device, DEVICES)
     _check("train.num_threads", tr.num_threads, tr.num_threads >= 0, "must be >= 0")
+    if tr.device == "cuda":
+        import torch
 
-    _check("train.data_gb", tr.data_gb, tr.data_gb >= 0, "must be >= 0")
+        _check("train.device", tr.device, torch.cuda.is_available(), "no CUDA device is available")
+    _number("train.data_gb", tr.data_gb, 0, 2**20)
     _check("train.num_workers", tr.num_workers, tr.num_workers >= 0, "must be >= 0")
     _one_of("measure.split", cfg.measure.split, MEASURE_SPLITS)
-
     _one_of("logger.name", lg.name, LOGGERS)
     _one_of("logger.mode", lg.mode, WANDB_MODES)
-    return cfg
 
 
 def _is_target(node: Any) -> bool:
@@ -361,3 +443,20 @@ def _validate_module(cfg: Config) -> None:
     if cfg.task.name == "measure":
         ok = bool(a.checkpoint)
         _check("arch.checkpoint", a.checkpoint, ok, "task=measure needs a checkpoint file")
+
+
+def validate(cfg: DictConfig | Config) -> Config:
+    """Check every key and value; return the typed :class:`Config`.
+
+    Raises :class:`ConfigError` (one line, naming the key) on the first unknown key or bad
+    value. Nothing is read or written.
+    """
+    if isinstance(cfg, DictConfig):
+        _unknown_keys(cfg)
+        cfg = OmegaConf.to_object(cfg)  # resolves interpolations, builds the dataclasses
+    assert isinstance(cfg, Config)
+    _validate_task(cfg)
+    _validate_surrogate(cfg)
+    _validate_model(cfg)
+    _validate_train(cfg)
+    return cfg

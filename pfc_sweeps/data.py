@@ -361,9 +361,12 @@ def _gunzip_mnist_raw(raw: Path) -> None:
         target = gz.with_suffix("")
         if not target.exists():
             tmp = target.with_name(target.name + ".tmp")
-            with gzip.open(gz, "rb") as src, open(tmp, "wb") as dst:
-                shutil.copyfileobj(src, dst)
-            os.replace(tmp, target)
+            try:
+                with gzip.open(gz, "rb") as src, open(tmp, "wb") as dst:
+                    shutil.copyfileobj(src, dst)
+                os.replace(tmp, target)
+            finally:  # a failed unpack leaves no partial file behind
+                tmp.unlink(missing_ok=True)
 
 
 def _torchvision_split(name: str, root: Path, train: bool, download: bool):

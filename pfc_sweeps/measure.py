@@ -39,7 +39,7 @@ from .results import ResultsSink, print_summary
 from .schema import PFC_METRICS, RUN_LAYER
 from .tracker import CollapseTracker
 
-__all__ = ["collapse_table", "geodesic_ts", "metric_rows", "print_final", "run_measure"]
+__all__ = ["collapse_table", "geodesic_ts", "print_final", "record_metrics", "run_measure"]
 
 Data = DataBundle | StreamBundle
 
@@ -175,14 +175,14 @@ def _merge(tr: _Trackers) -> tuple[pd.DataFrame, pd.DataFrame]:
     return out, run.curves
 
 
-def metric_rows(table: pd.DataFrame, curves: pd.DataFrame, epoch: int, split: str) -> pd.DataFrame:
-    """The table and the curves as result rows of ``epoch`` (curves: layer -1, rel_pos = t)."""
-    parts = [table.assign(epoch=epoch, split=split)]
+def record_metrics(
+    sink: ResultsSink, table: pd.DataFrame, curves: pd.DataFrame, epoch: int, split: str
+) -> pd.DataFrame:
+    """Hand ``curves`` to the sink (``curves.parquet``, which the W&B logger draws from);
+    return ``table`` as result rows of ``epoch``."""
     if len(curves):
-        geo = curves.rename(columns={"t": "rel_pos"})
-        geo = geo.assign(metric="geodesic_" + geo["metric"], layer=RUN_LAYER)
-        parts.append(geo.assign(epoch=epoch, split=split))
-    return pd.concat(parts, ignore_index=True)
+        sink.add_curves(curves, epoch=epoch)
+    return table.assign(epoch=epoch, split=split)
 
 
 def print_final(table: pd.DataFrame, path: Path) -> None:
@@ -215,7 +215,7 @@ def run_measure(cfg: Config, out_dir: Path, sink: ResultsSink, logger: RunLogger
         cache_bytes=int(tr.cache_gb * 2**30),
         batch=tr.eval_batch_size,
     )
-    rows = metric_rows(table, curves, epoch, split)
+    rows = record_metrics(sink, table, curves, epoch, split)
     sink.add(rows)
     logger.log_rows(rows, step=epoch)
     print_final(table, sink.path)

@@ -8,6 +8,8 @@ directory holds:
 - :data:`CURVES_FILE`: the geodesic-curve predictions, one row per (run, epoch, t, metric).
 - :data:`DONE_FILE`: written last, only when the job finished.
 - :data:`RUN_ID_FILE`, :data:`CHECKPOINT_FILE`: the job's id and its resume state.
+- :data:`FINGERPRINT_FILE`: the config the job dir belongs to; :data:`LOCK_FILE`: held by the
+  running job; :data:`ERROR_FILE`: the one-line error of a failed job.
 
 Both tables carry the resolved config, the job status and :data:`SCHEMA_VERSION` as JSON in
 the parquet key-value metadata under :data:`METADATA_KEY`. Every file is written through
@@ -32,28 +34,41 @@ __all__ = [
     "COLUMNS",
     "CURVES_FILE",
     "CURVE_COLUMNS",
+    "CURVE_KEY",
     "DATA_MODEL",
     "DONE_FILE",
     "EPOCH_METRICS",
+    "ERROR_FILE",
+    "FINGERPRINT_FILE",
     "GEODESIC_ERR_METRICS",
     "LAST_LAYER_METRICS",
     "LAYER_METRICS",
+    "LOCK_FILE",
     "METADATA_KEY",
     "NET_MODEL",
     "PATH_METRICS",
+    "PFC1",
+    "PFC2",
+    "PFC3",
     "PFC_METRICS",
     "RESULTS_FILE",
+    "RESULT_KEY",
+    "RUN_COLUMNS",
     "RUN_ID_FILE",
     "RUN_LAYER",
     "SCHEMA_VERSION",
     "STATUSES",
     "SURROGATE_METRICS",
     "SURROGATE_MODELS",
+    "SWEEP_ERRORS_DIR",
+    "TEMP_GLOB",
     "atomic_write",
     "atomic_write_bytes",
+    "conform",
     "empty_frame",
     "is_done",
     "read_curves",
+    "read_metadata",
     "read_results",
     "read_table",
     "write_table",
@@ -68,11 +83,21 @@ CURVES_FILE = "curves.parquet"
 DONE_FILE = "done"
 RUN_ID_FILE = "run_id"
 CHECKPOINT_FILE = "checkpoint.pt"
+FINGERPRINT_FILE = "fingerprint.json"
+LOCK_FILE = ".lock"
+ERROR_FILE = "error.txt"
+#: Folder of a sweep dir where each failed job of the last ``-m`` run leaves ``<job num>.txt``.
+SWEEP_ERRORS_DIR = ".errors"
+#: Temporary files of :func:`atomic_write` (``.<name>.<random>.tmp``); stale ones are removed.
+TEMP_GLOB = ".*.*.tmp"
 METADATA_KEY = b"pfc_sweeps"
 STATUSES = ("running", "done", "diverged", "failed")
 
 # ------------------------------------------------------------------------------ names
-PFC_METRICS = ("pfc1", "pfc2", "pfc3")
+#: The paper's three PFC metrics: Tr S_W / Tr S_B, the distance of the Gram to the simplex
+#: ETF, and the NCC accuracy (section III).
+PFC1, PFC2, PFC3 = "pfc1", "pfc2", "pfc3"
+PFC_METRICS = (PFC1, PFC2, PFC3)
 #: Per-layer metrics of a training epoch (every studied layer 0..L).
 LAYER_METRICS = (*PFC_METRICS, "nc1", "nc2_equinorm", "nc2_equiangle", "tr_sw", "tr_sb")
 #: |observed - geodesic prediction at t = rel_pos|, per layer.
@@ -95,7 +120,7 @@ RUN_LAYER = -1
 
 # ------------------------------------------------------------------------------ columns
 #: Columns shared by both tables: which run a row belongs to.
-_RUN_COLUMNS: dict[str, pa.DataType] = {
+RUN_COLUMNS: dict[str, pa.DataType] = {
     "run_id": pa.string(),
     "sweep_id": pa.string(),
     "task": pa.string(),
@@ -108,7 +133,7 @@ _RUN_COLUMNS: dict[str, pa.DataType] = {
 }
 #: :data:`RESULTS_FILE` column name -> pyarrow type, in table order.
 COLUMNS: dict[str, pa.DataType] = {
-    **_RUN_COLUMNS,
+    **RUN_COLUMNS,
     "epoch": pa.int64(),
     "split": pa.string(),
     "layer": pa.int64(),
@@ -119,13 +144,17 @@ COLUMNS: dict[str, pa.DataType] = {
 }
 #: :data:`CURVES_FILE` column name -> pyarrow type: the prediction at ``t`` in [0, 1].
 CURVE_COLUMNS: dict[str, pa.DataType] = {
-    **_RUN_COLUMNS,
+    **RUN_COLUMNS,
     "epoch": pa.int64(),
     "t": pa.float64(),
     "metric": pa.string(),
     "value": pa.float64(),
 }
 _SCHEMAS = {RESULTS_FILE: COLUMNS, CURVES_FILE: CURVE_COLUMNS}
+#: Columns that identify one measurement of :data:`RESULTS_FILE` (``rel_pos`` is measured).
+RESULT_KEY = ("run_id", "epoch", "layer", "metric", "model", "lam", "lam_w", "split")
+#: Columns that identify one point of a curve in :data:`CURVES_FILE`.
+CURVE_KEY = ("run_id", "epoch", "metric", "t")
 
 
 # ------------------------------------------------------------------------------ writing
@@ -144,7 +173,7 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[BinaryIO], None]
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")  # TEMP_GLOB
     try:
         os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
@@ -162,20 +191,35 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
     atomic_write(path, lambda f: f.write(data))
 
 
+def conform(df: pd.DataFrame, columns: dict[str, pa.DataType] = COLUMNS) -> pa.Table:
+    """``df``'s ``columns``, in order, typed as ``columns`` says (a pyarrow table).
+
+    Raises ``KeyError`` naming a missing column and ``pyarrow.ArrowInvalid`` /
+    ``pyarrow.ArrowTypeError`` for a value of the wrong kind.
+    """
+    missing = [c for c in columns if c not in df.columns]
+    if missing:
+        raise KeyError(f"missing column(s) {missing}; the table needs {list(columns)}")
+    schema = pa.schema(list(columns.items()))
+    return pa.Table.from_pandas(df[list(columns)], schema=schema, preserve_index=False)
+
+
 def write_table(
-    path: str | os.PathLike[str], df: pd.DataFrame, meta: dict[str, Any] | None = None
+    path: str | os.PathLike[str],
+    df: pd.DataFrame,
+    meta: dict[str, Any] | None = None,
+    columns: dict[str, pa.DataType] | None = None,
 ) -> Path:
     """Write ``df`` atomically as parquet with ``meta`` (+ the schema version) as metadata.
 
-    The columns and types are those of the file's name (:data:`COLUMNS` for
-    :data:`RESULTS_FILE`, :data:`CURVE_COLUMNS` for :data:`CURVES_FILE`); any other name
-    keeps ``df``'s own columns.
+    The columns and types are ``columns``, by default those of the file's name
+    (:data:`COLUMNS` for :data:`RESULTS_FILE`, :data:`CURVE_COLUMNS` for :data:`CURVES_FILE`);
+    any other name, or an empty ``columns``, keeps ``df``'s own columns.
     """
     path = Path(path)
-    columns = _SCHEMAS.get(path.name)
-    if columns is not None:
-        schema = pa.schema(list(columns.items()))
-        table = pa.Table.from_pandas(df[list(columns)], schema=schema, preserve_index=False)
+    columns = columns if columns is not None else _SCHEMAS.get(path.name)
+    if columns:
+        table = conform(df, columns)
     else:
         table = pa.Table.from_pandas(df, preserve_index=False)
     blob = json.dumps({**(meta or {}), "schema_version": SCHEMA_VERSION}, default=str)
@@ -192,12 +236,20 @@ def empty_frame(name: str = RESULTS_FILE) -> pd.DataFrame:
 
 
 # ------------------------------------------------------------------------------ reading
+def _decode(metadata: dict[bytes, bytes] | None) -> dict[str, Any]:
+    raw = (metadata or {}).get(METADATA_KEY)
+    return json.loads(raw) if raw else {}
+
+
+def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The metadata dict of a parquet file written by :func:`write_table` ({} if none)."""
+    return _decode(pq.read_schema(path).metadata)
+
+
 def read_table(path: str | os.PathLike[str]) -> tuple[pd.DataFrame, dict[str, Any]]:
     """A parquet file written by :func:`write_table`, and its metadata dict."""
     table = pq.read_table(path)
-    raw = (table.schema.metadata or {}).get(METADATA_KEY)
-    meta = json.loads(raw) if raw else {}
-    return table.to_pandas(), meta
+    return table.to_pandas(), _decode(table.schema.metadata)
 
 
 def read_results(path: str | os.PathLike[str]) -> tuple[pd.DataFrame, dict[str, Any]]:

@@ -1,6 +1,6 @@
 """MUFM and UFM surrogate models, solved by batched full-batch gradient descent.
 
-SPEC.md, section "MUFM and UFM" (paper eq. 13 and eq. 2, Theorem 4, section IV-B).
+The paper's surrogate models (eq. 13 and eq. 2, Theorem 4, section IV-B).
 
 Notation: X (d, N) data, H (d, N) last-layer features, W (K, d) classifier,
 Y = I_K (x) 1_n^T (K, N) one-hot targets, N = K n samples ordered class by class.
@@ -17,7 +17,7 @@ H (B, d, N), every step a handful of batched matmuls, no Python loop over the gr
 Every configuration with the same seed starts from the same N(0, 1) draw of (W, H), so a
 batched solve equals the per-configuration solves up to float rounding.
 
-Step sizes (SPEC.md **choice**): W moves with ``lr`` times the gradient of F; with
+Step sizes (our choice; the paper does not fix them): W moves with ``lr`` times the gradient of F; with
 ``h_step="per_sample"`` every column h_i moves with ``lr`` times the gradient of its own
 sample's terms, i.e. the H learning rate is ``lr * N``; ``h_step="mean"`` uses ``lr`` for H
 too (the literal gradient of the mean objective, under which UFM barely moves in 5e4 steps);
@@ -26,10 +26,10 @@ too (the literal gradient of the mean objective, under which UFM barely moves in
 Step-size guard (``h_step_guard=True``, the default; a deviation from plain GD). Each column
 h_i takes a step s = lr_h / N (= lr for the per-sample step) on its own terms, whose Hessian is
 W^T W + lam I for MSE, so the H step is stable only while s (||W||_2^2 + lam) < 2. With N(0, 1)
-initialisation ||W_0||_2^2 is 25-52 for K=5, d=20: at lr = 0.1 every run starts beyond that
-limit, and plain GD survives only if W shrinks fast enough; 4 of the init seeds 0-9 (0, 1, 7,
-8, including the default 0) diverge within ~10 steps. The guard caps the step, per step and
-per configuration, at a fixed fraction c / 2 of its stability limit:
+initialisation ||W_0||_2^2 is far above 2 / lr for the paper's lr = 0.1, so plain GD survives
+only if W shrinks fast enough, and for some init seeds (the default 0 among them) it diverges
+within a few steps. The guard caps the step, per step and per configuration, at a fixed
+fraction c / 2 of its stability limit:
 
     s_b = min(s, c / (curv ||W_b||_2^2 + lam_b)),     c = H_STEP_GUARD_C = 1.9,
 
@@ -39,20 +39,16 @@ K x K Gram W_b W_b^T (``torch.linalg.eigvalsh``), computed only on the steps whe
 bound ||W_b||_2 <= ||W_b||_F does not already show that the cap is inactive. Steps that plain
 GD takes below c / 2 of the limit are unchanged, bit for bit. The guard changes the transient,
 not the problem: the stationary points do not depend on the step size, and near the solutions
-||W||_2^2 <= 2 in the paper setting, far below the cap (c / lr - lam ~ 19), so the last
-iterations are plain GD. Measured in the paper setting (lr 0.1, seeds 0-9, 5e4 steps): every
-seed converges and passes the Fig. 4 / Fig. 5 checks; the guard acts on 2-6 steps for the
-seeds that plain GD survives and on ~130-900 steps for the others. Why c = 1.9 (a 5% margin)
-and not 1 (never overshoot): plain GD leaves the unstable start by shrinking W within a few
-large, oscillating steps; with c = 1 the guarded iterate shrinks W only through the weight
-decay and stays under the guard for 4000-7000 steps, a larger deviation (same end points).
-The W step is not guarded: its curvature lr (||H||_2^2 / N + lam_w / K) stays <= 0.15 here.
-For CE the cap is a worst case: plain GD did not diverge for seeds 0-9 (the CE gradient is
-bounded), yet the guard acts on seeds 0, 1, 7, 8 for 300-1500 steps. Cost: one norm and
-one host sync per step, plus eigvalsh on the steps where ||W||_F is above the cap. Plain GD
-on every step: ``h_step_guard=False``.
+||W||_2^2 is far below the cap, so the last iterations are plain GD. c = 1.9 (a 5% margin)
+rather than 1 lets the iterate leave the unstable start through a few large steps, as plain
+GD does, instead of shrinking W through the weight decay alone. The W step is not guarded
+(its curvature lr (||H||_2^2 / N + lam_w / K) is small in the paper setting). For CE the cap
+is a worst case. Plain GD on every step: ``h_step_guard=False``. How often the guard acts,
+measured: README, "Surrogate solver".
 
-Divergence raises SurrogateDivergedError (checked every 100 steps), never NaN rows.
+Divergence raises SurrogateDivergedError (checked every 100 steps and at every logged step),
+never NaN rows: non-finite values, or an objective that grew GROWTH_LIMIT-fold above its start
+(gradient descent from a too-large ``lr`` can grow without bound and stay finite).
 """
 
 from __future__ import annotations
@@ -64,24 +60,24 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from pfc_sweeps.metrics import pfc_metrics
-
+from .config import H_STEPS, LOSSES, SURROGATE_MODELS
 from .data import gaussian_mixture
+from .metrics import pfc_metrics
+from .schema import DATA_MODEL, PFC_METRICS, SURROGATE_METRICS
 
 __all__ = [
-    "H_STEPS",
+    "GROWTH_LIMIT",
     "H_STEP_GUARD_C",
-    "LOSSES",
     "METHODS",
-    "MODELS",
-    "SURROGATE_METRICS",
     "SurrogateDivergedError",
+    "SurrogateProblem",
     "SurrogateResult",
     "alignment",
     "closed_form_w",
@@ -93,29 +89,32 @@ __all__ = [
     "solve_grid",
 ]
 
-MODELS = ("mufm", "ufm")
-LOSSES = ("ce", "mse")
-H_STEPS = ("per_sample", "per_class", "mean")
 METHODS = ("auto", "direct", "subspace")
-#: metric names of the rows for model in {mufm, ufm}; model="data" rows hold pfc1-3 only.
-SURROGATE_METRICS = ("pfc1", "pfc2", "pfc3", "alignment", "objective", "grad_norm")
-_DATA_METRICS = ("pfc1", "pfc2", "pfc3")
 TABLE_COLUMNS = ("model", "lam", "lam_w", "epoch", "metric", "value")
 #: c of the H step guard: the per-sample H step is capped at c / (curv ||W||_2^2 + lam), i.e. at
 #: c / 2 of its stability limit (module docstring, "Step-size guard")
 H_STEP_GUARD_C = 1.9
-_CHECK_EVERY = 100  # steps between cheap finiteness checks of W (divergence shows there first)
+#: A config diverged when its objective exceeds GROWTH_LIMIT * max(F(W_0, H_0), 1): gradient
+#: descent that works decreases F, so a million-fold rise is growth without bound.
+GROWTH_LIMIT = 1e6
+_CHECK_EVERY = 100  # steps between checks of W and F (divergence shows there first)
 
 
 class SurrogateDivergedError(FloatingPointError):
-    """Gradient descent produced non-finite values (the step is too large for the iterate).
+    """Gradient descent produced non-finite values or an objective that grew without bound
+    (the step is too large for the iterate).
 
     Attributes: ``step`` (the step where it was detected) and ``configs`` (the diverged
     (model, seed, lam) triples).
     """
 
     def __init__(
-        self, step: int, configs: Sequence[tuple[str, int, float]], *, guarded: bool = False
+        self,
+        step: int,
+        configs: Sequence[tuple[str, int, float]],
+        *,
+        guarded: bool = False,
+        reason: str = "non-finite values",
     ):
         self.step = step
         self.configs = list(configs)
@@ -129,7 +128,7 @@ class SurrogateDivergedError(FloatingPointError):
             "use h_step_guard=True (the default), a smaller lr, or h_step='mean'"
         )
         super().__init__(
-            f"surrogate gradient descent diverged (non-finite values) by step {step} "
+            f"surrogate gradient descent diverged ({reason}) by step {step} "
             f"for {shown}{more}: {hint}"
         )
 
@@ -147,7 +146,7 @@ def make_gaussian_data(
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float64,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gaussian data of SPEC.md "MUFM and UFM" (paper section IV-B).
+    """Gaussian data of the surrogate experiments (paper section IV-B).
 
     mu_k uniform on the unit sphere of R^d (normalised standard normal), x_{k,i} ~ N(mu_k, I_d),
     samples ordered class by class so that the targets are Y = I_K (x) 1_n^T.
@@ -193,7 +192,7 @@ def objective(
     lam_w: float,
     loss: str = "mse",
 ) -> torch.Tensor:
-    """F(W, H) of SPEC.md eq. 13 (anchor = X) or eq. 2 (anchor = 0), batched.
+    """F(W, H) of paper eq. 13 (anchor = X) or eq. 2 (anchor = 0), batched.
 
     Args:
         W: (B, K, d); H: (B, d, N); anchor: broadcastable to (B, d, N); Y: (K, N);
@@ -243,7 +242,7 @@ def _residual(Z: torch.Tensor, Y: torch.Tensor, loss: str) -> torch.Tensor:
 
 
 def closed_form_w(H: torch.Tensor, Y: torch.Tensor, lam_w: float) -> torch.Tensor:
-    """Minimiser over W of the MSE objective for fixed H (SPEC.md, Theorem 4).
+    """Minimiser over W of the MSE objective for fixed H (paper, Theorem 4).
 
     Setting dF/dW = (W H - Y) H^T / N + (lam_w / K) W = 0 gives
         W*(H) = Y H^T (H H^T + (N / K) lam_w I_d)^{-1},
@@ -265,7 +264,7 @@ def closed_form_w(H: torch.Tensor, Y: torch.Tensor, lam_w: float) -> torch.Tenso
 
 
 def alignment(H: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
-    """||H/||H||_F - X/||X||_F||_F (SPEC.md "MUFM and UFM", paper Fig. 5); batched over B."""
+    """||H/||H||_F - X/||X||_F||_F (paper, Fig. 5); batched over B."""
     Hn = H / torch.linalg.matrix_norm(H).reshape(*H.shape[:-2], 1, 1)
     Xn = X / torch.linalg.matrix_norm(X)
     return torch.linalg.matrix_norm(Hn - Xn)
@@ -366,7 +365,7 @@ def _use_subspace(method: str, loss: str, d: int, K: int, N: int) -> bool:
 def _pfc(features: torch.Tensor, labels: torch.Tensor, K: int) -> list[float]:
     """[pfc1, pfc2, pfc3] of features (d, N) via the metric engine (samples x dims: pass H^T)."""
     out = pfc_metrics(features.T, labels, K)
-    return [float(out[k]) for k in _DATA_METRICS]
+    return [float(out[k]) for k in PFC_METRICS]
 
 
 @contextmanager
@@ -391,6 +390,85 @@ def _init_draw(seed: int, K: int, d: int, N: int) -> tuple[torch.Tensor, torch.T
     return W0, H0
 
 
+@dataclass(frozen=True)
+class SurrogateProblem:
+    """One grid of surrogate solves: every (model, seed, lam) of ``models x seeds x lams``.
+
+    Plain full-batch gradient descent from W, H ~ N(0, 1) (one CPU float64 draw per seed,
+    shared by every model and lam with that seed), both blocks updated from the same iterate:
+        W <- W - lr dF/dW,    H <- H - lr_H dF/dH,
+    lr_H = lr * N (``h_step="per_sample"``: each h_i takes an ``lr`` step on its own sample's
+    terms, our choice), lr * N / K = lr * n (``"per_class"``) or lr (``"mean"``).
+    ``h_step_guard``: on the steps where that H step would be at or beyond its stability
+    limit, lr_H is shortened per configuration to N * H_STEP_GUARD_C / (curv ||W||_2^2 + lam)
+    (curv = 1 MSE, 1/2 CE); every other step is plain GD, bit for bit (module docstring).
+
+    ``method``: "direct" iterates on H (B, d, N). "subspace" (MSE only) iterates on the
+    coordinates of H's rows in an orthonormal basis (N, D) of the row span of [H0; X; Y],
+    D = 2d + K: the MSE step is affine in H with only H0, X and Y as sources, so H never
+    leaves that span and the iterates are the same up to rounding, at D/N of the cost.
+    "auto" = subspace for MSE when D < N.
+
+    Fields: X (d, N) data; labels (N,) ints in [0, K), every class present; K >= 2,
+    d >= K-1; lams >= 0; lam_w >= 0; lr > 0; steps >= 1; log_every >= 1 or None (first and
+    last step only); ``seed_column``: the table gets an Int64 ``seed`` column; ``device``:
+    where to solve (None: X's device); dtype float64 or float32; ``log_data``: log pfc1-3 of
+    X as model="data" rows. Construction checks every field and raises ``ValueError``.
+    """
+
+    X: torch.Tensor
+    labels: torch.Tensor
+    K: int
+    lams: tuple[float, ...]
+    lam_w: float = 0.005
+    models: tuple[str, ...] = ("mufm",)
+    seeds: tuple[int, ...] = (0,)
+    seed_column: bool = False
+    loss: str = "mse"
+    lr: float = 0.1
+    steps: int = 50_000
+    log_every: int | None = 1000
+    h_step: str = "per_sample"
+    h_step_guard: bool = True
+    device: torch.device | str | None = None
+    dtype: torch.dtype = torch.float64
+    log_data: bool = True
+    method: str = "auto"
+
+    def __post_init__(self) -> None:
+        _check_int("K", self.K, 2)
+        for m in self.models:
+            _check_choice("model", m, SURROGATE_MODELS)
+        for lam in self.lams:
+            _check_float("lam", lam, positive=False)
+        _check_float("lam_w", self.lam_w, positive=False)
+        _check_choice("loss", self.loss, LOSSES)
+        _check_float("lr", self.lr, positive=True)
+        _check_int("steps", self.steps, 1)
+        if self.log_every is not None:
+            _check_int("log_every", self.log_every, 1)
+        _check_choice("h_step", self.h_step, H_STEPS)
+        if not isinstance(self.h_step_guard, bool):
+            raise ValueError(
+                f"h_step_guard={self.h_step_guard!r} is invalid: expected True or False"
+            )
+        for s in self.seeds:
+            _check_int("seed", s, 0)
+        _check_dtype(self.dtype)
+        _check_choice("method", self.method, METHODS)
+        if self.method == "subspace" and self.loss != "mse":
+            raise ValueError(
+                f"method='subspace' with loss={self.loss!r} is invalid: it needs loss='mse'"
+            )
+        _validate_data(self.X, self.labels, self.K)
+
+    @property
+    def configs(self) -> list[tuple[str, int, float]]:
+        """The B (model, seed, lam) triples, in the order itertools.product(models, seeds, lams)."""
+        grid = itertools.product(self.models, self.seeds, self.lams)
+        return [(m, int(s), float(lam)) for m, s, lam in grid]
+
+
 def solve_batched(
     X: torch.Tensor,
     labels: torch.Tensor,
@@ -399,212 +477,205 @@ def solve_batched(
     lam_w: float = 0.005,
     *,
     models: str | Sequence[str] = "mufm",
-    loss: str = "mse",
-    lr: float = 0.1,
-    steps: int = 50_000,
-    log_every: int | None = 1000,
-    h_step: str = "per_sample",
-    h_step_guard: bool = True,
     seeds: int | Sequence[int] = 0,
-    device: torch.device | str | None = None,
-    dtype: torch.dtype = torch.float64,
-    callback: Callable[[int, pd.DataFrame], None] | None = None,
-    log_data: bool = True,
-    method: str = "auto",
     num_threads: int | None = 1,
+    callback: Callable[[int, pd.DataFrame], None] | None = None,
+    **options: Any,
 ) -> SurrogateResult:
-    """Solve MUFM/UFM (SPEC.md "MUFM and UFM") for the grid models x seeds x lams at once.
+    """Solve MUFM/UFM (paper eq. 13 / eq. 2) for the grid models x seeds x lams at once.
 
-    Plain full-batch gradient descent from W, H ~ N(0, 1) (one CPU float64 draw per seed,
-    shared by every model and lam with that seed), both blocks updated from the same iterate:
-        W <- W - lr dF/dW,    H <- H - lr_H dF/dH,
-    lr_H = lr * N (``h_step="per_sample"``: each h_i takes an ``lr`` step on its own sample's
-    terms, SPEC.md **choice**), lr * N / K = lr * n (``"per_class"``) or lr (``"mean"``).
-    ``h_step_guard`` (default True): on the steps where that H step would be at or beyond its
-    stability limit, lr_H is shortened per configuration to
-    N * H_STEP_GUARD_C / (curv ||W||_2^2 + lam) (curv = 1 MSE, 1/2 CE); every other step is
-    plain GD, bit for bit, and the stationary points are unchanged (module docstring,
-    "Step-size guard"). False: plain GD on every step (the paper's lr then diverges for about
-    half of the init seeds).
+    ``options`` are the other fields of :class:`SurrogateProblem` (loss, lr, steps,
+    log_every, h_step, h_step_guard, device, dtype, log_data, method), which also says how
+    the problem is solved. ``models``, ``seeds`` and ``lams`` are a value or a sequence
+    (a sequence of seeds gives the table an Int64 "seed" column).
 
-    Logged at step 0, every ``log_every`` steps and at the last step (``log_every=None``: first
-    and last only), one row per (config, metric) with the metric names of SURROGATE_METRICS:
-        pfc1, pfc2, pfc3 of H (``pfc_sweeps.metrics.pfc_metrics`` on H^T), alignment
-        ||H/||H||_F - X/||X||_F||_F, objective F(W, H), and grad_norm =
-        sqrt(||dF/dW||_F^2 + ||dF/dH||_F^2): the Euclidean (Frobenius) norm of the gradient of
-        the objective F itself w.r.t. (W, H), the same whatever ``h_step`` is.
-    With ``log_data`` the pfc1-3 of X are logged at step 0 and at the last step as rows with
-    model="data", lam=NaN, lam_w=NaN (seed <NA> when a seed column is present).
-
-    ``method``: "direct" iterates on H (B, d, N). "subspace" (MSE only) iterates on the
-    coordinates of H's rows in an orthonormal basis (N, D) of the row span of [H0; X; Y],
-    D = 2d + K: the MSE step is affine in H with only H0, X and Y as sources, so H never
-    leaves that span and the iterates are the same up to rounding (~1e-14 here), at D/N of the
-    cost (45 vs 500 columns in the paper setting). "auto" = subspace for MSE when D < N.
+    Logged at step 0, every ``log_every`` steps and at the last step, one row per (config,
+    metric) with the metric names of SURROGATE_METRICS: pfc1, pfc2, pfc3 of H
+    (``pfc_sweeps.metrics.pfc_metrics`` on H^T), alignment ||H/||H||_F - X/||X||_F||_F,
+    objective F(W, H), and grad_norm = sqrt(||dF/dW||_F^2 + ||dF/dH||_F^2), the norm of the
+    gradient of F itself whatever ``h_step`` is. With ``log_data`` the pfc1-3 of X are logged
+    at step 0 and at the last step as rows with model="data", lam=NaN, lam_w=NaN.
+    ``callback(step, rows)`` runs after each logged step, with that step's rows.
 
     ``num_threads``: torch intra-op threads during the solve (restored after; None: leave as
-    is). The default 1 is fastest for these small matrices; with 2 threads on a shared 2-core
-    machine the 40-lam grid ran 20x slower (measured).
-
-    Args:
-        X: (d, N) data; labels: (N,) ints in [0, K), every class present; K >= 2; d >= K-1.
-        lams: lam >= 0 (a value or a grid). lam_w >= 0. lr > 0. steps >= 1. log_every >= 1.
-        models: "mufm", "ufm" or a sequence of them (fig. 4 solves both in one program).
-        h_step: "per_sample", "per_class" or "mean". h_step_guard: True or False.
-        seeds: an int >= 0, or a sequence (then the table gets an Int64 "seed" column).
-        device: where to solve (default: X's device). dtype: torch.float64 or torch.float32.
-        callback: ``callback(step, rows)`` after each logged step, with that step's rows.
+    is); 1 is fastest for these small matrices (README, "Surrogate solver").
 
     Raises:
-        ValueError: bad input, before any work. SurrogateDivergedError: non-finite values
-        (checked every 100 steps and at every logged step).
+        ValueError: bad input, before any work. SurrogateDivergedError: non-finite values, or
+        an objective that grew :data:`GROWTH_LIMIT`-fold above its start (checked every 100
+        steps and at every logged step).
     """
-    model_list = _as_list("models", models)
-    seed_list = _as_list("seeds", seeds)
-    lam_list = _as_list("lams", lams)
-    _check_int("K", K, 2)
-    for m in model_list:
-        _check_choice("model", m, MODELS)
-    for lam in lam_list:
-        _check_float("lam", lam, positive=False)
-    _check_float("lam_w", lam_w, positive=False)
-    _check_choice("loss", loss, LOSSES)
-    _check_float("lr", lr, positive=True)
-    _check_int("steps", steps, 1)
-    if log_every is not None:
-        _check_int("log_every", log_every, 1)
-    _check_choice("h_step", h_step, H_STEPS)
-    if not isinstance(h_step_guard, bool):
-        raise ValueError(f"h_step_guard={h_step_guard!r} is invalid: expected True or False")
-    for s in seed_list:
-        _check_int("seed", s, 0)
-    _check_dtype(dtype)
-    _check_choice("method", method, METHODS)
-    if method == "subspace" and loss != "mse":
-        raise ValueError(f"method='subspace' with loss={loss!r} is invalid: it needs loss='mse'")
+    problem = SurrogateProblem(
+        X,
+        labels,
+        K,
+        tuple(_as_list("lams", lams)),
+        lam_w,
+        models=tuple(_as_list("models", models)),
+        seeds=tuple(_as_list("seeds", seeds)),
+        seed_column=not isinstance(seeds, numbers.Integral),
+        **options,
+    )
     if num_threads is not None:
         _check_int("num_threads", num_threads, 1)
-    _validate_data(X, labels, K)
     with _torch_threads(num_threads):
-        return _solve(
-            X, labels, K, lam_list, float(lam_w), model_list, [int(s) for s in seed_list],
-            not isinstance(seeds, numbers.Integral), loss, float(lr), steps, log_every, h_step,
-            h_step_guard, device, dtype, callback, log_data, method,
-        )  # fmt: skip
+        return _Solver(problem, callback).run()
 
 
-def _solve(
-    X, labels, K, lam_list, lam_w, model_list, seed_list, seed_column, loss, lr, steps,
-    log_every, h_step, h_step_guard, device, dtype, callback, log_data, method,
-) -> SurrogateResult:  # fmt: skip
-    """The body of :func:`solve_batched`, on validated inputs."""
-    device = torch.device(device) if device is not None else X.device
-    d, N = X.shape
-    grid = itertools.product(model_list, seed_list, lam_list)
-    configs = [(m, s, float(lam)) for m, s, lam in grid]  # B (model, seed, lam) triples
-    B = len(configs)
+class _Solver:
+    """Gradient descent on a :class:`SurrogateProblem`: the batched state and its steps."""
 
-    Xd = X.to(device=device, dtype=dtype)  # (d, N)
-    lab = labels.to(device=device).long()  # (N,)
-    Y = one_hot_targets(lab, K, dtype=dtype)  # (K, N)
-    inits = {s: _init_draw(s, K, d, N) for s in seed_list}
-    W = torch.stack([inits[s][0] for _, s, _ in configs]).to(device=device, dtype=dtype)
-    H0 = torch.stack([inits[s][1] for _, s, _ in configs]).to(device=device, dtype=dtype)
+    def __init__(self, p: SurrogateProblem, callback: Callable[[int, pd.DataFrame], None] | None):
+        self.p, self.callback = p, callback
+        device = torch.device(p.device) if p.device is not None else p.X.device
+        dtype, K = p.dtype, p.K
+        d, N = p.X.shape
+        self.configs = p.configs
+        B = len(self.configs)
+        self.X = p.X.to(device=device, dtype=dtype)  # (d, N)
+        self.lab = p.labels.to(device=device).long()  # (N,)
+        self.Y = one_hot_targets(self.lab, K, dtype=dtype)  # (K, N)
+        seeds = [int(s) for s in p.seeds]
+        inits = {s: _init_draw(s, K, d, N) for s in seeds}
+        cfg_seeds = [s for _, s, _ in self.configs]
+        self.W = torch.stack([inits[s][0] for s in cfg_seeds]).to(device=device, dtype=dtype)
+        H0 = torch.stack([inits[s][1] for s in cfg_seeds]).to(device=device, dtype=dtype)
+        self.lam_t = torch.tensor([c[2] for c in self.configs], dtype=dtype, device=device)  # (B,)
+        is_mufm = torch.tensor([c[0] == "mufm" for c in self.configs], dtype=dtype, device=device)
+        self.anchor = is_mufm.reshape(B, 1, 1) * self.X  # (B, d, N): X for MUFM, 0 for UFM
 
-    lam_t = torch.tensor([c[2] for c in configs], dtype=dtype, device=device)  # (B,)
-    is_mufm = torch.tensor([c[0] == "mufm" for c in configs], dtype=dtype, device=device)  # (B,)
-    anchor = is_mufm.reshape(B, 1, 1) * Xd  # (B, d, N): X for MUFM, 0 for UFM
+        lr, lam_w = float(p.lr), float(p.lam_w)
+        lr_h = {"per_sample": lr * N, "per_class": lr * N / K, "mean": lr}[p.h_step]
+        # W <- (1 - lr lam_w / K) W - (lr / N) R H^T,  R = N dL/dZ  (the objective above)
+        self.beta_w, self.alpha_w = 1.0 - lr * lam_w / K, -lr / N
+        # H <- (1 - c) H + c anchor - (lr_h / N) W^T R,  c = lr_h lam / N  (per config)
+        lam_b = self.lam_t.reshape(B, 1, 1)  # (B, 1, 1)
+        self.c = (lr_h / N) * lam_b  # (B, 1, 1)
+        self.keep_h, self.alpha_h = 1.0 - self.c, -lr_h / N
+        self.guard = _HStepGuard(lr_h / N, lam_b, p.loss) if p.h_step_guard else None
+        basis = None
+        if _use_subspace(p.method, p.loss, d, K, N):
+            # basis of the row span of [H0; X; Y] for each seed (see SurrogateProblem)
+            basis = {
+                s: torch.linalg.qr(
+                    torch.cat([inits[s][1].to(device=device, dtype=dtype), self.X, self.Y]).T
+                ).Q
+                for s in seeds
+            }  # (N, D) each
+        self._set_coordinates(H0, basis, cfg_seeds)
+        self.rows: list[tuple] = []
+        self.data_pfc = _pfc(self.X, self.lab, K) if p.log_data else []
+        self.obj0: torch.Tensor | None = None
 
-    lr_h = {"per_sample": lr * N, "per_class": lr * N / K, "mean": lr}[h_step]
-    # W <- (1 - lr lam_w / K) W - (lr / N) R H^T,  R = N dL/dZ  (SPEC.md objective)
-    beta_w, alpha_w = 1.0 - lr * lam_w / K, -lr / N
-    # H <- (1 - c) H + c anchor - (lr_h / N) W^T R,  c = lr_h lam / N  (per config)
-    lam_b = lam_t.reshape(B, 1, 1)  # (B, 1, 1)
-    c = (lr_h / N) * lam_b  # (B, 1, 1)
-    keep_h, alpha_h = 1.0 - c, -lr_h / N
-    guard = _HStepGuard(lr_h / N, lam_b, loss) if h_step_guard else None
+    def _set_coordinates(self, H0: torch.Tensor, basis: dict | None, cfg_seeds: list) -> None:
+        """The iterate Hs: H itself (B, d, N), or its coordinates (B, d, D) in ``basis``."""
+        if basis is None:
+            self.Q = None
+            self.Hs = H0  # (B, d, N)
+            self.negYs = -self.Y  # (K, N)
+            self.anchor_s = self.anchor  # (B, d, N)
+        else:
+            self.Q = torch.stack([basis[s] for s in cfg_seeds])  # (B, N, D)
+            self.Hs = H0 @ self.Q  # (B, d, D) coordinates of H
+            self.negYs = -(self.Y @ self.Q)  # (B, K, D)
+            self.anchor_s = self.anchor @ self.Q  # (B, d, D)
+        self.c_anchor = self.c * self.anchor_s  # (B, d, N|D)
 
-    if _use_subspace(method, loss, d, K, N):
-        # basis of the row span of [H0; X; Y] for each seed (see the docstring)
-        basis = {
-            s: torch.linalg.qr(torch.cat([inits[s][1].to(device=device, dtype=dtype), Xd, Y]).T).Q
-            for s in seed_list
-        }  # (N, D) each
-        Q = torch.stack([basis[s] for _, s, _ in configs])  # (B, N, D)
-        Hs = H0 @ Q  # (B, d, D) coordinates of H
-        negYs = -(Y @ Q)  # (B, K, D)
-        anchor_s = anchor @ Q  # (B, d, D)
-    else:
-        Q = None
-        Hs = H0  # (B, d, N)
-        negYs = -Y  # (K, N)
-        anchor_s = anchor  # (B, d, N)
-    c_anchor = c * anchor_s  # (B, d, N|D)
-    del H0
-    mse = loss == "mse"
-    rows: list[tuple] = []
-    data_pfc = _pfc(Xd, lab, K) if log_data else []
+    def full_h(self) -> torch.Tensor:
+        return self.Hs if self.Q is None else self.Hs @ self.Q.mT  # (B, d, N)
 
-    def full_h() -> torch.Tensor:
-        return Hs if Q is None else Hs @ Q.mT  # (B, d, N)
+    def _objective(self, H: torch.Tensor) -> torch.Tensor:
+        p = self.p
+        return objective(self.W, H, self.anchor, self.Y, self.lam_t, float(p.lam_w), p.loss)
 
-    def log(step: int) -> None:
-        H = full_h()
-        obj = objective(W, H, anchor, Y, lam_t, lam_w, loss)  # (B,)
-        gW, gH = gradients(W, H, anchor, Y, lam_t, lam_w, loss)
+    def _diverged(self, step: int, bad: torch.Tensor, reason: str) -> SurrogateDivergedError:
+        configs = [self.configs[i] for i in bad.nonzero().flatten().tolist()]
+        return SurrogateDivergedError(step, configs, guarded=self.p.h_step_guard, reason=reason)
+
+    def _check_growth(self, step: int, obj: torch.Tensor) -> None:
+        """Raise when a config's objective is non-finite or grew without bound (B,)."""
+        if self.obj0 is None:
+            self.obj0 = obj
+        bad = ~torch.isfinite(obj)
+        if bool(bad.any()):
+            raise self._diverged(step, bad, "non-finite values")
+        grown = obj > GROWTH_LIMIT * self.obj0.clamp(min=1.0)  # (B,)
+        if bool(grown.any()):
+            i = int(grown.nonzero()[0])
+            reason = f"objective grew from {float(self.obj0[i]):.3g} to {float(obj[i]):.3g}"
+            raise self._diverged(step, grown, reason)
+
+    def log(self, step: int) -> None:
+        """Record the rows of ``step`` (and hand them to the callback)."""
+        p, H = self.p, self.full_h()
+        obj = self._objective(H)  # (B,)
+        gW, gH = gradients(self.W, H, self.anchor, self.Y, self.lam_t, float(p.lam_w), p.loss)
         gnorm = (gW.square().sum(dim=(-2, -1)) + gH.square().sum(dim=(-2, -1))).sqrt()  # (B,)
         bad = ~(torch.isfinite(obj) & torch.isfinite(gnorm))
         if bool(bad.any()):
-            raise SurrogateDivergedError(
-                step, [configs[i] for i in bad.nonzero().flatten().tolist()], guarded=h_step_guard
-            )
-        align = alignment(H, Xd)  # (B,)
+            raise self._diverged(step, bad, "non-finite values")
+        self._check_growth(step, obj)
+        align = alignment(H, self.X)  # (B,)
         obj_l, gnorm_l, align_l = obj.tolist(), gnorm.tolist(), align.tolist()
         new: list[tuple] = []
-        if log_data and step in (0, steps):
-            for metric, v in zip(_DATA_METRICS, data_pfc, strict=True):
-                new.append(("data", math.nan, math.nan, step, metric, v, None))
-        for b, (m, s, lam) in enumerate(configs):
-            vals = (*_pfc(H[b], lab, K), align_l[b], obj_l[b], gnorm_l[b])
+        if p.log_data and step in (0, p.steps):
+            for metric, v in zip(PFC_METRICS, self.data_pfc, strict=True):
+                new.append((DATA_MODEL, math.nan, math.nan, step, metric, v, None))
+        for b, (m, s, lam) in enumerate(self.configs):
+            vals = (*_pfc(H[b], self.lab, p.K), align_l[b], obj_l[b], gnorm_l[b])
             for metric, v in zip(SURROGATE_METRICS, vals, strict=True):
-                new.append((m, lam, lam_w, step, metric, v, s))
-        rows.extend(new)
-        if callback is not None:
-            callback(step, _to_frame(new, seed_column))
+                new.append((m, lam, float(p.lam_w), step, metric, v, s))
+        self.rows.extend(new)
+        if self.callback is not None:
+            self.callback(step, _to_frame(new, p.seed_column))
 
-    every = steps if log_every is None else log_every
-    log(0)
-    with tqdm(total=steps, disable=not sys.stderr.isatty(), desc="surrogate GD") as bar:
-        step = 0
-        while step < steps:
-            # run to the next log step or divergence check, whichever comes first
-            chunk = min(every - step % every, _CHECK_EVERY - step % _CHECK_EVERY, steps - step)
-            for _ in range(chunk):
-                if mse:
-                    R = torch.baddbmm(negYs, W, Hs)  # (B, K, N|D) = W H - Y
+    def check(self, step: int) -> None:
+        """The periodic check between logged steps: finite W, bounded objective."""
+        if not bool(torch.isfinite(self.W).all()):
+            bad = ~torch.isfinite(self.W).flatten(1).all(dim=1)  # (B,)
+            raise self._diverged(step, bad, "non-finite values")
+        self._check_growth(step, self._objective(self.full_h()))
+
+    def step(self) -> None:
+        """One GD step of every configuration (both blocks from the same iterate)."""
+        W, Hs = self.W, self.Hs
+        if self.p.loss == "mse":
+            R = torch.baddbmm(self.negYs, W, Hs)  # (B, K, N|D) = W H - Y
+        else:
+            R = torch.softmax(torch.bmm(W, Hs), dim=1).add_(self.negYs)  # (B, K, N)
+        W_next = torch.baddbmm(W, R, Hs.mT, beta=self.beta_w, alpha=self.alpha_w)  # (B, K, d)
+        r = None if self.guard is None else self.guard.ratio(W)  # (B, 1, 1) or None (inactive)
+        if r is None:
+            Hs = torch.baddbmm(
+                torch.addcmul(self.c_anchor, Hs, self.keep_h), W.mT, R, alpha=self.alpha_h
+            )
+        else:  # the same step with lr_h scaled by r in (0, 1] per config
+            cr = self.c * r  # (B, 1, 1)
+            Hs = torch.addcmul(cr * self.anchor_s, Hs, 1.0 - cr)
+            Hs = torch.baddbmm(Hs, (r * W).mT, R, alpha=self.alpha_h)
+        self.W, self.Hs = W_next, Hs
+
+    def run(self) -> SurrogateResult:
+        steps = self.p.steps
+        every = steps if self.p.log_every is None else self.p.log_every
+        self.log(0)
+        with tqdm(total=steps, disable=not sys.stderr.isatty(), desc="surrogate GD") as bar:
+            step = 0
+            while step < steps:
+                # run to the next log step or divergence check, whichever comes first
+                chunk = min(every - step % every, _CHECK_EVERY - step % _CHECK_EVERY, steps - step)
+                for _ in range(chunk):
+                    self.step()
+                step += chunk
+                bar.update(chunk)
+                if step % every == 0 or step == steps:
+                    self.log(step)
                 else:
-                    R = torch.softmax(torch.bmm(W, Hs), dim=1).add_(negYs)  # (B, K, N)
-                W_next = torch.baddbmm(W, R, Hs.mT, beta=beta_w, alpha=alpha_w)  # (B, K, d)
-                r = None if guard is None else guard.ratio(W)  # (B, 1, 1) or None (inactive)
-                if r is None:
-                    Hs = torch.baddbmm(torch.addcmul(c_anchor, Hs, keep_h), W.mT, R, alpha=alpha_h)
-                else:  # the same step with lr_h scaled by r in (0, 1] per config
-                    cr = c * r  # (B, 1, 1)
-                    Hs = torch.addcmul(cr * anchor_s, Hs, 1.0 - cr)
-                    Hs = torch.baddbmm(Hs, (r * W).mT, R, alpha=alpha_h)
-                W = W_next
-            step += chunk
-            bar.update(chunk)
-            if step % every == 0 or step == steps:
-                log(step)
-            elif not bool(torch.isfinite(W).all()):
-                bad = ~torch.isfinite(W).flatten(1).all(dim=1)  # (B,)
-                raise SurrogateDivergedError(
-                    step, [configs[i] for i in bad.nonzero().flatten().tolist()],
-                    guarded=h_step_guard,
-                )  # fmt: skip
-    guarded = [0] * B if guard is None else guard.active_steps.tolist()
-    return SurrogateResult(_to_frame(rows, seed_column), W, full_h(), configs, steps, guarded)
+                    self.check(step)
+        B = len(self.configs)
+        guarded = [0] * B if self.guard is None else self.guard.active_steps.tolist()
+        table = _to_frame(self.rows, self.p.seed_column)
+        return SurrogateResult(table, self.W, self.full_h(), self.configs, steps, guarded)
 
 
 class _HStepGuard:
@@ -659,26 +730,19 @@ def solve_grid(
     K: int,
     lams: float | Sequence[float],
     lam_w: float = 0.005,
-    loss: str = "mse",
-    lr: float = 0.1,
-    steps: int = 50_000,
-    log_every: int | None = 1000,
-    h_step: str = "per_sample",
+    *,
     seed: int | Sequence[int] = 0,
-    device: torch.device | str | None = None,
     callback: Callable[[int, pd.DataFrame], None] | None = None,
-    dtype: torch.dtype = torch.float64,
-    h_step_guard: bool = True,
+    **options: Any,
 ) -> pd.DataFrame:
     """Entry point of the task layer: solve ``model`` for every lam in ``lams`` in one batch.
 
     Returns the tidy long table with columns [model, lam, lam_w, epoch, metric, value]
     (epoch = GD step; model in {data, mufm, ufm}), plus an Int64 ``seed`` column when ``seed``
-    is a sequence. See :func:`solve_batched` for the metrics, the data rows, the steps and
-    ``h_step_guard`` (default True: the H step guard of the module docstring).
+    is a sequence. ``options``: the fields of :class:`SurrogateProblem` (loss, lr, steps,
+    log_every, h_step, h_step_guard, device, dtype, ...); see :func:`solve_batched`.
     """
-    return solve_batched(
-        X, labels, K, lams, lam_w,
-        models=model, loss=loss, lr=lr, steps=steps, log_every=log_every, h_step=h_step,
-        h_step_guard=h_step_guard, seeds=seed, device=device, dtype=dtype, callback=callback,
-    ).table  # fmt: skip
+    result = solve_batched(
+        X, labels, K, lams, lam_w, models=model, seeds=seed, callback=callback, **options
+    )
+    return result.table

@@ -30,11 +30,11 @@ from torch import Tensor, nn
 
 from .build import build_data, build_net, resolve_device
 from .config import Config
-from .errors import Diverged
+from .errors import Diverged, PFCError
 from .loggers import RunLogger
-from .measure import Data, collapse_table, geodesic_ts, metric_rows, print_final
+from .measure import Data, collapse_table, geodesic_ts, print_final, record_metrics
 from .results import ResultsSink
-from .schema import CHECKPOINT_FILE, RUN_LAYER, atomic_write
+from .schema import CHECKPOINT_FILE, RESULTS_FILE, RUN_LAYER, atomic_write
 
 __all__ = ["Trainer", "evaluate", "loss_fn", "run_training"]
 
@@ -135,14 +135,28 @@ class Trainer:
             self._restore()
 
     def _restore(self) -> None:
-        state = torch.load(self.ckpt_path, map_location=self.device, weights_only=False)
+        try:
+            state = torch.load(self.ckpt_path, map_location=self.device, weights_only=False)
+        except Exception as e:  # torch raises many types for a truncated or foreign file
+            raise PFCError(
+                f"{self.ckpt_path} is corrupt or unreadable ({type(e).__name__}); delete it and "
+                f"{RESULTS_FILE} to start the job over, or use a new hydra.run.dir"
+            ) from None
         self.model.load_state_dict(state["model"])
         self.opt.load_state_dict(state["optim"])
         self.sched.load_state_dict(state["sched"])
         self.shuffle.set_state(state["shuffle"])
         _set_rng_state(state["rng"])
-        self.sink.load_rows(pd.read_parquet(io.BytesIO(state["rows"])))
+        self.sink.load_rows(
+            pd.read_parquet(io.BytesIO(state["rows"])), pd.read_parquet(io.BytesIO(state["curves"]))
+        )
         self.start_epoch = state["epoch"] + 1
+        if self.start_epoch > self.cfg.train.epochs:
+            print(f"{self.ckpt_path} has all {self.cfg.train.epochs} epochs; finishing the job.")
+            rows = self.sink.frame()
+            last = rows[(rows["epoch"] == rows["epoch"].max()) & (rows["layer"] >= 0)]
+            self.last_table = last if len(last) else None
+            return
         print(
             f"Resuming from {self.ckpt_path} at epoch {self.start_epoch} of {self.cfg.train.epochs}."
         )
@@ -156,6 +170,7 @@ class Trainer:
             "shuffle": self.shuffle.get_state(),
             "rng": _rng_state(),
             "rows": _rows_to_bytes(self.sink.frame()),
+            "curves": _rows_to_bytes(self.sink.curves_frame()),
         }
         atomic_write(self.ckpt_path, lambda f: torch.save(state, f))
 
@@ -203,7 +218,8 @@ class Trainer:
         return _scalar_rows(epoch, scalars)
 
     def _measure(self, epoch: int) -> pd.DataFrame | None:
-        """The metric rows of this epoch on the training set, or None between metric epochs."""
+        """The metric rows of this epoch on the training set (its curves go to the sink and
+        the logger), or None between metric epochs."""
         tr = self.cfg.train
         last = epoch == tr.epochs
         if not (last or epoch % tr.metrics_every == 0):
@@ -218,7 +234,7 @@ class Trainer:
             batch=tr.eval_batch_size,
         )
         self.last_table = table
-        return metric_rows(table, curves, epoch, "train")
+        return record_metrics(self.sink, table, curves, epoch, "train")
 
     def run_epoch(self, epoch: int) -> pd.DataFrame:
         """Train one epoch, measure, record the rows, checkpoint; returns the epoch's rows."""

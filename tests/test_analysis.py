@@ -1,13 +1,12 @@
 """Tests of analysis/ (issue 5): aggregation, figures, summary.
 
-All inputs are generated here in the tidy schema of /tmp/pfc_design.md and laid out as the
-producers do: <sweep>/<job_num>/{metrics.parquet (metadata b"pfc_sweeps"), run_id, done, .hydra/}
+All inputs are generated here in the format of pfc_sweeps.schema and laid out as the
+producers do: <sweep>/<job_num>/{metrics.parquet, curves.parquet, run_id, done, .hydra/}
 next to <sweep>/multirun.yaml.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from pathlib import Path
@@ -15,43 +14,64 @@ from pathlib import Path
 import matplotlib
 import numpy as np
 import pandas as pd
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 from matplotlib.collections import PolyCollection
 from matplotlib.colors import to_rgb
 from matplotlib.patches import Rectangle
 
 from analysis import aggregate as agg_mod
-from analysis import figures, summary
+from analysis import discovery, figures, summary
 from analysis.aggregate import (
-    ID_COLUMNS,
-    SCHEMA,
     NoResultsError,
     SchemaError,
     aggregate,
     drop_duplicate_rows,
-    expected_job_count,
     load,
     read_aggregate,
 )
+from analysis.discovery import expected_job_count
 from analysis.figures import FigureDataError
 from analysis.summary import is_monotone, summarize_surrogate, summarize_train
 from analysis.tidy import ci95
+from pfc_sweeps.schema import (
+    COLUMNS,
+    CURVE_COLUMNS,
+    CURVE_KEY,
+    CURVES_FILE,
+    RESULT_KEY,
+    RESULTS_FILE,
+    write_table,
+)
 
 matplotlib.use("Agg")
 
 # ----------------------------------------------------------------------------- generators
 
 
-def _frame(rows: list[dict], meta: dict) -> pd.DataFrame:
+def _frame(rows: list[dict], meta: dict, columns=COLUMNS) -> pd.DataFrame:
     df = pd.DataFrame(rows)
     for k, v in meta.items():
-        df[k] = v
-    for col in SCHEMA:
+        if k in columns and k not in df.columns:
+            df[k] = v
+    for col in columns:
         if col not in df.columns:
             df[col] = np.nan
-    return df[list(SCHEMA)].astype(SCHEMA)
+    return discovery.normalize_table(df, columns=columns)
+
+
+def _train_meta(run_id, *, dataset, seed, sweep_id):
+    return dict(
+        run_id=run_id,
+        sweep_id=sweep_id,
+        task="train",
+        dataset=dataset,
+        arch="fc_resnet",
+        loss="ce",
+        seed=seed,
+        lam=np.nan,
+        lam_w=np.nan,
+        model="net",
+    )
 
 
 def pfc_profile(n_layers: int, epoch: int, *, bump: float = 0.0, bump_layer: int = 2) -> dict:
@@ -75,11 +95,10 @@ def train_frame(
     epochs: tuple[int, ...] = (0, 1, 2),
     bump: float = 0.0,
     pfc3_decreasing: bool = False,
-    n_t: int = 5,
     noise: float = 0.0,
     sweep_id: str = "sw",
 ) -> pd.DataFrame:
-    """A training run's rows: per-layer PFC/NC rows, run-level scalars, geodesic curve rows."""
+    """A training run's rows: per-layer PFC/NC rows and run-level scalars."""
     rng = np.random.default_rng(seed)
     L = n_layers - 1
     rel = np.sqrt(np.arange(n_layers) / L)  # r_0 = 0, r_L = 1, non-uniform
@@ -134,29 +153,30 @@ def train_frame(
                 value=0.8 + 0.01 * e,
             )
         )
+    return _frame(rows, _train_meta(run_id, dataset=dataset, seed=seed, sweep_id=sweep_id))
+
+
+def train_curves(
+    run_id: str,
+    *,
+    dataset: str = "digits",
+    seed: int = 0,
+    n_layers: int = 4,
+    epochs: tuple[int, ...] = (0, 1, 2),
+    bump: float = 0.0,
+    n_t: int = 5,
+    sweep_id: str = "sw",
+) -> pd.DataFrame:
+    """The run's geodesic curves (curves.parquet): straight lines at the last epoch."""
     last = epochs[-1]
     prof = pfc_profile(n_layers, last, bump=bump)
+    rows = []
     for t in np.linspace(0, 1, n_t):
         for m, vals in prof.items():
             v = vals[0] + t * (vals[-1] - vals[0])
-            rows.append(
-                dict(
-                    epoch=last, split="train", layer=-1, rel_pos=t, metric=f"geodesic_{m}", value=v
-                )
-            )
-    meta = dict(
-        run_id=run_id,
-        sweep_id=sweep_id,
-        task="train",
-        dataset=dataset,
-        arch="fc_resnet",
-        loss="ce",
-        seed=seed,
-        lam=np.nan,
-        lam_w=np.nan,
-        model="net",
-    )
-    return _frame(rows, meta)
+            rows.append(dict(epoch=last, t=t, metric=m, value=v))
+    meta = _train_meta(run_id, dataset=dataset, seed=seed, sweep_id=sweep_id)
+    return _frame(rows, meta, CURVE_COLUMNS)
 
 
 def mufm_value(metric: str, lam: float, model: str) -> float:
@@ -202,27 +222,23 @@ def surrogate_frame(
     seed: int = 0,
     steps: tuple[int, ...] = (0, 500),
     sweep_id: str = "s",
-    data_lam: str = "nan",
 ) -> pd.DataFrame:
     """A surrogate job's rows (one job may hold a λ grid), as pfc_sweeps.surrogate writes them:
-    model="data" rows once per logged step with lam = lam_w = NaN (``data_lam="nan"``), or
-    repeated per λ with the λ values (``data_lam="per_lam"``). Solution rows at steps before
-    the last hold junk (123), so a figure that does not take the last step is caught."""
+    model="data" rows once per logged step with lam = lam_w = NaN, and arch = model.
+    Solution rows at steps before the last hold junk (123), so a figure that does not take
+    the last step is caught."""
     rows = []
 
     def add(step, m, v, model, lam, lw):
         rows.append(
             dict(epoch=step, split="train", layer=-1, rel_pos=np.nan, metric=m, value=v)
-            | dict(model=model, lam=lam, lam_w=lw)
+            | dict(model=model, lam=lam, lam_w=lw, arch=model)
         )
 
     for step in steps:
         if "data" in models:
-            data_lams = lams if data_lam == "per_lam" else (np.nan,)
-            for lam in data_lams:
-                lw = lam_w if data_lam == "per_lam" else np.nan
-                for m in ("pfc1", "pfc2", "pfc3"):
-                    add(step, m, mufm_value(m, 0, "data"), "data", lam, lw)
+            for m in ("pfc1", "pfc2", "pfc3"):
+                add(step, m, mufm_value(m, 0, "data"), "data", np.nan, np.nan)
         for lam in lams:
             for model in (m for m in models if m != "data"):
                 for m in SUR_METRICS:
@@ -233,7 +249,6 @@ def surrogate_frame(
         sweep_id=sweep_id,
         task=task,
         dataset="gaussian",
-        arch="ufm",
         loss="mse",
         seed=seed,
     )
@@ -248,8 +263,9 @@ def write_job(
     done: bool = True,
     config: dict | None = None,
     run_id: str | None = None,
+    curves: pd.DataFrame | None = None,
 ) -> Path:
-    """Lay a job folder out as the producers do (metadata key b"pfc_sweeps")."""
+    """Lay a job folder out as the producers do (pfc_sweeps.schema.write_table)."""
     job_dir.mkdir(parents=True, exist_ok=True)
     (job_dir / ".hydra").mkdir(exist_ok=True)
     (job_dir / ".hydra" / "config.yaml").write_text("task: x\n")
@@ -257,12 +273,12 @@ def write_job(
         run_id = str(df["run_id"].iloc[0])
     if run_id:
         (job_dir / "run_id").write_text(run_id + "\n")
+    meta = {"config": config or {"run_id": run_id}, "status": status}
+    if curves is not None:
+        write_table(job_dir / CURVES_FILE, curves, meta)
     if df is not None:
-        tbl = pa.Table.from_pandas(df, preserve_index=False)
-        meta = {"config": config or {"run_id": run_id}, "status": status}
-        md = dict(tbl.schema.metadata or {})
-        md[b"pfc_sweeps"] = json.dumps(meta).encode()
-        pq.write_table(tbl.replace_schema_metadata(md), job_dir / "metrics.parquet")
+        # own columns: a test may write a table that breaks the schema on purpose
+        write_table(job_dir / RESULTS_FILE, df, meta, columns={})
     if done:
         (job_dir / "done").write_text("")
     return job_dir
@@ -318,11 +334,11 @@ def test_aggregate_sweep_with_failed_job_duplicates_and_mixed_tasks(tmp_path, ca
     assert [p.name for p in out.parent.iterdir()] == ["all.parquet"]  # no tmp file left
     # independent count: every generated row once; the failed job's rows excluded
     assert len(res.table) == len(train) + len(sur)
-    assert not res.table.duplicated(list(ID_COLUMNS)).any()
+    assert not res.table.duplicated(list(RESULT_KEY)).any()
     assert res.n_duplicates == len(sur) and res.n_conflicts == 0
     assert set(res.table["run_id"]) == {"tr0", "su1"}
     assert set(res.table["task"]) == {"train", "mufm"}
-    assert list(res.table.columns) == list(SCHEMA)
+    assert list(res.table.columns) == list(COLUMNS)
     assert res.config("tr0") == {"task": "train", "seed": 0}
     assert res.config("su1")["task"] == "mufm"
     states = {Path(j.job_dir).name: j.state for j in res.jobs}
@@ -342,7 +358,7 @@ def test_expected_job_count_from_multirun_yaml(tmp_path):
 
 
 def test_drop_duplicates_keeps_last_and_keys_on_t_only_for_curve_rows():
-    df = train_frame("r", epochs=(0,), n_t=5)
+    df = train_frame("r", epochs=(0,))
     n = len(df)
     again = df.copy()
     per_layer = again["layer"] >= 0
@@ -354,8 +370,11 @@ def test_drop_duplicates_keeps_last_and_keys_on_t_only_for_curve_rows():
     got = out.loc[out["layer"] >= 0].sort_values(["metric", "layer"])["value"].to_numpy()
     want = again.loc[per_layer].sort_values(["metric", "layer"])["value"].to_numpy()
     np.testing.assert_array_equal(got, want)
-    # geodesic rows at different t are distinct measurements
-    assert (out["metric"] == "geodesic_pfc1").sum() == 5
+    # geodesic curve points at different t are distinct measurements (curves table)
+    curves = train_curves("r", epochs=(0,), n_t=5)
+    out, n_dup, _ = drop_duplicate_rows(pd.concat([curves, curves], ignore_index=True), CURVE_KEY)
+    assert n_dup == len(curves)
+    assert (out["metric"] == "pfc1").sum() == 5
 
 
 def test_no_results_names_the_searched_dirs(tmp_path, capsys):
@@ -394,11 +413,11 @@ def test_include_unfinished_and_broken_parquet(tmp_path):
 def test_schema_error_names_file(tmp_path):
     df = train_frame("a").drop(columns=["value"])
     write_job(tmp_path / "0", df)
-    rec, table, _ = agg_mod.inspect_job(tmp_path / "0")
+    rec, table = discovery.inspect_job(tmp_path / "0")
     assert rec.state == "broken" and table is None
     assert "value" in rec.detail
     with pytest.raises(SchemaError, match=re.escape("src.parquet")):
-        agg_mod.normalize_table(df, source="src.parquet")
+        discovery.normalize_table(df, source="src.parquet")
 
 
 def test_load_accepts_aggregate_and_job_parquet_files(tmp_path):
@@ -476,10 +495,11 @@ def test_ci95_matches_formula_and_handles_small_n():
 
 
 def test_fig3_points_per_layer_and_geodesic_curve():
-    df = pd.concat(
-        [train_frame("a", n_layers=5, n_t=7), train_frame("b", dataset="gaussian", n_layers=3)]
+    df = pd.concat([train_frame("a", n_layers=5), train_frame("b", dataset="gaussian", n_layers=3)])
+    curves = pd.concat(
+        [train_curves("a", n_layers=5, n_t=7), train_curves("b", dataset="gaussian", n_layers=3)]
     )
-    fig = figures.fig3_depth_profile(df)
+    fig = figures.fig3_depth_profile(df, curves=curves)
     axes = np.array(fig.axes[:6]).reshape(3, 2)
     for j, (n_layers, n_t) in enumerate(((5, 7), (3, 5))):
         for i, m in enumerate(("pfc1", "pfc2", "pfc3")):
@@ -554,15 +574,12 @@ def test_fig4_picks_the_lambda_nearest_the_paper_setting():
 LAMS = (0.0005, 0.001, 0.005, 0.02)
 
 
-@pytest.mark.parametrize("data_lam", ["nan", "per_lam"])
 @pytest.mark.parametrize("layout", ["grid_job", "one_lam_per_job"])
-def test_fig5_same_curve_from_grid_and_per_lambda_jobs(layout, data_lam):
+def test_fig5_same_curve_from_grid_and_per_lambda_jobs(layout):
     if layout == "grid_job":
-        df = surrogate_frame("g", LAMS, data_lam=data_lam)
+        df = surrogate_frame("g", LAMS)
     else:
-        df = pd.concat(
-            [surrogate_frame(f"j{k}", (lam,), data_lam=data_lam) for k, lam in enumerate(LAMS)]
-        )
+        df = pd.concat([surrogate_frame(f"j{k}", (lam,)) for k, lam in enumerate(LAMS)])
     fig = figures.fig5_lambda_tradeoff(df)
     axes = fig.axes[:4]
     assert len(axes) == 4
@@ -696,7 +713,7 @@ def test_summary_monotonicity_flags():
 def test_geodesic_error_from_curve_when_err_rows_missing():
     df = train_frame("a")
     df = df.loc[~df["metric"].str.startswith("geodesic_err")]
-    tab = summarize_train(df).set_index("run_id")
+    tab = summarize_train(df, curves=train_curves("a")).set_index("run_id")
     # independent: |observed - linear interpolation of the straight curve at r_l|
     prof = pfc_profile(4, 2)["pfc2"]
     rel = np.sqrt(np.arange(4) / 3)
@@ -706,9 +723,8 @@ def test_geodesic_error_from_curve_when_err_rows_missing():
     )
 
 
-@pytest.mark.parametrize("data_lam", ["nan", "per_lam"])
-def test_summarize_surrogate_one_row_per_run_model_lambda(data_lam):
-    df = surrogate_frame("g", LAMS, models=("data", "mufm", "ufm"), data_lam=data_lam)
+def test_summarize_surrogate_one_row_per_run_model_lambda():
+    df = surrogate_frame("g", LAMS, models=("data", "mufm", "ufm"))
     tab = summarize_surrogate(df)
     assert len(tab) == 2 * len(LAMS)
     row = tab.loc[(tab["model"] == "mufm") & (tab["lam"] == 0.005)].iloc[0]
@@ -743,7 +759,11 @@ def test_acceptance_1_four_lambda_sweep(tmp_path, capsys):
 
 def test_acceptance_2_digits_train_and_paper_fig4(tmp_path):
     """Default digits run + `experiment=paper_fig4`: Fig. 2, 3 and 4 are drawn."""
-    write_job(tmp_path / "outputs" / "digits", train_frame("digits_run"))
+    write_job(
+        tmp_path / "outputs" / "digits",
+        train_frame("digits_run"),
+        curves=train_curves("digits_run"),
+    )
     write_job(
         tmp_path / "outputs" / "fig4",
         surrogate_frame("fig4_run", (0.001,), models=("data", "mufm", "ufm")),
@@ -768,9 +788,9 @@ def test_acceptance_2_digits_train_and_paper_fig4(tmp_path):
 
 def test_acceptance_3_failed_job_named_and_rest_drawn(tmp_path, capsys):
     sweep = tmp_path / "s"
-    write_job(sweep / "0", train_frame("a", seed=0))
+    write_job(sweep / "0", train_frame("a", seed=0), curves=train_curves("a", seed=0))
     write_job(sweep / "1", train_frame("b", seed=1, epochs=(0,)), status="diverged", done=False)
-    write_job(sweep / "2", train_frame("c", seed=2))
+    write_job(sweep / "2", train_frame("c", seed=2), curves=train_curves("c", seed=2))
     figs = tmp_path / "figs"
     assert figures.main([str(sweep), "-o", str(figs), "--dpi", "40", "--formats", "png"]) == 0
     err = capsys.readouterr().err
@@ -813,13 +833,14 @@ def test_figures_cli_when_no_figure_is_supported(tmp_path, capsys):
     assert list((tmp_path / "figs").glob("*.png")) == []
 
 
-def test_normalize_fills_missing_data_row_seed_from_the_run(tmp_path):
+def test_normalize_rejects_a_missing_seed(tmp_path):
+    """Every row carries its run's seed (the sink fills it); a table without one is broken."""
     df = surrogate_frame("a", (0.001,), seed=7).astype({"seed": "Int64"})
     df.loc[df["model"] == "data", "seed"] = pd.NA
-    out = agg_mod.normalize_table(df)
-    assert out["seed"].dtype == "int64" and (out["seed"] == 7).all()
-    # the data rows (lam = lam_w = NaN) still take part in Fig. 4's data bars
-    fig = figures.fig4_surrogate_bars(out)
+    with pytest.raises(SchemaError, match=r"src\.parquet: column 'seed'"):
+        discovery.normalize_table(df, source="src.parquet")
+    # the data rows (lam = lam_w = NaN) take part in Fig. 4's data bars
+    fig = figures.fig4_surrogate_bars(surrogate_frame("a", (0.001,), seed=7))
     assert len(_bars(fig.axes[0])) == 6
 
 

@@ -68,14 +68,16 @@ def test_paper_fig5_grid_is_40_values_from_0005_to_002():
     grid = cfg.lam.grid
     assert len(grid) == 40 and grid[0] == pytest.approx(0.0005) and grid[-1] == pytest.approx(0.02)
     assert all(b > a for a, b in itertools.pairwise(grid))
-    assert cfg.task.name == "mufm" and cfg.loss.name == "mse" and cfg.lam.lam_w == 0.005
+    assert cfg.task.name == "surrogate" and cfg.task.models == ["mufm"]
+    assert cfg.loss.name == "mse" and cfg.lam.lam_w == 0.005
 
 
 def test_paper_fig4_solves_both_models_in_the_paper_setting():
     cfg = validate(_compose("experiment=paper_fig4"))
-    s = cfg.surrogate
+    s, g = cfg.surrogate, cfg.gaussian
     assert cfg.task.models == ["mufm", "ufm"] and cfg.loss.name == "mse"
-    assert (s.num_classes, s.dim, s.n_per_class, s.steps, s.lr) == (5, 20, 100, 50_000, 0.1)
+    assert (g.num_classes, g.dim, g.n_per_class, g.sigma) == (5, 20, 100, 1.0)
+    assert (s.steps, s.lr) == (50_000, 0.1)
     assert (cfg.lam.lam, cfg.lam.lam_w) == (0.001, 0.005)
 
 
@@ -87,12 +89,12 @@ def test_paper_fig4_solves_both_models_in_the_paper_setting():
         ("lam.lam=-1", "lam.lam"),
         ("lam.lam_w=-0.1", "lam.lam_w"),
         ("lam.grid=[0.1,-0.2]", "lam.grid[1]"),
-        ("surrogate.num_classes=1", "surrogate.num_classes"),
-        ("surrogate.dim=2", "surrogate.dim"),
+        ("gaussian.num_classes=1", "gaussian.num_classes"),
+        ("gaussian.dim=2", "gaussian.dim"),
         ("surrogate.steps=0", "surrogate.steps"),
         ("surrogate.h_step=sideways", "surrogate.h_step"),
         ("dataset.name=imagenet", "dataset.name"),
-        ("dataset.n_per_class=0", "dataset.n_per_class"),
+        ("dataset.subset_per_class=0", "dataset.subset_per_class"),
         ("arch.block=dense", "arch.block"),
         ("arch.width=0", "arch.width"),
         ("arch=cifar10 arch.stages=[[64,4]]", "arch.stages[0]"),
@@ -117,9 +119,9 @@ def test_bad_values_name_their_key(override, key):
 
 
 def test_dim_must_be_at_least_k_minus_1_at_the_boundary():
-    validate(_compose("surrogate.num_classes=5", "surrogate.dim=4"))
-    with pytest.raises(ConfigError, match=r"surrogate\.dim"):
-        validate(_compose("surrogate.num_classes=5", "surrogate.dim=3"))
+    validate(_compose("gaussian.num_classes=5", "gaussian.dim=4"))
+    with pytest.raises(ConfigError, match=r"gaussian\.dim"):
+        validate(_compose("gaussian.num_classes=5", "gaussian.dim=3"))
 
 
 @pytest.mark.parametrize("override", ["lam.lam=abc", "train.epochs=1.5", "seed=x"])

@@ -19,7 +19,13 @@ from test_presets import run_in_process
 from user_model import Mixer
 
 from pfc_sweeps.data import load_dataset
-from pfc_sweeps.schema import CHECKPOINT_FILE, EPOCH_METRICS, PFC_METRICS, read_results
+from pfc_sweeps.schema import (
+    CHECKPOINT_FILE,
+    EPOCH_METRICS,
+    PFC_METRICS,
+    read_curves,
+    read_results,
+)
 
 MIXER = [
     "arch=module",
@@ -80,7 +86,8 @@ def test_user_model_metrics_equal_brute_force_on_hooked_features(mixer_job):
     assert list(got_nc4.layer) == [5] and got_nc4.value.iloc[0] == pytest.approx(nc4, abs=1e-12)
     # path quantities only over the run; the curves exist
     assert set(last.loc[last.layer.isin([0, 1]), "metric"]).isdisjoint({"geodesic_err_pfc1"})
-    assert (last.metric == "geodesic_pfc2").sum() == 5
+    curves = read_curves(mixer_job)
+    assert ((curves.epoch == 3) & (curves.metric == "pfc2")).sum() == 5
 
 
 def _metric_rows(df: pd.DataFrame, epoch: int) -> pd.DataFrame:
@@ -99,6 +106,10 @@ def test_measure_own_checkpoint_equals_last_epoch(mixer_job, tmp_path):
     a, b = _metric_rows(got, 3), _metric_rows(want, 3)
     pd.testing.assert_frame_equal(a, b, check_exact=False, rtol=0, atol=1e-12)
     assert set(a.metric) >= {*PFC_METRICS, "nc1", "nc3", "nc4"}
+    ca, cb = (read_curves(d).drop(columns=RUN_COLS) for d in (out, mixer_job))
+    cb = cb[cb.epoch == 3].reset_index(drop=True)
+    assert len(ca) == 15
+    pd.testing.assert_frame_equal(ca.drop(columns="task"), cb.drop(columns="task"))
 
 
 def test_measure_builtin_digits_checkpoint_and_plain_state_dict(tmp_path):
@@ -139,7 +150,7 @@ def test_resnet18_on_cifar10_files(tmp_path, no_md5):
     pfc = df[df.metric == "pfc1"].set_index("layer")["rel_pos"]
     # layer 0 = layer3's output (256x8x8), layers 1-2 = layer4.0, layer4.1 (512x4x4)
     assert list(pfc.index) == [0, 1, 2] and math.isnan(pfc[0]) and list(pfc[[1, 2]]) == [0, 1]
-    assert (df.metric == "geodesic_pfc1").sum() == 5
+    assert (read_curves(out).metric == "pfc1").sum() == 5
     assert df[df.metric.isin(["nc3", "nc4"])].layer.tolist() == [2, 2]
 
 
@@ -161,17 +172,19 @@ def folder_root(tmp_path_factory):
 
 
 def _frame(out) -> pd.DataFrame:
-    return read_results(out)[0].drop(columns=RUN_COLS)
+    """Both tables of a job, without the ids that differ between jobs by design."""
+    rows = read_results(out)[0].drop(columns=RUN_COLS)
+    return pd.concat([rows, read_curves(out).drop(columns=RUN_COLS)], ignore_index=True)
 
 
 def test_streaming_equals_in_memory_on_a_500_sample_subset(folder_root, tmp_path):
-    args = [*_folder_data(folder_root), "dataset.n_per_class=100", *MIXER, *FAST]
+    args = [*_folder_data(folder_root), "dataset.subset_per_class=100", *MIXER, *FAST]
     args += ["train.epochs=2", "train.batch_size=64", "train.eval_batch_size=128"]
     mem, stream = tmp_path / "mem", tmp_path / "stream"
     run_in_process(mem, *args)
     run_in_process(stream, *args, "train.data_gb=0")
     a, b = _frame(mem), _frame(stream)
-    assert len(a[(a.metric == "pfc1") & (a.epoch == 2)]) == 6
+    assert len(a[(a.metric == "pfc1") & (a.epoch == 2) & a.t.isna()]) == 6
     assert set(a.dataset) == {"module"}
     pd.testing.assert_frame_equal(a, b)  # exactly the same rows
 
@@ -221,7 +234,7 @@ def test_streaming_killed_and_resumed_equals_in_memory(folder_root, tmp_path):
     from conftest import REPO, launch
 
     env = {"PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])}
-    args = [*_folder_data(folder_root), "dataset.n_per_class=100", *MIXER, *FAST]
+    args = [*_folder_data(folder_root), "dataset.subset_per_class=100", *MIXER, *FAST]
     args += ["train.epochs=10", "train.batch_size=64", "train.eval_batch_size=128"]
     ref = tmp_path / "mem"
     p = launch(*args, f"hydra.run.dir={ref}", env=env)

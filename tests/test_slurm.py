@@ -27,7 +27,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from pfc_sweeps.schema import DONE_FILE, RESULTS_FILE, read_results
+from pfc_sweeps.schema import DONE_FILE, ERROR_FILE, RESULTS_FILE, read_results
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -55,8 +55,8 @@ TRAIN = ("dataset=digits", "train.epochs=3")
 TRAIN_SWEEP = "seed=0,1"
 TRAIN_SEEDS = (0, 1)
 # (2) surrogate λ-sweep as a job array
-SURROGATE_TASK = "mufm"
-SURROGATE = (f"task={SURROGATE_TASK}", "surrogate.steps=50", "seed=0")
+SURROGATE_TASK = "surrogate"  # the `task` column; task=mufm is its MUFM preset
+SURROGATE = ("task=mufm", "surrogate.steps=50", "seed=0")
 SURROGATE_LAMS = (0.001, 0.005)
 SURROGATE_SWEEP = "lam.lam=" + ",".join(str(lam) for lam in SURROGATE_LAMS)
 # (3) requeue: long enough that the job is still running after its first checkpoint
@@ -374,6 +374,10 @@ def test_failing_job_fails_the_sweep_and_spares_the_others(tmp_path: Path) -> No
     output = res.stdout + res.stderr
     assert res.returncode != 0, f"a failed job went unreported: exit 0\n{_tail(output)}"
     assert MISSING_ROOT in output, f"the job's error is not reported:\n{_tail(output)}"
+    # the sweep's report names the failed job's dir and its one-line error, also in error.txt
+    errors = [p for p in on_slurm.rglob(ERROR_FILE) if ".submitit" not in p.parts]
+    assert len(errors) == 1 and MISSING_ROOT in errors[0].read_text(), errors
+    assert f"{errors[0].parent}: " in res.stderr and "failed:" in res.stderr, _tail(res.stderr)
 
     ids = _slurm_job_ids(on_slurm)
     assert len(ids) == 2, f"expected two jobs: {ids}"

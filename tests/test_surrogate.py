@@ -1,6 +1,6 @@
 """MUFM/UFM solver (pfc_sweeps/surrogate.py) vs closed forms, autograd and brute force.
 
-SPEC.md "MUFM and UFM". Every check compares against an independent computation: the
+the paper's MUFM / UFM (eq. 13, eq. 2). Every check compares against an independent computation: the
 closed form W*(H) (Theorem 4), torch.autograd, hand-written GD steps, per-lam solves,
 and PFC metrics computed here by brute force.
 """
@@ -14,9 +14,9 @@ import pandas as pd
 import pytest
 import torch
 
+from pfc_sweeps.schema import SURROGATE_METRICS
 from pfc_sweeps.surrogate import (
     H_STEP_GUARD_C,
-    SURROGATE_METRICS,
     SurrogateDivergedError,
     alignment,
     closed_form_w,
@@ -32,7 +32,7 @@ F64 = torch.float64
 
 
 def brute_pfc(F: torch.Tensor, labels: torch.Tensor, K: int) -> dict[str, float]:
-    """PFC1-3 of features F (N, d) straight from SPEC.md's definitions (numpy, float64)."""
+    """PFC1-3 of features F (N, d) straight from the paper's definitions (numpy, float64)."""
     F, y = F.double().numpy(), labels.numpy()
     means = np.stack([F[y == k].mean(0) for k in range(K)])  # (K, d)
     g = means.mean(0)
@@ -124,7 +124,7 @@ def test_objective_matches_spec_formula(loss):
 
 
 def test_closed_form_is_the_minimiser_and_equals_theorem_4():
-    """W*(H) zeroes dF/dW of SPEC's objective, and equals Y H^T (H H^T + n lam_w I)^{-1}."""
+    """W*(H) zeroes dF/dW of the objective, and equals Y H^T (H H^T + n lam_w I)^{-1}."""
     X, _, Y = tiny(K=3, d=6, n=4)
     K, N = Y.shape
     n, lam_w = N // K, 0.05
@@ -506,7 +506,7 @@ def test_make_gaussian_data_validates():
 
 
 # ------------------------------------------------------------------------------------------
-# acceptance (paper setting, SPEC.md Fig. 4 / Fig. 5), with the default H step guard. Seed 0
+# acceptance (paper setting, Fig. 4 / Fig. 5), with the default H step guard. Seed 0
 # (the default) diverges under plain GD, seed 2 does not (module docstring); seeds 0-9 all pass.
 
 ACCEPT_SEED = 0

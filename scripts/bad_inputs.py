@@ -1,0 +1,288 @@
+"""Try launch.py with bad inputs and print a table: exit code, first stderr line, cleanliness.
+
+    python scripts/bad_inputs.py [--out table.md] [--only SUBSTRING]
+
+A case is clean when launch.py exits non-zero, stderr holds one line that names the key or
+path, and the job dir holds nothing new but Hydra's ``launch.log`` and ``.hydra/`` (and
+``error.txt`` for sweep jobs): no results, checkpoint, run id, fingerprint or W&B run, and
+no file that existed before was changed. Runs about 45 jobs (a few minutes on a laptop).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import os
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))
+
+TINY = ["arch.width=16", "arch.blocks=2", "train.geodesic_points=3", "train.epochs=2"]
+SUR = ["task=mufm", "surrogate.steps=40", "surrogate.log_every=20"]
+HYDRA_OWN = ("launch.log", ".hydra/")
+
+
+@dataclass
+class Case:
+    name: str
+    args: list[str]
+    names: str  # the key or path the first line must name ("{dir}" / "{root}" are filled in)
+    setup: Callable[[Path], None] | None = None
+    sweep: bool = False
+    allowed: tuple[str, ...] = field(default_factory=tuple)  # files a failure may leave
+
+
+def _snapshot(d: Path) -> dict[str, bytes]:
+    if not d.is_dir():
+        return {}
+    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+def _run(args: list[str], env_extra: dict | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0", "WANDB_MODE": "offline", **(env_extra or {})}
+    env.pop("WANDB_DIR", None)
+    env["PYTHONPATH"] = str(REPO)
+    cmd = [sys.executable, str(REPO / "launch.py"), *args]
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+
+
+# ---------------------------------------------------------------------------- setups
+def _train_done(d: Path) -> None:
+    assert _run([*TINY, "logger=none", f"hydra.run.dir={d}"]).returncode == 0
+
+
+def _ckpt(content: Callable[[bytes], bytes]) -> Callable[[Path], None]:
+    def setup(d: Path) -> None:
+        _train_done(d)
+        ck = d / "checkpoint.pt"
+        data = content(ck.read_bytes())
+        for f in ("done", "metrics.parquet", "fingerprint.json", "run_id"):
+            (d / f).unlink()
+        ck.write_bytes(data)
+
+    return setup
+
+
+def _corrupt(name: str, keep_done: bool = False) -> Callable[[Path], None]:
+    def setup(d: Path) -> None:
+        _train_done(d)
+        if not keep_done:
+            (d / "done").unlink()
+        (d / name).write_bytes(b"garbage" * 10)
+
+    return setup
+
+
+def _fake(name: str, truncate: str | None) -> Callable[[Path], None]:
+    import fakedata
+
+    def setup(d: Path) -> None:
+        root = d.parent / "data"
+        fakedata.write(name, root, n_per_class=2)
+        if truncate:
+            for p in root.rglob(truncate):
+                p.write_bytes(p.read_bytes()[: len(p.read_bytes()) // 2])
+
+    return setup
+
+
+def _gz(d: Path) -> None:
+    """MNIST files shipped as .gz only, one of them truncated."""
+    import fakedata
+
+    root = d.parent / "data"
+    fakedata.write("mnist", root, n_per_class=2)
+    raw = root / "MNIST" / "raw"
+    for p in raw.glob("*-ubyte"):
+        data = gzip.compress(p.read_bytes())
+        p.unlink()
+        cut = data[: len(data) // 2] if "train-images" in p.name else data
+        p.with_name(p.name + ".gz").write_bytes(cut)
+
+
+def _file(d: Path) -> None:
+    d.parent.mkdir(parents=True, exist_ok=True)
+    d.write_text("a file")
+
+
+def _locked(d: Path) -> None:
+    from pfc_sweeps.jobdir import JobLock
+
+    d.mkdir(parents=True)
+    _locked.lock = JobLock(d).acquire()  # held by this script while the case runs
+
+
+CASES = [
+    Case("unknown key (+)", ["+train.epoch=5"], "train.epochs"),
+    Case("unknown key", ["train.epoch=5"], "train.epochs"),
+    Case("unknown key, other group", ["optim.lrr=0.1"], "optim.lr"),
+    Case("unknown top-level key", ["+foo=1"], "foo"),
+    Case("old key name", ["dataset.n_per_class=5"], "dataset.n_per_class"),
+    Case("cache_gb inf", ["train.cache_gb=inf"], "train.cache_gb"),
+    Case("weight_decay inf", ["optim.weight_decay=inf"], "optim.weight_decay"),
+    Case("momentum nan", ["optim.momentum=nan"], "optim.momentum"),
+    Case("lr negative", ["optim.lr=-1"], "optim.lr"),
+    Case("lr nan", ["optim.lr=nan"], "optim.lr"),
+    Case("gamma 0", ["optim.gamma=0"], "optim.gamma"),
+    Case("decay_at > 1", ["optim.decay_at=[1.5]"], "optim.decay_at[0]"),
+    Case("lam inf", [*SUR, "lam.lam=inf"], "lam.lam"),
+    Case("lam grid nan", [*SUR, "lam.grid=[0.1,nan]"], "lam.grid[1]"),
+    Case("surrogate lr inf", [*SUR, "surrogate.lr=inf"], "surrogate.lr"),
+    Case("sigma nan", ["dataset=gaussian", "gaussian.sigma=nan"], "gaussian.sigma"),
+    Case("dim < K-1", [*SUR, "gaussian.dim=2"], "gaussian.dim"),
+    Case("subset too large", ["dataset.subset_per_class=100000"], "dataset.subset_per_class"),
+    Case("subset 0", ["dataset.subset_per_class=0"], "dataset.subset_per_class"),
+    Case("cuda without CUDA", ["train.device=cuda"], "train.device"),
+    Case("unknown device", ["train.device=tpu"], "train.device"),
+    Case("old task name", ["task.name=mufm"], "task.name"),
+    Case("unknown model", ["task=mufm", "task.models=[bogus]"], "task.models[0]"),
+    Case("unknown data set", ["dataset.name=imagenet"], "dataset.name"),
+    Case("bad conv stage", ["dataset=cifar10", "arch.stages=[[64,4]]"], "arch.stages[0]"),
+    Case("negative seed", ["seed=-1"], "seed"),
+    Case("zero epochs", ["train.epochs=0"], "train.epochs"),
+    Case("wrong type (Hydra)", ["seed=x"], "seed"),
+    Case("wrong type float (Hydra)", ["lam.lam=abc"], "lam.lam"),
+    Case("unknown group option (Hydra)", ["dataset=nosuch"], "dataset"),
+    Case("run dir is a file", [], "{dir}", setup=_file),
+    Case("run dir under a file", [], "{dir}", setup=lambda d: _file(d.parent)),
+    Case("sweep dir is a file", ["seed=0,1"], "{dir}", setup=_file, sweep=True),
+    Case("read-only output dir", [], "/tmp/pfc-bad-inputs-ro"),
+    Case("garbage checkpoint", [], "{dir}/checkpoint.pt", setup=_ckpt(lambda b: os.urandom(999))),
+    Case(
+        "truncated checkpoint", [], "{dir}/checkpoint.pt", setup=_ckpt(lambda b: b[: len(b) // 2])
+    ),
+    Case("empty checkpoint", [], "{dir}/checkpoint.pt", setup=_ckpt(lambda b: b"")),
+    Case("corrupt fingerprint", [], "{dir}/fingerprint.json", setup=_corrupt("fingerprint.json")),
+    Case("corrupt parquet, not done", [], "metrics.parquet", setup=_corrupt("metrics.parquet")),
+    Case("changed epochs on a done dir", ["train.epochs=3"], "train.epochs", setup=_train_done),
+    Case("other seed on a done dir", ["seed=1"], "seed", setup=_train_done),
+    Case("dir in use by another process", [], "{dir}", setup=_locked),
+    Case(
+        "missing data set",
+        ["dataset=cifar10", "dataset.download=false", "dataset.root={root}"],
+        "{root}",
+    ),
+    Case(
+        "truncated mnist .gz",
+        ["dataset=mnist", "dataset.download=false", "dataset.root={root}"],
+        "{root}",
+        setup=_gz,
+    ),
+    Case(
+        "truncated mnist idx",
+        ["dataset=mnist", "dataset.download=false", "dataset.root={root}"],
+        "{root}",
+        setup=_fake("mnist", "train-images*"),
+    ),
+    Case(
+        "truncated cifar10 batch",
+        ["dataset=cifar10", "dataset.download=false", "dataset.root={root}"],
+        "{root}",
+        setup=_fake("cifar10", "data_batch_1"),
+    ),
+    Case(
+        "sweep, two missing data sets",
+        ["dataset=mnist,cifar100", "dataset.download=false", "dataset.root={root}"],
+        "{root}",
+        sweep=True,
+        allowed=("error.txt",),
+    ),
+    Case(
+        "training diverges (lr 1e6)",
+        ["optim.lr=1e6"],
+        "optim.lr",
+        allowed=("metrics.parquet", "run_id", "fingerprint.json", "wandb/"),
+    ),
+]
+
+
+def _new_files(before: dict[str, bytes], after: dict[str, bytes], allowed) -> list[str]:
+    bad = []
+    for name, data in after.items():
+        if name.startswith(HYDRA_OWN) or "/.hydra/" in name or name.endswith("launch.log"):
+            continue
+        if name in before and before[name] == data:
+            continue
+        if any(name.startswith(a) or f"/{a}" in name for a in (*allowed, ".errors/")):
+            continue
+        bad.append(name)
+    return bad
+
+
+def run_case(case: Case, base: Path) -> dict:
+    d = base / "job"
+    root = base / "data"
+    if case.name.startswith("read-only"):
+        d = Path("/tmp/pfc-bad-inputs-ro")
+        d.mkdir(exist_ok=True)
+        if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(d)]).returncode:
+            return {"rc": "-", "first": "skipped (needs root to mount a read-only tmpfs)"}
+    if case.setup:
+        case.setup(d)
+    root.mkdir(parents=True, exist_ok=True)
+    before = _snapshot(d) if d.is_dir() else {}
+    args = [a.replace("{root}", str(root)) for a in case.args]
+    where = f"hydra.sweep.dir={d}" if case.sweep else f"hydra.run.dir={d}"
+    logger = [] if "logger=none" in args else ["logger=wandb"]
+    head = ["-m"] if case.sweep else []
+    train = [] if any(a.startswith(("task=", "train.epochs")) for a in args) else TINY
+    try:
+        p = _run([*head, *train, *args, *logger, where])
+    finally:
+        if case.name.startswith("read-only"):
+            subprocess.run(["umount", str(d)])
+        if hasattr(_locked, "lock"):
+            _locked.lock.release()
+            del _locked.lock
+    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    if case.sweep and lines:  # the sweep's report: its header and one line per job
+        lines = lines[next(i for i, ln in enumerate(lines) if ln.startswith("error:")) :]
+    first = lines[0] if lines else ""
+    target = case.names.replace("{dir}", str(d)).replace("{root}", str(root))
+    left = _new_files(before, _snapshot(d) if d.is_dir() else {}, case.allowed)
+    left += [str(p.relative_to(root)) for p in root.rglob("*.tmp")]
+    one = len(lines) == 1 or (case.sweep and all(ln.startswith(("error:", "  ")) for ln in lines))
+    named = target in p.stderr
+    clean = p.returncode != 0 and one and named and not left and "Traceback" not in p.stderr
+    return {"rc": p.returncode, "first": first, "lines": len(lines), "named": named,
+            "left": left, "clean": clean}  # fmt: skip
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path)
+    ap.add_argument("--only", default="")
+    a = ap.parse_args()
+    rows = ["| # | input | exit | first line of stderr | lines | names it | left behind | clean |",
+            "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    n_clean = n = 0
+    for i, case in enumerate(c for c in CASES if a.only in c.name):
+        with tempfile.TemporaryDirectory(prefix="pfc-bad-") as tmp:
+            r = run_case(case, Path(tmp))
+        first = r["first"].replace(tmp, "<tmp>").replace("|", "\\|")
+        if len(first) > 150:
+            first = first[:147] + "..."
+        args = " ".join(case.args).replace("{root}", "<tmp>/data")
+        n += r["rc"] != "-"
+        n_clean += bool(r.get("clean"))
+        rows.append(
+            f"| {i + 1} | {case.name}: `{args}` | {r['rc']} | `{first}` | {r.get('lines', '')} | "
+            f"{'yes' if r.get('named') else 'no'} | {', '.join(r.get('left', [])) or '-'} | "
+            f"{'yes' if r.get('clean') else 'no'} |"
+        )
+        print(rows[-1], flush=True)
+    rows.append(f"\n{n_clean} of {n} cases clean.")
+    print(rows[-1])
+    if a.out:
+        a.out.write_text("\n".join(rows) + "\n")
+
+
+if __name__ == "__main__":
+    main()
