@@ -1,8 +1,11 @@
-"""Data sets for the PFC experiments (SPEC.md, "Architectures and training recipe").
+"""Data sets for the PFC experiments (paper section IV-A).
 
-Every data set is loaded once into memory as float tensors on the requested device and
-is meant to be batched by index (no DataLoader, no augmentation: neural collapse is
-measured on the training set exactly as it was trained).
+The built-in data sets are loaded once into memory as float tensors on the requested device
+and batched by index (no DataLoader, no augmentation: neural collapse is measured on the
+training set exactly as it was trained). ``dataset=module`` (:func:`load_module_dataset`)
+builds any map-style data set from ``_target_`` nodes; it is read into the same tensors
+when it fits ``train.data_gb``, and otherwise streamed through a ``DataLoader``
+(:class:`StreamBundle`). Both give the batches of the same index order identically.
 
 Names (see :data:`DATASET_NAMES`):
 
@@ -17,7 +20,7 @@ Names (see :data:`DATASET_NAMES`):
   1x8x8; a seeded stratified 80/20 train/test split (1437 / 360); pixels scaled to
   [0, 1] (divided by 16) and then standardised with the scalar mean and std of the
   train split.
-- ``gaussian``: the MUFM data of SPEC.md ("MUFM and UFM"): class means mu_k drawn
+- ``gaussian``: the MUFM data (paper section IV-B): class means mu_k drawn
   uniformly on the unit sphere of R^d, samples x ~ N(mu_k, sigma^2 I_d); ``n`` train
   and ``n_test`` test samples per class, in_shape ``(d,)``, no normalisation.
 
@@ -305,7 +308,7 @@ def _load_digits(seed: int, device: torch.device) -> DataBundle:
 def gaussian_mixture(
     k: int, d: int, sizes: Sequence[int], *, sigma: float = 1.0, seed: int = 0
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """SPEC.md MUFM data: mu_k uniform on S^{d-1}, x ~ N(mu_k, sigma^2 I_d).
+    """The MUFM data (paper section IV-B): mu_k uniform on S^{d-1}, x ~ N(mu_k, sigma^2 I_d).
 
     One draw ``(x (k m, d) float64, y (k m,) int64)`` per ``m`` in ``sizes``, samples ordered
     class by class, all from one CPU generator seeded with ``seed`` (same draw on any device).
