@@ -34,6 +34,7 @@ __all__ = [
     "OPTIMIZERS",
     "SURROGATE_MODELS",
     "TASKS",
+    "TRAIN_PRECISIONS",
     "WANDB_MODES",
     "ArchConfig",
     "Config",
@@ -77,6 +78,7 @@ LOGGERS = ("wandb", "none")
 WANDB_MODES = ("offline", "online", "disabled")
 H_STEPS = ("per_sample", "per_class", "mean")
 DEVICES = ("auto", "cpu", "cuda")
+TRAIN_PRECISIONS = ("fp32", "bf16", "fp16")  # train.precision (pfc_sweeps.accel)
 
 
 class ConfigError(ValueError):
@@ -206,6 +208,12 @@ class TrainConfig:
     # Training sets bigger than this (as float32 tensors) stream through a DataLoader.
     data_gb: float = 8.0
     num_workers: int = 0  # DataLoader workers of the streaming path
+    # Speed options (pfc_sweeps.accel), all off by default: autocast precision of the
+    # training steps (fp16 needs CUDA), NHWC conv nets, TF32 matmuls, torch.compile.
+    precision: str = "fp32"
+    channels_last: bool = False
+    tf32: bool = False
+    compile: bool = False
 
 
 @dataclass
@@ -340,7 +348,7 @@ def _number(key: str, value: Any, lo: float, hi: float = math.inf, *, open_lo=Fa
     ok = _finite(value) and (value > lo if open_lo else value >= lo)
     ok = ok and (value < hi if open_hi else value <= hi)
     left, right = "(" if open_lo else "[", ")" if open_hi or hi == math.inf else "]"
-    _check(key, value, ok, f"must be a finite number in {left}{lo:g}, {hi:g}{right}")
+    _check(key, value, ok, f"must be a finite number in {left}{lo:.10g}, {hi:.10g}{right}")
 
 
 def _positive_int(key: str, value: Any) -> None:
@@ -414,9 +422,16 @@ def _validate_train(cfg: Config) -> None:
     _number("train.cache_gb", tr.cache_gb, 0, 2**20)
     _one_of("train.device", tr.device, DEVICES)
     _check("train.num_threads", tr.num_threads, tr.num_threads >= 0, "must be >= 0")
-    if tr.device == "cuda":
+    _one_of("train.precision", tr.precision, TRAIN_PRECISIONS)
+    if tr.device == "cuda" or tr.precision == "fp16":
         import torch
 
+        if tr.precision == "fp16":
+            cuda = tr.device == "cuda" or (tr.device == "auto" and torch.cuda.is_available())
+            _check(
+                "train.precision", tr.precision, cuda, "fp16 autocast needs CUDA; use bf16 on CPU"
+            )
+    if tr.device == "cuda":
         _check("train.device", tr.device, torch.cuda.is_available(), "no CUDA device is available")
     _number("train.data_gb", tr.data_gb, 0, 2**20)
     _check("train.num_workers", tr.num_workers, tr.num_workers >= 0, "must be >= 0")

@@ -39,11 +39,13 @@ import pandas as pd
 
 from .schema import (
     CHECKPOINT_FILE,
+    CURVE_COLUMNS,
     CURVES_FILE,
     NET_MODEL,
     PFC_METRICS,
     RESULTS_FILE,
     RUN_LAYER,
+    empty_frame,
     read_curves,
     read_table,
 )
@@ -52,7 +54,6 @@ __all__ = [
     "NullLogger",
     "RunLogger",
     "WandbLogger",
-    "curve_rows",
     "layer_key",
     "make_logger",
     "rows_to_keys",
@@ -63,12 +64,11 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: Config groups that only one kind of task reads: dropped from the other kind's W&B config.
+#: Config groups that only one kind of task reads: dropped from the other kind's W&B config
+#: (``gaussian`` is read by surrogate jobs and by training on ``dataset=gaussian``).
 _TRAIN_ONLY = ("dataset", "arch", "optim", "train")
-_SURROGATE_ONLY = ("lam", "surrogate")
-#: Transitional: training rows that still carry the geodesic curves (layer = RUN_LAYER,
-#: rel_pos = t) until the curves have their own table (schema.CURVES_FILE).
-_LEGACY_CURVE_METRICS = tuple(f"geodesic_{m}" for m in PFC_METRICS)
+_SURROGATE_ONLY = ("lam", "surrogate", "gaussian")
+_SURROGATE_TASK = "surrogate"
 
 
 class RunLogger(Protocol):
@@ -89,22 +89,8 @@ def layer_key(metric: str, layer: int) -> str:
     return f"{metric}/layer_{int(layer):02d}"
 
 
-def curve_rows(rows: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Split ``rows`` into (rows, curves): curves in the :data:`schema.CURVE_COLUMNS` layout.
-
-    Transitional: the training loop still sends the geodesic curves as rows
-    ``geodesic_pfcK`` with ``layer`` = RUN_LAYER and ``rel_pos`` = t.
-    """
-    is_curve = rows["metric"].isin(_LEGACY_CURVE_METRICS) & (rows["layer"] == RUN_LAYER)
-    if not is_curve.any():
-        return rows, rows.iloc[:0].assign(t=pd.Series(dtype=float))
-    curves = rows.loc[is_curve].rename(columns={"rel_pos": "t"})
-    curves = curves.assign(metric=curves["metric"].str.removeprefix("geodesic_"))
-    return rows.loc[~is_curve], curves
-
-
 def rows_to_keys(rows: pd.DataFrame) -> dict[str, float]:
-    """Map tidy rows (no curves) to flat W&B history keys.
+    """Map tidy rows to flat W&B history keys.
 
     Per layer: ``<metric>/layer_<ll>``; run level (layer = RUN_LAYER): the metric's name;
     surrogate rows: ``<metric>/<model>``, with ``/lam=<λ>`` when the rows hold several λ
@@ -130,16 +116,21 @@ def rows_to_keys(rows: pd.DataFrame) -> dict[str, float]:
 
 
 def _is_surrogate(config: Mapping[str, Any]) -> bool:
-    return (config.get("task") or {}).get("name", "train") != "train"
+    return (config.get("task") or {}).get("name") == _SURROGATE_TASK
 
 
 def wandb_config(config: Mapping[str, Any]) -> dict[str, Any]:
     """The resolved config without the groups the job's task does not read.
 
     Training runs carry no ``lam`` / ``surrogate`` (their parquet has λ = NaN, so grouping a
-    sweep by λ must not mix them in); surrogate runs carry no data set, arch, optim, train.
+    sweep by λ must not mix them in), and no ``gaussian`` unless they train on it; surrogate
+    runs carry no data set, arch, optim, train.
     """
-    drop = _TRAIN_ONLY if _is_surrogate(config) else _SURROGATE_ONLY
+    if _is_surrogate(config):
+        drop: tuple[str, ...] = _TRAIN_ONLY
+    else:
+        on_gaussian = (config.get("dataset") or {}).get("name") == "gaussian"
+        drop = tuple(g for g in _SURROGATE_ONLY if not (on_gaussian and g == "gaussian"))
     return {k: v for k, v in config.items() if k not in drop}
 
 
@@ -163,7 +154,9 @@ def run_tags(config: Mapping[str, Any], extra: Iterable[str] = ()) -> list[str]:
 # --------------------------------------------------------------------------- summary
 
 
-def train_summary(table: pd.DataFrame) -> dict[str, float | bool]:
+def train_summary(
+    table: pd.DataFrame, curves: pd.DataFrame | None = None
+) -> dict[str, float | bool]:
     """The scalars a sweep of training runs is sorted and filtered by (one run's table).
 
     Final train/test accuracy, monotone flags, geodesic errors, effective depth,
@@ -174,7 +167,7 @@ def train_summary(table: pd.DataFrame) -> dict[str, float | bool]:
     from analysis.summary import summarize_train
 
     out: dict[str, float | bool] = {}
-    rows = summarize_train(table)
+    rows = summarize_train(table, curves=curves)
     if len(rows):
         for k, v in rows.iloc[0].items():
             if k in ("run_id", "dataset", "arch", "loss", "seed"):
@@ -265,7 +258,7 @@ class WandbLogger:
         self.run.define_metric(self.x)
         self.run.define_metric("*", step_metric=self.x)
         self._logged: set[int] = set()
-        self._curves = pd.DataFrame(columns=["epoch", "t", "metric", "value"])
+        self._curves = empty_frame(CURVES_FILE)
         self._finished = False
         if not self.surrogate:
             self._replay()
@@ -276,22 +269,19 @@ class WandbLogger:
 
     def log_rows(self, rows: pd.DataFrame, step: int) -> None:
         """Log one epoch's (or GD step's) tidy rows at x = ``step`` (see :func:`rows_to_keys`)."""
-        rows, curves = curve_rows(rows)
         keys = rows_to_keys(rows)
         if keys:
             self._log(keys, step)
             self._logged.add(int(step))
-        if len(curves):
-            self.log_curves(curves, step)
 
     def log_curves(self, curves: pd.DataFrame, step: int) -> None:
-        """Take one epoch's geodesic curves (``schema.CURVE_COLUMNS``: epoch, t, metric, value).
+        """Take one epoch's geodesic curves (columns t, metric, value; the curves table's).
 
         The latest ones are drawn at the end of the job against the observed layers (the
         depth-profile charts) when the job directory holds no curves table.
         """
-        c = curves.assign(epoch=int(step), metric=curves["metric"].str.removeprefix("geodesic_"))
-        self._curves = c[["epoch", "t", "metric", "value"]]
+        c = curves.assign(epoch=int(step))
+        self._curves = c[[col for col in CURVE_COLUMNS if col in c.columns]]
 
     def _replay(self) -> None:
         """A resumed training job: log again the rows of its table (see the module doc)."""
@@ -304,8 +294,7 @@ class WandbLogger:
             table = table.loc[table["epoch"] > after]
         self._log_epochs(table)
 
-    def _log_epochs(self, table: pd.DataFrame) -> None:
-        rows, _ = curve_rows(table)
+    def _log_epochs(self, rows: pd.DataFrame) -> None:
         for epoch, part in rows.groupby("epoch", sort=True):
             keys = rows_to_keys(part)
             if keys:
@@ -318,10 +307,10 @@ class WandbLogger:
         self.run.summary["status"] = status
         if table.empty:
             return
-        rows, curves = curve_rows(table)
-        for other in (read_curves(self.out_dir), self._curves):
-            if curves.empty and len(other):
-                curves = other
+        rows = table
+        curves = read_curves(self.out_dir)
+        if curves.empty:
+            curves = self._curves
         if not self.surrogate:
             self._log_epochs(rows.loc[~rows["epoch"].isin(self._logged)])
         last = int(rows["epoch"].max())
@@ -335,7 +324,7 @@ class WandbLogger:
         self._log(charts, last)
         summary = rows_to_keys(rows.loc[rows["epoch"] == rows["epoch"].max()])
         if not self.surrogate:
-            summary.update(train_summary(table))
+            summary.update(train_summary(rows, curves if len(curves) else None))
         summary[self.x] = last
         self.run.summary.update(summary)
         self._log_artifact()

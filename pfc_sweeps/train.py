@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .accel import Accelerator, prepare_model
 from .build import build_data, build_net, resolve_device
 from .config import Config
 from .errors import Diverged, PFCError
@@ -124,6 +125,8 @@ class Trainer:
         self.data = build_data(cfg, self.device)
         self.model = build_net(cfg.arch, self.data.in_shape, self.data.num_classes)
         self.model.to(self.device)
+        self.model = prepare_model(self.model, tr, self.device)
+        self.accel = Accelerator(tr, self.device)
         self.opt, self.sched = _optimiser(cfg, self.model)
         self.shuffle = torch.Generator().manual_seed(cfg.seed)
         self.ts = geodesic_ts(tr)
@@ -186,11 +189,10 @@ class Trainer:
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         correct = torch.zeros((), dtype=torch.int64, device=self.device)
         for xb, yb in self.data.batches("train", perm, self.cfg.train.batch_size):
-            logits = self.model.forward_logits(xb)
-            loss = loss_fn(self.cfg.loss.name, logits, yb)
-            self.opt.zero_grad(set_to_none=True)
-            loss.backward()
-            self.opt.step()
+            with self.accel.autocast():
+                logits = self.model.forward_logits(self.accel.inputs(xb))
+                loss = loss_fn(self.cfg.loss.name, logits, yb)
+            self.accel.step(loss, self.opt)
             loss_sum += loss.detach().double() * len(yb)
             correct += (logits.detach().argmax(1) == yb).sum()
         self.sched.step()

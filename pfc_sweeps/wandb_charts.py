@@ -96,18 +96,6 @@ def depth_profiles(layers: pd.DataFrame, curves: pd.DataFrame) -> dict[str, Any]
     return out
 
 
-def _legacy_rows(rows: pd.DataFrame, curves: pd.DataFrame) -> pd.DataFrame:
-    """``rows`` plus ``curves`` as ``geodesic_pfcK`` rows (layer RUN_LAYER, rel_pos = t)."""
-    if curves.empty:
-        return rows
-    c = curves.rename(columns={"t": "rel_pos"}).assign(layer=RUN_LAYER, split="train")
-    c = c.assign(metric="geodesic_" + c["metric"].str.removeprefix("geodesic_"))
-    for col in rows.columns:
-        if col not in c.columns:
-            c[col] = rows[col].iloc[0]
-    return pd.concat([rows, c[rows.columns]], ignore_index=True)
-
-
 def _image(fig: Any) -> Any:
     from PIL import Image
 
@@ -119,20 +107,18 @@ def _image(fig: Any) -> Any:
 
 def figures(rows: pd.DataFrame, curves: pd.DataFrame) -> dict[str, Any]:
     """The run's Fig. 2 and Fig. 3 as ``wandb.Image``, drawn by :mod:`analysis.figures`."""
-    import inspect
-
     from analysis.figures import fig2_training_curves, fig3_depth_profile
 
     out: dict[str, Any] = {}
     for name, draw in (
-        ("fig2_training_curves", fig2_training_curves),
-        ("fig3_depth_profile", fig3_depth_profile),
+        ("fig2_training_curves", lambda: fig2_training_curves(rows)),
+        (
+            "fig3_depth_profile",
+            lambda: fig3_depth_profile(rows, curves=curves if len(curves) else None),
+        ),
     ):
         try:
-            if "curves" in inspect.signature(draw).parameters:
-                fig = draw(rows, curves=curves)
-            else:
-                fig = draw(_legacy_rows(rows, curves))
+            fig = draw()
         except ValueError as e:  # the table holds no data for this figure
             log.info("no %s for W&B: %s", name, e)
             continue

@@ -21,13 +21,12 @@ import pytest
 from conftest import REPO, launch
 from wandb_reader import read_runs, records, wandb_files
 
-from pfc_sweeps.loggers import curve_rows, rows_to_keys, run_tags, train_summary, wandb_config
-from pfc_sweeps.schema import RUN_ID_FILE, read_results
+from pfc_sweeps.loggers import rows_to_keys, run_tags, train_summary, wandb_config
+from pfc_sweeps.schema import RUN_ID_FILE, read_curves, read_results
 from pfc_sweeps.wandb_charts import wide_results
 
 SMALL = ["train.epochs=4", "arch.width=32", "arch.blocks=3", "train.geodesic_points=11"]
 PFC = ("pfc1", "pfc2", "pfc3")
-CURVES = {f"geodesic_{m}" for m in PFC}
 
 
 def _rows(records_):
@@ -54,11 +53,10 @@ def _history(run) -> dict[tuple[int, str], list[float]]:
 
 
 def _missing_rows(df: pd.DataFrame, run) -> list[tuple[int, str]]:
-    """Parquet rows that no history row holds at 1e-9 (curve rows live in the tables)."""
+    """Parquet rows that no history row holds at 1e-9."""
     hist = _history(run)
-    rows = df.loc[~df["metric"].isin(CURVES)]
     bad = []
-    for r in rows.itertuples(index=False):
+    for r in df.itertuples(index=False):
         got = hist.get((int(r.epoch), _expected_key(r)), [])
         if not any(abs(v - r.value) <= 1e-9 for v in got):
             bad.append((int(r.epoch), _expected_key(r)))
@@ -85,14 +83,6 @@ def test_train_rows_become_metric_sections_and_scalars():
     }
 
 
-def test_legacy_curve_rows_are_split_off_as_curves():
-    rows = _rows([(0, "pfc1", 1.5, "net", math.nan), (-1, "geodesic_pfc1", 0.7, "net", math.nan)])
-    rows["rel_pos"] = [0.0, 0.25]
-    kept, curves = curve_rows(rows)
-    assert kept["metric"].tolist() == ["pfc1"]
-    assert curves[["t", "metric", "value"]].values.tolist() == [[0.25, "pfc1", 0.7]]
-
-
 def test_surrogate_keys_are_metric_then_model_and_lambda_only_for_a_grid():
     grid = _rows(
         [
@@ -117,6 +107,7 @@ def test_config_keeps_only_the_groups_of_the_task_and_tags_name_the_setting():
         "loss": {"name": "ce"},
         "lam": {"lam": 0.001},
         "surrogate": {"steps": 5},
+        "gaussian": {"dim": 20},
         "train": {"epochs": 3},
         "seed": 0,
     }
@@ -128,9 +119,11 @@ def test_config_keeps_only_the_groups_of_the_task_and_tags_name_the_setting():
         "loss:ce",
         "mine",
     ]
-    sur = {**cfg, "task": {"name": "mufm", "models": ["mufm", "ufm"]}, "loss": {"name": "mse"}}
-    assert set(wandb_config(sur)) == {"task", "loss", "lam", "surrogate", "seed"}
-    assert run_tags(sur) == ["task:mufm", "dataset:gaussian", "arch:mufm+ufm", "loss:mse"]
+    on_gaussian = {**cfg, "dataset": {"name": "gaussian"}}
+    assert set(wandb_config(on_gaussian)) == {*wandb_config(cfg), "gaussian"}
+    sur = {**cfg, "task": {"name": "surrogate", "models": ["mufm", "ufm"]}, "loss": {"name": "mse"}}
+    assert set(wandb_config(sur)) == {"task", "loss", "lam", "surrogate", "gaussian", "seed"}
+    assert run_tags(sur) == ["task:surrogate", "dataset:gaussian", "arch:mufm+ufm", "loss:mse"]
 
 
 def test_wide_results_table_holds_every_row():
@@ -233,13 +226,13 @@ def test_digits_run_layout_in_the_offline_file(tmp_path):
         for chart in (f"charts/{m}_by_layer", f"depth_profile/{m}"):
             vis = run.config["_wandb"]["visualize"][chart]
             assert vis["panel_config"]["panelDefId"] == "wandb/lineseries/v0"
-    _check_depth_profile(out, run, df)
+    _check_depth_profile(out, run, df, read_curves(out))
     for fig in ("fig2_training_curves", "fig3_depth_profile"):
         assert run.summary[f"figures/{fig}"]["_type"] == "image-file"
     # the results artifact, the results table with all rows, config, tags, summary
     arts = [a for a in run.artifacts if a["type"] == "results"]
-    assert len(arts) == 1 and arts[0]["files"] == ["metrics.parquet"]
-    per_row = df.loc[~df["metric"].isin(CURVES)].groupby(["epoch", "layer"]).ngroups
+    assert len(arts) == 1 and sorted(arts[0]["files"]) == ["curves.parquet", "metrics.parquet"]
+    per_row = df.groupby(["epoch", "layer"]).ngroups
     assert run.summary["tables/results"]["nrows"] == per_row
     assert not any(k == "lam" or k.startswith("lam/") for k in run.config)
     assert run.tags == ["task:train", "dataset:digits", "arch:digits", "loss:ce"]
@@ -251,7 +244,7 @@ def test_digits_run_layout_in_the_offline_file(tmp_path):
     assert isinstance(run.summary["pfc3_monotone"], bool)
 
 
-def _check_depth_profile(out: Path, run, df: pd.DataFrame) -> None:
+def _check_depth_profile(out: Path, run, df: pd.DataFrame, curves: pd.DataFrame) -> None:
     """The pfc2 depth-profile chart's table: observed layers and the geodesic curve."""
     files_dir = next(out.rglob("offline-run-*")) / "files"
     table = run.summary["Custom Chart Tables/depth_profile/pfc2_table"]
@@ -259,7 +252,8 @@ def _check_depth_profile(out: Path, run, df: pd.DataFrame) -> None:
     got = pd.DataFrame(data["data"], columns=data["columns"])
     last = df.loc[df["epoch"] == df["epoch"].max()]
     obs = last.loc[(last["metric"] == "pfc2") & (last["layer"] >= 0)].sort_values("layer")
-    geo = last.loc[last["metric"] == "geodesic_pfc2"].sort_values("rel_pos")
+    geo = curves.loc[(curves["epoch"] == curves["epoch"].max()) & (curves["metric"] == "pfc2")]
+    geo = geo.sort_values("t")
     mine = got.loc[got["lineKey"] == "observed (layers)"]
     assert np.allclose(mine["step"], obs["rel_pos"], atol=1e-12)
     assert np.allclose(mine["lineVal"], obs["value"], atol=1e-12)
@@ -284,7 +278,7 @@ def test_surrogate_run_layout(tmp_path):
         assert hist[(r.epoch, key)] == pytest.approx(r.value, abs=1e-9)
     assert not {"dataset", "arch", "train", "optim"} & set(run.config)
     assert run.summary["tables/final_by_lam"]["nrows"] == 2  # (mufm, λ) x 2
-    assert "task:mufm" in run.tags
+    assert "task:surrogate" in run.tags and "arch:mufm" in run.tags
 
 
 @pytest.mark.slow
