@@ -73,8 +73,10 @@ def test_user_model_metrics_equal_brute_force_on_hooked_features(mixer_job):
     for layer, h in enumerate(feats):
         ref = brute_metrics(h, y, 10)
         got = last[last.layer == layer].set_index("metric")["value"]
-        for m in (*PFC_METRICS, "nc1", "tr_sw", "tr_sb"):
-            assert got[m] == pytest.approx(ref[m], rel=1e-9, abs=1e-12), (layer, m)
+        # float32 features take the tracker's fast path: 1e-5 relative (docs/precision.md)
+        for m in ("pfc1", "pfc2", "nc1", "tr_sw", "tr_sb"):
+            assert got[m] == pytest.approx(ref[m], rel=1e-5), (layer, m)
+        assert got["pfc3"] == ref["pfc3"], layer  # counts: exact (no near-ties here)
     # layers 0 (64) and 1 (4x8x8) precede the trailing run of width-32 layers 2..5
     rel = last[last.metric == "pfc1"].set_index("layer")["rel_pos"]
     assert rel[[0, 1]].isna().all() and rel[2] == 0 and rel[5] == 1
