@@ -11,7 +11,9 @@ Two kinds of helpers live here:
 * the small streaming kernels they are built from (``class_moments``, ``second_moments``,
   ``cross_within``, ``geodesic_ncc_correct``, ``pfc_from_stats``, ``nc_from_stats``), which the
   streaming :class:`pfc_sweeps.tracker.CollapseTracker` reuses chunk by chunk, so the one-shot
-  and the streaming numbers come from the same formulas.
+  and the streaming numbers come from the same formulas. The tracker's float32 fast path
+  (float32 row operations, float64 statistics) lives in :mod:`pfc_sweeps.kernels`
+  (docs/precision.md); everything here computes in float64.
 
 Numerics: pass 1 accumulates class sums (K, d) in float64; pass 2 centres each chunk at the
 global mean g (u = h - g, float64) and needs one matmul u [Ht; ...]^T and one dot <u, u> per
