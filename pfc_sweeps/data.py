@@ -1,4 +1,4 @@
-"""Data sets for the PFC experiments (SPEC.md, "Architectures and training recipe").
+"""Data sets for the PFC experiments (docs/metrics.md, "Architectures and training recipe").
 
 Every data set is loaded once into memory as float tensors on the requested device and
 is meant to be batched by index (no DataLoader, no augmentation: neural collapse is
@@ -17,7 +17,7 @@ Names (see :data:`DATASET_NAMES`):
   1x8x8; a seeded stratified 80/20 train/test split (1437 / 360); pixels scaled to
   [0, 1] (divided by 16) and then standardised with the scalar mean and std of the
   train split.
-- ``gaussian``: the MUFM data of SPEC.md ("MUFM and UFM"): class means mu_k drawn
+- ``gaussian``: the MUFM data of docs/metrics.md ("MUFM and UFM"): class means mu_k drawn
   uniformly on the unit sphere of R^d, samples x ~ N(mu_k, sigma^2 I_d); ``n`` train
   and ``n_test`` test samples per class, in_shape ``(d,)``, no normalisation.
 
@@ -248,7 +248,7 @@ def _load_digits(seed: int, device: torch.device) -> DataBundle:
 def gaussian_mixture(
     k: int, d: int, sizes: Sequence[int], *, sigma: float = 1.0, seed: int = 0
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """SPEC.md MUFM data: mu_k uniform on S^{d-1}, x ~ N(mu_k, sigma^2 I_d).
+    """docs/metrics.md MUFM data: mu_k uniform on S^{d-1}, x ~ N(mu_k, sigma^2 I_d).
 
     One draw ``(x (k m, d) float64, y (k m,) int64)`` per ``m`` in ``sizes``, samples ordered
     class by class, all from one CPU generator seeded with ``seed`` (same draw on any device).

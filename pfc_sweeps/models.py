@@ -1,4 +1,4 @@
-"""The FC ResNet and the conv ResNets of paper Table I (SPEC.md, "Architectures").
+"""The FC ResNet and the conv ResNets of paper Table I (docs/metrics.md, "Architectures").
 
 A :class:`PFCNet` is ``stem -> trunk -> studied blocks -> classifier``:
 
@@ -15,7 +15,7 @@ A :class:`PFCNet` is ``stem -> trunk -> studied blocks -> classifier``:
 ``forward(x)`` returns ``(logits, features)`` with ``features[l]`` the flattened
 (B, C*H*W) map of layer l = 0..L: layer 0 the input of the studied blocks, layer l the
 output of studied block l, ``features[L]`` the classifier's input. The classifier is
-an ``nn.Linear`` on the flattened last map (no pooling: SPEC.md **choice**).
+an ``nn.Linear`` on the flattened last map (no pooling: docs/metrics.md **choice**).
 
 Residual blocks (``block=``), with W a linear map (fc) or a 3x3 conv (conv):
 
@@ -25,7 +25,7 @@ Residual blocks (``block=``), with W a linear map (fc) or a 3x3 conv (conv):
 - ``"mlp_bn"``:    h + BN(W2 relu(BN(W1 h)))          -- post-norm branch, no final ReLU
 
 BatchNorm blocks normalise with batch statistics in train mode and running statistics
-in eval mode, so the features that are measured (eval mode, SPEC.md) are not exactly
+in eval mode, so the features that are measured (eval mode, docs/metrics.md) are not exactly
 the ones the optimiser saw; the BN-free blocks ("relu", "mlp") have no such gap and no
 batch coupling. Unlike a textbook pre-activation ResNet there is no final BN + ReLU
 after the last block: the classifier reads the residual stream itself (layer L).

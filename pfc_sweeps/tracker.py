@@ -1,6 +1,6 @@
-"""Streaming per-layer collapse tracker (SPEC.md; paper Fig. 2-3).
+"""Streaming per-layer collapse tracker (docs/metrics.md; paper Fig. 2-3).
 
-Usage (see /tmp/pfc_design.md)::
+Usage::
 
     tracker = CollapseTracker(num_classes, geodesic_ts=torch.linspace(0, 1, 101))
     for x, y in batches:                       # pass 1

@@ -1,4 +1,4 @@
-"""Models of paper Table I (SPEC.md "Architectures"): shapes, layer bookkeeping, block maths."""
+"""Models of paper Table I (docs/metrics.md "Architectures"): shapes, layer bookkeeping, block maths."""
 
 from __future__ import annotations
 
