@@ -25,6 +25,7 @@ from pfc_sweeps.schema import (
     ERROR_FILE,
     RESULTS_FILE,
     RUN_ID_FILE,
+    SWEEP_ERRORS_DIR,
     conform,
     is_done,
     read_curves,
@@ -58,7 +59,7 @@ JOB_STATES = {
 """Every state a job folder is classified into; only ``done`` jobs enter the table by default."""
 
 _JOB_MARKERS = (RESULTS_FILE, DONE_FILE, RUN_ID_FILE, HYDRA_DIR)
-_SKIP_DIRS = {HYDRA_DIR, ".submitit", "wandb", "__pycache__", ".git", "checkpoints"}
+_SKIP_DIRS = {HYDRA_DIR, SWEEP_ERRORS_DIR, ".submitit", "wandb", "__pycache__", ".git"}
 _ERROR_WORDS = ("error", "exception", "killed", "cancelled", "diverged")
 
 

@@ -27,6 +27,7 @@ __all__ = [
     "JobDirError",
     "JobLock",
     "check_fingerprint",
+    "check_not_busy",
     "check_usable_dir",
     "fingerprint",
     "remove_stale_temps",
@@ -41,6 +42,8 @@ EXCLUDED = (
     "train.device",
     "train.cache_gb",
     "train.num_threads",
+    "train.data_gb",  # in memory or streamed: the same batches, the same rows
+    "train.num_workers",
     "train.eval_batch_size",
     "dataset.root",
     "dataset.download",
@@ -125,6 +128,16 @@ def remove_stale_temps(out_dir: Path) -> list[Path]:
 def write_error(out_dir: Path, line: str) -> None:
     """Record a failed job's one-line error in its dir (``analysis.aggregate`` shows it)."""
     atomic_write_bytes(out_dir / ERROR_FILE, (line.rstrip("\n") + "\n").encode())
+
+
+def check_not_busy(out_dir: Path) -> None:
+    """Raise :class:`JobDirError` if a running job holds ``out_dir``'s lock; changes nothing.
+
+    ``launch.py`` calls it before Hydra starts when ``hydra.run.dir`` is given, so that a
+    second process stops at once; the job itself then takes the lock for real.
+    """
+    if (Path(out_dir) / LOCK_FILE).exists():
+        JobLock(out_dir).acquire().release()
 
 
 class JobLock:

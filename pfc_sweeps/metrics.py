@@ -1,6 +1,6 @@
 """Exact PFC / NC metrics from sufficient statistics (docs/metrics.md, paper eq. 7-9 / 17-19).
 
-Every function here is pure, works on the device of its inputs, accumulates in float64 and never
+Every function here is pure, works on the device of its inputs, computes in float64 and never
 builds a d x d matrix: all second-order quantities live in the K x K Gram algebra of
 Htilde = [m_1 - g, ..., m_K - g] (docs/metrics.md "Notation").
 
@@ -60,10 +60,13 @@ __all__ = [
 ]
 
 F64 = torch.float64
-# Rows per chunk are chosen so that a float64 chunk holds at most this many elements:
-# 2**22 (32 MiB) on accelerators, 2**17 (1 MiB, cache resident) on CPU.
+# Rows per chunk are chosen so that a work chunk holds at most this many elements:
+# _CHUNK_ELEMENTS = 2**24 (128 MiB in float64) on accelerators; on CPU also at most
+# _CPU_CHUNK_ELEMENTS = 2**17 (1 MiB, cache resident: elementwise ops are memory bound there).
 _CHUNK_ELEMENTS = 2**24
 _CPU_CHUNK_ELEMENTS = 2**17
+# Elements of one (K, T, b) block of geodesic NCC scores (32 MiB in float64).
+_GEO_SCORE_ELEMENTS = 2**22
 
 
 class MetricInputError(ValueError):
@@ -137,10 +140,12 @@ def _check_inputs(features: Tensor, labels: Tensor, num_classes: int) -> Tensor:
 
 
 def rows_per_chunk(d: int, device: torch.device | str | None = None) -> int:
-    """Rows per float64 work chunk: L2-cache sized on CPU (elementwise ops are memory bound
-    there), large on accelerators. ``_CHUNK_ELEMENTS`` caps both."""
+    """Rows per work chunk: ``_CHUNK_ELEMENTS`` // d, on CPU at most
+    ``_CPU_CHUNK_ELEMENTS`` // d (L2-cache sized)."""
     dev = torch.device(device) if device is not None else torch.device("cpu")
-    budget = min(_CHUNK_ELEMENTS, _CPU_CHUNK_ELEMENTS if dev.type == "cpu" else 2**22)
+    budget = _CHUNK_ELEMENTS
+    if dev.type == "cpu":
+        budget = min(budget, _CPU_CHUNK_ELEMENTS)
     return max(1, budget // max(d, 1))
 
 
@@ -333,7 +338,7 @@ def geodesic_ncc_correct(
     cross: Tensor,
     pl: Tensor,
     labels: Tensor,
-    budget: int = 2**22,
+    budget: int = _GEO_SCORE_ELEMENTS,
 ) -> Tensor:
     """Number of correct NCC predictions of h(t) = (1-t) h0 + t hL for every t, one chunk.
 
@@ -404,8 +409,12 @@ def nc_from_stats(n: int, gram: Tensor, zz: Tensor) -> dict[str, Tensor]:
     NC2 equinorm uses the unbiased std over classes (as Papyan et al.'s code: torch.std).
     """
     k = gram.shape[0]
-    gplus = torch.linalg.pinv(gram, hermitian=True)  # (K, K)
-    nc1 = torch.trace(gplus @ (zz / n) @ gplus)
+    # G^+ = V diag(1/lam) V^T over the eigenvalues kept by pinv's default cutoff, so
+    # Tr(G^+ zz G^+) = sum_j lam_j^-2 (V^T zz V)_jj: one eigh and one K x K x K product
+    lam, vec = torch.linalg.eigh(gram)  # (K,), (K, K)
+    keep = lam.abs() > torch.finfo(lam.dtype).eps * k * lam.abs().max()
+    inv2 = torch.where(keep, 1.0 / torch.where(keep, lam, 1.0).square(), 0.0)
+    nc1 = (inv2 * ((zz / n) @ vec * vec).sum(0)).sum()
     norms = torch.diagonal(gram).clamp_min(0).sqrt()  # (K,) ||m_k - g||
     if bool((norms == 0).any()):
         bad = (norms == 0).nonzero().flatten().tolist()
@@ -437,12 +446,17 @@ def geodesic_from_stats(
     """
     coef = geodesic_coefficients(ts.to(g0.device))  # (T, 3)
     trw = coef[:, 0] * trw0 + 2.0 * coef[:, 1] * trw_cross + coef[:, 2] * trwl  # (T,)
-    gram_t = geodesic_gram(coef, g0, x01, gl)  # (T, K, K)
-    try:
-        out = pfc_from_stats(n, trw, gram_t, correct)
-    except DegenerateFeaturesError as err:
-        raise DegenerateFeaturesError(f"on the geodesic curve: {err}") from None
-    return {key: out[key] for key in ("pfc1", "pfc2", "pfc3")}
+    k = g0.shape[0]
+    step = max(1, _GEO_SCORE_ELEMENTS // (k * k))  # G(t) for a block of t at a time
+    parts = []
+    for s in range(0, coef.shape[0], step):
+        gram_t = geodesic_gram(coef[s : s + step], g0, x01, gl)  # (T_block, K, K)
+        try:
+            out = pfc_from_stats(n, trw[s : s + step], gram_t, correct[s : s + step])
+        except DegenerateFeaturesError as err:
+            raise DegenerateFeaturesError(f"on the geodesic curve: {err}") from None
+        parts.append(out)
+    return {key: torch.cat([p[key] for p in parts]) for key in ("pfc1", "pfc2", "pfc3")}
 
 
 # --------------------------------------------------------------------------------------------

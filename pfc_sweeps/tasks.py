@@ -169,6 +169,10 @@ def run_job(cfg: Config, ctx: JobContext) -> str:
             from .train import run_training
 
             run_training(cfg, ctx.out_dir, sink, logger)
+        elif cfg.task.name == "measure":
+            from .measure import run_measure
+
+            run_measure(cfg, ctx.out_dir, sink, logger)
         else:
             from .surrogate_task import run_surrogate
 
@@ -214,10 +218,12 @@ def _run_locked(cfg: DictConfig, out_dir: Path, lock: JobLock) -> None:
     run_job(typed, ctx)
 
 
-def _expected() -> tuple[type[BaseException], ...]:
-    from .data import DatasetNotFound
-
-    return (ConfigError, DatasetNotFound, PFCError)
+def _expected(e: BaseException) -> bool:
+    """A failure reported as one line (the data module, and torch, only if already loaded)."""
+    data = sys.modules.get(f"{__package__}.data")
+    return isinstance(e, (ConfigError, PFCError)) or (
+        data is not None and isinstance(e, data.DatasetNotFound)
+    )
 
 
 def _one_line(e: BaseException) -> str:
@@ -251,18 +257,21 @@ def main(cfg: DictConfig) -> None:
                 owned = False  # the dir holds another config: leave it untouched
                 raise
     except Exception as e:
-        expected = isinstance(e, _expected())
+        expected = _expected(e)
         line = _one_line(e) if expected else f"{type(e).__name__}: {_one_line(e)}"
+        owned = owned and not isinstance(e, JobDirError)
         try:
-            _record(line, out_dir, owned and not isinstance(e, JobDirError))
+            _record(line, out_dir, owned)
         except OSError:
             pass  # an unwritable dir is the error being reported
         if not multirun and (full or not expected):
             raise  # Hydra prints the traceback
         if full or not expected:
             traceback.print_exc()
-        if multirun:
-            log.error(f"error: {line}")
+        if multirun and owned:
+            log.error(f"error: {line}")  # also in the job's log file
             return
         print(f"error: {line}", file=sys.stderr)
+        if multirun:
+            return  # the other jobs run on; the sweep reports this one at its end
         raise SystemExit(2 if isinstance(e, ConfigError) else 1) from None

@@ -38,6 +38,9 @@ from pfc_sweeps.schema import (
     CURVE_COLUMNS,
     CURVE_KEY,
     CURVES_FILE,
+    PFC1,
+    PFC2,
+    PFC3,
     RESULT_KEY,
     RESULTS_FILE,
     write_table,
@@ -83,7 +86,7 @@ def pfc_profile(n_layers: int, epoch: int, *, bump: float = 0.0, bump_layer: int
         pfc1[bump_layer] = pfc1[bump_layer - 1] * (1 + bump)
     pfc2 = [1.0 - 0.2 * k * (1 - f / 2) for k in range(n_layers)]
     pfc3 = [0.5 + 0.1 * k + 0.01 * epoch for k in range(n_layers)]
-    return {"pfc1": pfc1, "pfc2": pfc2, "pfc3": pfc3}
+    return {PFC1: pfc1, PFC2: pfc2, PFC3: pfc3}
 
 
 def train_frame(
@@ -106,7 +109,7 @@ def train_frame(
     for e in epochs:
         prof = pfc_profile(n_layers, e, bump=bump)
         if pfc3_decreasing:
-            prof["pfc3"] = prof["pfc3"][::-1]
+            prof[PFC3] = prof[PFC3][::-1]
         for m, vals in prof.items():
             for k, v in enumerate(vals):
                 v = v * (1 + noise * rng.standard_normal())
@@ -183,33 +186,33 @@ def mufm_value(metric: str, lam: float, model: str) -> float:
     """Closed-form stand-in values: MUFM moves from the ETF toward the data as λ grows."""
     if model == "data":
         return {
-            "pfc1": 2.0,
-            "pfc2": 0.6,
-            "pfc3": 0.7,
+            PFC1: 2.0,
+            PFC2: 0.6,
+            PFC3: 0.7,
             "alignment": 0.0,
             "objective": 0.0,
             "grad_norm": 0.0,
         }[metric]
     if model == "ufm":
         return {
-            "pfc1": 1e-4,
-            "pfc2": 1e-3,
-            "pfc3": 1.0,
+            PFC1: 1e-4,
+            PFC2: 1e-3,
+            PFC3: 1.0,
             "alignment": 1.2,
             "objective": 0.1,
             "grad_norm": 1e-6,
         }[metric]
     return {
-        "pfc1": 0.1 + 50 * lam,
-        "pfc2": 0.05 + 10 * lam,
-        "pfc3": 1.0 - 5 * lam,
+        PFC1: 0.1 + 50 * lam,
+        PFC2: 0.05 + 10 * lam,
+        PFC3: 1.0 - 5 * lam,
         "alignment": 1.0 / (1 + 100 * lam),
         "objective": 0.2,
         "grad_norm": 1e-5,
     }[metric]
 
 
-SUR_METRICS = ("pfc1", "pfc2", "pfc3", "alignment", "objective", "grad_norm")
+SUR_METRICS = (PFC1, PFC2, PFC3, "alignment", "objective", "grad_norm")
 
 
 def surrogate_frame(
@@ -237,7 +240,7 @@ def surrogate_frame(
 
     for step in steps:
         if "data" in models:
-            for m in ("pfc1", "pfc2", "pfc3"):
+            for m in (PFC1, PFC2, PFC3):
                 add(step, m, mufm_value(m, 0, "data"), "data", np.nan, np.nan)
         for lam in lams:
             for model in (m for m in models if m != "data"):
@@ -374,7 +377,7 @@ def test_drop_duplicates_keeps_last_and_keys_on_t_only_for_curve_rows():
     curves = train_curves("r", epochs=(0,), n_t=5)
     out, n_dup, _ = drop_duplicate_rows(pd.concat([curves, curves], ignore_index=True), CURVE_KEY)
     assert n_dup == len(curves)
-    assert (out["metric"] == "pfc1").sum() == 5
+    assert (out["metric"] == PFC1).sum() == 5
 
 
 def test_no_results_names_the_searched_dirs(tmp_path, capsys):
@@ -447,11 +450,11 @@ def test_fig2_one_line_per_layer_coloured_by_depth_and_log_pfc1():
     fig = figures.fig2_training_curves(df)
     axes = np.array(fig.axes[:6]).reshape(3, 2)
     for j, n_layers in enumerate((4, 3)):  # columns sorted: digits, gaussian
-        for i, m in enumerate(("pfc1", "pfc2", "pfc3")):
+        for i, m in enumerate((PFC1, PFC2, PFC3)):
             ax = axes[i, j]
             lines = _data_lines(ax)
             assert len(lines) == n_layers
-            assert ax.get_yscale() == ("log" if m == "pfc1" else "linear")
+            assert ax.get_yscale() == ("log" if m == PFC1 else "linear")
             # line for layer l holds that layer's values over epochs 0, 1, 2
             for k, ln in enumerate(lines):
                 np.testing.assert_array_equal(ln.get_xdata(), [0, 1, 2])
@@ -468,18 +471,16 @@ def test_fig2_one_line_per_layer_coloured_by_depth_and_log_pfc1():
 
 def test_fig2_seeds_mean_and_95_band():
     df = pd.concat([train_frame(f"r{s}", seed=s, noise=0.1) for s in range(3)])
-    fig = figures.fig2_training_curves(df, metrics=("pfc2",))
+    fig = figures.fig2_training_curves(df, metrics=(PFC2,))
     ax = fig.axes[0]
     lines = _data_lines(ax)
     assert len(lines) == 4
     bands = [c for c in ax.collections if isinstance(c, PolyCollection)]
     assert len(bands) == 4
-    sub = df.loc[(df["metric"] == "pfc2") & (df["layer"] == 1)].groupby("epoch")["value"]
+    sub = df.loc[(df["metric"] == PFC2) & (df["layer"] == 1)].groupby("epoch")["value"]
     np.testing.assert_allclose(lines[1].get_ydata(), sub.mean().to_numpy())
     # band edges = Student-t 95% CI, checked against a direct formula at epoch 0
-    x = df.loc[
-        (df["metric"] == "pfc2") & (df["layer"] == 1) & (df["epoch"] == 0), "value"
-    ].to_numpy()
+    x = df.loc[(df["metric"] == PFC2) & (df["layer"] == 1) & (df["epoch"] == 0), "value"].to_numpy()
     half = 4.302652729911275 * x.std(ddof=1) / math.sqrt(3)  # t_{0.975, 2}
     verts = bands[1].get_paths()[0].vertices
     at0 = verts[np.isclose(verts[:, 0], 0.0), 1]
@@ -502,7 +503,7 @@ def test_fig3_points_per_layer_and_geodesic_curve():
     fig = figures.fig3_depth_profile(df, curves=curves)
     axes = np.array(fig.axes[:6]).reshape(3, 2)
     for j, (n_layers, n_t) in enumerate(((5, 7), (3, 5))):
-        for i, m in enumerate(("pfc1", "pfc2", "pfc3")):
+        for i, m in enumerate((PFC1, PFC2, PFC3)):
             ax = axes[i, j]
             obs, geo = _data_lines(ax)
             rel = np.sqrt(np.arange(n_layers) / (n_layers - 1))
@@ -513,16 +514,16 @@ def test_fig3_points_per_layer_and_geodesic_curve():
             np.testing.assert_allclose(geo.get_xdata(), np.linspace(0, 1, n_t))
             assert to_rgb(obs.get_color()) == to_rgb("tab:green")
             assert to_rgb(geo.get_color()) == to_rgb("tab:blue")
-            assert ax.get_yscale() == ("log" if m == "pfc1" else "linear")
+            assert ax.get_yscale() == ("log" if m == PFC1 else "linear")
 
 
 def test_fig3_seed_error_bars():
     df = pd.concat([train_frame(f"r{s}", seed=s, noise=0.1) for s in range(3)])
-    fig = figures.fig3_depth_profile(df, metrics=("pfc2",))
+    fig = figures.fig3_depth_profile(df, metrics=(PFC2,))
     ax = fig.axes[0]
     obs = _data_lines(ax)[0]
     want = (
-        df.loc[(df["metric"] == "pfc2") & (df["epoch"] == 2) & (df["layer"] >= 0)]
+        df.loc[(df["metric"] == PFC2) & (df["epoch"] == 2) & (df["layer"] >= 0)]
         .groupby("layer")["value"]
         .mean()
     )
@@ -548,8 +549,8 @@ def test_fig4_bars_at_last_step_with_log_ufm_panel():
         assert len(bars) == 6  # 3 metrics x (data, model)
         heights = sorted(b.get_height() for b in bars)
         want = sorted(
-            [mufm_value(m, 0.001, "data") for m in ("pfc1", "pfc2", "pfc3")]
-            + [mufm_value(m, 0.001, model) for m in ("pfc1", "pfc2", "pfc3")]
+            [mufm_value(m, 0.001, "data") for m in (PFC1, PFC2, PFC3)]
+            + [mufm_value(m, 0.001, model) for m in (PFC1, PFC2, PFC3)]
         )
         np.testing.assert_allclose(heights, want)
     assert ax_a.get_yscale() == "linear" and ax_b.get_yscale() == "log"
@@ -562,9 +563,7 @@ def test_fig4_picks_the_lambda_nearest_the_paper_setting():
     (ax,) = fig.axes[:1]
     assert len(fig.axes) == 1  # no UFM rows -> only panel (a)
     heights = sorted(b.get_height() for b in _bars(ax))
-    want = sorted(
-        [mufm_value(m, 0.0011, k) for m in ("pfc1", "pfc2", "pfc3") for k in ("data", "mufm")]
-    )
+    want = sorted([mufm_value(m, 0.0011, k) for m in (PFC1, PFC2, PFC3) for k in ("data", "mufm")])
     np.testing.assert_allclose(heights, want)
     assert "0.0011" in ax.get_title()
     with pytest.raises(FigureDataError):
@@ -584,7 +583,7 @@ def test_fig5_same_curve_from_grid_and_per_lambda_jobs(layout):
     axes = fig.axes[:4]
     assert len(axes) == 4
     ratios = np.array(LAMS) / 0.005
-    for ax, m in zip(axes, ("pfc1", "pfc2", "pfc3", "alignment"), strict=True):
+    for ax, m in zip(axes, (PFC1, PFC2, PFC3, "alignment"), strict=True):
         lines = _data_lines(ax)
         curve = lines[0]
         np.testing.assert_allclose(curve.get_xdata(), ratios)
@@ -604,10 +603,10 @@ def test_fig5_needs_two_lambdas_and_averages_seeds():
     a = surrogate_frame("a", LAMS, seed=0)
     b = surrogate_frame("b", LAMS, seed=1)
     b["value"] = np.where(b["model"] == "mufm", b["value"] + 0.1, b["value"])
-    fig = figures.fig5_lambda_tradeoff(pd.concat([a, b]), metrics=("pfc2",))
+    fig = figures.fig5_lambda_tradeoff(pd.concat([a, b]), metrics=(PFC2,))
     curve = _data_lines(fig.axes[0])[0]
     np.testing.assert_allclose(
-        curve.get_ydata(), [mufm_value("pfc2", lam, "mufm") + 0.05 for lam in LAMS]
+        curve.get_ydata(), [mufm_value(PFC2, lam, "mufm") + 0.05 for lam in LAMS]
     )
     assert any(isinstance(c, PolyCollection) for c in fig.axes[0].collections)
 
@@ -686,18 +685,18 @@ def test_summary_monotonicity_flags():
     def flag(run, m, t=tab):
         return summary._fmt(t.loc[run, f"{m}_monotone"])  # "yes" / "no" / "n/a"
 
-    assert [flag("mono", m) for m in ("pfc1", "pfc2", "pfc3")] == ["yes"] * 3
-    assert flag("bump10", "pfc1") == "no"
-    assert flag("bump1", "pfc1") == "yes"
-    assert flag("bump1", "pfc1", summarize_train(df, tol=0.0).set_index("run_id")) == "no"
-    assert flag("pfc3down", "pfc3") == "no"
-    assert flag("pfc3down", "pfc1") == "yes"
+    assert [flag("mono", m) for m in (PFC1, PFC2, PFC3)] == ["yes"] * 3
+    assert flag("bump10", PFC1) == "no"
+    assert flag("bump1", PFC1) == "yes"
+    assert flag("bump1", PFC1, summarize_train(df, tol=0.0).set_index("run_id")) == "no"
+    assert flag("pfc3down", PFC3) == "no"
+    assert flag("pfc3down", PFC1) == "yes"
     # final accuracies, effective depth, straightness, geodesic error (mean of 0.01*l, l=0..3)
     assert tab.loc["mono", "train_acc"] == pytest.approx(0.92)
     assert tab.loc["mono", "test_acc"] == pytest.approx(0.82)
     assert tab.loc["mono", "effective_depth"] == 2
     assert tab.loc["mono", "straightness"] == pytest.approx(0.9)
-    assert tab.loc["mono", "geo_err_pfc2"] == pytest.approx(0.015)
+    assert tab.loc["mono", f"geo_err_{PFC2}"] == pytest.approx(0.015)
 
     text = summary.render_summary(df)
     rows = {r["run_id"]: r for r in _summary_rows(text, "Training runs")}
@@ -712,13 +711,13 @@ def test_summary_monotonicity_flags():
 
 def test_geodesic_error_from_curve_when_err_rows_missing():
     df = train_frame("a")
-    df = df.loc[~df["metric"].str.startswith("geodesic_err")]
+    df = df.loc[~df["metric"].str.startswith("geodesic_err_")]
     tab = summarize_train(df, curves=train_curves("a")).set_index("run_id")
     # independent: |observed - linear interpolation of the straight curve at r_l|
-    prof = pfc_profile(4, 2)["pfc2"]
+    prof = pfc_profile(4, 2)[PFC2]
     rel = np.sqrt(np.arange(4) / 3)
     pred = prof[0] + rel * (prof[-1] - prof[0])
-    assert tab.loc["a", "geo_err_pfc2"] == pytest.approx(
+    assert tab.loc["a", f"geo_err_{PFC2}"] == pytest.approx(
         np.mean(np.abs(np.array(prof) - pred)), rel=1e-6
     )
 
@@ -728,7 +727,7 @@ def test_summarize_surrogate_one_row_per_run_model_lambda():
     tab = summarize_surrogate(df)
     assert len(tab) == 2 * len(LAMS)
     row = tab.loc[(tab["model"] == "mufm") & (tab["lam"] == 0.005)].iloc[0]
-    assert row["pfc1"] == pytest.approx(mufm_value("pfc1", 0.005, "mufm"))  # last step, not 123
+    assert row[PFC1] == pytest.approx(mufm_value(PFC1, 0.005, "mufm"))  # last step, not 123
     assert row["data_pfc1"] == pytest.approx(2.0)
     assert row["lam_ratio"] == pytest.approx(1.0)
 
@@ -849,11 +848,11 @@ def test_fig5_one_curve_per_setting_when_losses_differ():
     mse = surrogate_frame("m", LAMS)
     ce = surrogate_frame("c", LAMS).assign(loss="ce")
     ce["value"] = np.where(ce["model"] == "mufm", ce["value"] + 1.0, ce["value"])
-    fig = figures.fig5_lambda_tradeoff(pd.concat([mse, ce]), metrics=("pfc1",))
+    fig = figures.fig5_lambda_tradeoff(pd.concat([mse, ce]), metrics=(PFC1,))
     curves = [c for c in _data_lines(fig.axes[0]) if c.get_linestyle() != "--"]  # not data X
     curves = sorted(curves, key=lambda c: c.get_ydata()[0])
     assert len(curves) == 2
-    want = np.array([mufm_value("pfc1", lam, "mufm") for lam in LAMS])
+    want = np.array([mufm_value(PFC1, lam, "mufm") for lam in LAMS])
     np.testing.assert_allclose(curves[0].get_ydata(), want)
     np.testing.assert_allclose(curves[1].get_ydata(), want + 1.0)
     labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]

@@ -15,7 +15,14 @@ from conftest import REPO, launch
 
 from analysis import figures
 from analysis.aggregate import read_aggregate
-from pfc_sweeps.schema import CURVES_FILE, RESULTS_FILE, read_curves, read_results
+from pfc_sweeps.schema import (
+    CURVES_FILE,
+    PFC1,
+    PFC2,
+    RESULTS_FILE,
+    read_curves,
+    read_results,
+)
 
 matplotlib.use("Agg")
 
@@ -105,23 +112,23 @@ def test_sweeps_to_figures_and_summary(tmp_path):
     assert sorted(float(r["λ"]) for r in sur) == list(LAMS)
     for row in sur:
         df = tables[row["run_id"]]
-        assert row["pfc1"] == f"{_last(df, 'pfc1', model='mufm'):.4g}"
+        assert row[PFC1] == format(_last(df, PFC1, model="mufm"), ".4g")
         assert row["alignment"] == f"{_last(df, 'alignment', model='mufm'):.4g}"
-        assert row["data_pfc2"] == f"{_last(df, 'pfc2', model='data'):.4g}"
+        assert row[f"data_{PFC2}"] == format(_last(df, PFC2, model="data"), ".4g")
         assert row["step"] == "200"
 
     # the figures hold the parquet's numbers: Fig. 5 (one MUFM point per λ job) and Fig. 3
-    fig5 = figures.fig5_lambda_tradeoff(agg.table, metrics=("pfc1",))
+    fig5 = figures.fig5_lambda_tradeoff(agg.table, metrics=(PFC1,))
     line = next(ln for ln in fig5.axes[0].get_lines() if len(ln.get_xdata()) == len(LAMS))
-    want = [_last(tables[rid], "pfc1", model="mufm") for rid in _by_lam(tables)]
+    want = [_last(tables[rid], PFC1, model="mufm") for rid in _by_lam(tables)]
     np.testing.assert_allclose(line.get_xdata(), np.array(LAMS) / 0.005)
     np.testing.assert_allclose(line.get_ydata(), want)
-    fig3 = figures.fig3_depth_profile(agg.table, metrics=("pfc2",), curves=agg.curves)
+    fig3 = figures.fig3_depth_profile(agg.table, metrics=(PFC2,), curves=agg.curves)
     obs, geo = [ln for ln in fig3.axes[0].get_lines() if len(ln.get_xdata())]
     last = pd.concat([t for rid, t in tables.items() if t["model"].iloc[0] == "net"])
-    last = last.loc[(last["metric"] == "pfc2") & (last["epoch"] == 2) & (last["layer"] >= 0)]
+    last = last.loc[(last["metric"] == PFC2) & (last["epoch"] == 2) & (last["layer"] >= 0)]
     np.testing.assert_allclose(obs.get_ydata(), last.groupby("layer")["value"].mean())
-    curves = agg.curves.loc[(agg.curves["metric"] == "pfc2") & (agg.curves["epoch"] == 2)]
+    curves = agg.curves.loc[(agg.curves["metric"] == PFC2) & (agg.curves["epoch"] == 2)]
     np.testing.assert_allclose(geo.get_xdata(), np.linspace(0, 1, 5))
     np.testing.assert_allclose(geo.get_ydata(), curves.groupby("t")["value"].mean())
 

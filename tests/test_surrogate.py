@@ -14,7 +14,12 @@ import pandas as pd
 import pytest
 import torch
 
-from pfc_sweeps.schema import SURROGATE_METRICS
+from pfc_sweeps.schema import (
+    PFC1,
+    PFC2,
+    PFC3,
+    SURROGATE_METRICS,
+)
 from pfc_sweeps.surrogate import (
     H_STEP_GUARD_C,
     SurrogateDivergedError,
@@ -43,9 +48,9 @@ def brute_pfc(F: torch.Tensor, labels: torch.Tensor, K: int) -> dict[str, float]
     E = (np.eye(K) - np.ones((K, K)) / K) / math.sqrt(K - 1)
     dist = ((F[:, None, :] - means[None]) ** 2).sum(-1)  # (N, K)
     return {
-        "pfc1": tr_w / tr_b,
-        "pfc2": float(np.linalg.norm(G / np.linalg.norm(G) - E)),
-        "pfc3": float((dist.argmin(1) == y).mean()),
+        PFC1: tr_w / tr_b,
+        PFC2: float(np.linalg.norm(G / np.linalg.norm(G) - E)),
+        PFC3: float((dist.argmin(1) == y).mean()),
     }
 
 
@@ -380,7 +385,7 @@ def test_table_schema_metrics_and_callback():
     pd.testing.assert_frame_equal(pd.concat([rows for _, rows in streamed], ignore_index=True), t)
     data = t[t.model == "data"]
     assert sorted(data.epoch.unique()) == [0, steps]
-    assert set(data.metric) == {"pfc1", "pfc2", "pfc3"}
+    assert set(data.metric) == {PFC1, PFC2, PFC3}
     assert data.lam.isna().all() and data.lam_w.isna().all()
     sol = t[t.model != "data"]
     assert len(sol) == 4 * 4 * len(SURROGATE_METRICS)  # 4 configs x 4 logged steps
@@ -390,7 +395,7 @@ def test_table_schema_metrics_and_callback():
     Y = one_hot_targets(labels, 3)
     for i, (m, _, lam) in enumerate(r.configs):
         ref = brute_pfc(r.H[i].T, labels, 3)
-        for k in ("pfc1", "pfc2", "pfc3"):
+        for k in (PFC1, PFC2, PFC3):
             assert math.isclose(final(t, m, k, lam), ref[k], rel_tol=1e-9, abs_tol=1e-12)
         anchor = X if m == "mufm" else torch.zeros_like(X)
         Wv, Hv = r.W[i].clone().requires_grad_(), r.H[i].clone().requires_grad_()
@@ -401,7 +406,7 @@ def test_table_schema_metrics_and_callback():
         assert math.isclose(final(t, m, "grad_norm", lam), gnorm, rel_tol=1e-9)
         assert math.isclose(final(t, m, "alignment", lam), alignment(r.H[i][None], X).item())
     ref_x = brute_pfc(X.T, labels, 3)
-    for k in ("pfc1", "pfc2", "pfc3"):
+    for k in (PFC1, PFC2, PFC3):
         assert math.isclose(final(t, "data", k), ref_x[k], rel_tol=1e-9)
 
 
@@ -518,13 +523,13 @@ def test_paper_fig4_acceptance(seed):
     t = solve_grid(["mufm", "ufm"], X, labels, 5, [0.001], 0.005, steps=50_000,
                    log_every=None, seed=seed)  # fmt: skip
     assert t.epoch.max() == 50_000
-    data = {k: final(t, "data", k) for k in ("pfc1", "pfc2", "pfc3")}
-    mufm = {k: final(t, "mufm", k) for k in ("pfc1", "pfc2", "pfc3")}
-    ufm = {k: final(t, "ufm", k) for k in ("pfc1", "pfc2", "pfc3")}
-    assert ufm["pfc1"] < 1e-2 and ufm["pfc2"] < 1e-2 and ufm["pfc3"] == 1.0
-    for k in ("pfc1", "pfc2"):
+    data = {k: final(t, "data", k) for k in (PFC1, PFC2, PFC3)}
+    mufm = {k: final(t, "mufm", k) for k in (PFC1, PFC2, PFC3)}
+    ufm = {k: final(t, "ufm", k) for k in (PFC1, PFC2, PFC3)}
+    assert ufm[PFC1] < 1e-2 and ufm[PFC2] < 1e-2 and ufm[PFC3] == 1.0
+    for k in (PFC1, PFC2):
         assert ufm[k] < mufm[k] < data[k]
-    assert mufm["pfc3"] >= data["pfc3"]
+    assert mufm[PFC3] >= data[PFC3]
 
 
 @pytest.mark.slow
@@ -536,7 +541,7 @@ def test_paper_fig5_acceptance():
     last = t[(t.model == "mufm") & (t.epoch == 50_000)]
     wide = last.pivot_table(index="lam", columns="metric", values="value").sort_index()
     assert len(wide) == 40
-    for metric, sign in (("pfc1", 1), ("pfc2", 1), ("alignment", -1)):
+    for metric, sign in ((PFC1, 1), (PFC2, 1), ("alignment", -1)):
         v = sign * wide[metric].to_numpy()
         # monotone in lam, allowing noise below 1%: no step goes back by 1% or more
         assert np.all(np.diff(v) > -0.01 * np.abs(v[:-1])), metric
