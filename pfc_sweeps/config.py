@@ -96,7 +96,7 @@ class TaskConfig:
 
 @dataclass
 class GaussianConfig:
-    """The Gaussian mixture of ``dataset=gaussian`` and of the surrogate tasks (SPEC "MUFM").
+    """The Gaussian mixture of ``dataset=gaussian`` and of the surrogate tasks (docs/metrics.md "MUFM and UFM").
 
     K classes of N(mu_k, sigma^2 I_dim), mu_k uniform on the unit sphere of R^dim.
     """
