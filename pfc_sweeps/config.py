@@ -30,9 +30,11 @@ __all__ = [
     "H_STEPS",
     "LOGGERS",
     "LOSSES",
+    "MEASURE_SPLITS",
     "OPTIMIZERS",
     "SURROGATE_MODELS",
     "TASKS",
+    "TRAIN_PRECISIONS",
     "WANDB_MODES",
     "ArchConfig",
     "Config",
@@ -42,6 +44,7 @@ __all__ = [
     "LamConfig",
     "LoggerConfig",
     "LossConfig",
+    "MeasureConfig",
     "OptimConfig",
     "SurrogateConfig",
     "TaskConfig",
@@ -53,16 +56,29 @@ __all__ = [
 ]
 
 #: ``task.name``: train a ResNet, or solve the surrogate models of ``task.models``.
-TASKS = ("train", "surrogate")
-DATASETS = ("digits", "gaussian", "mnist", "fashion_mnist", "cifar10", "stl10", "cifar100")
+TASKS = ("train", "surrogate", "measure")
+#: ``module``: any data set from ``_target_`` nodes (``dataset.train``, ``dataset.test``).
+DATASETS = (
+    "digits",
+    "gaussian",
+    "mnist",
+    "fashion_mnist",
+    "cifar10",
+    "stl10",
+    "cifar100",
+    "module",
+)
 LOSSES = ("ce", "mse")
 OPTIMIZERS = ("sgd",)
-ARCH_KINDS = ("fc", "conv")
+#: ``module``: any nn.Module from a ``_target_`` node (``arch.model``).
+ARCH_KINDS = ("fc", "conv", "module")
+MEASURE_SPLITS = ("train", "test")
 BLOCKS = ("relu", "mlp", "preact_bn", "mlp_bn")
 LOGGERS = ("wandb", "none")
 WANDB_MODES = ("offline", "online", "disabled")
 H_STEPS = ("per_sample", "per_class", "mean")
 DEVICES = ("auto", "cpu", "cuda")
+TRAIN_PRECISIONS = ("fp32", "bf16", "fp16")  # train.precision (pfc_sweeps.accel)
 
 
 class ConfigError(ValueError):
@@ -80,7 +96,7 @@ class TaskConfig:
 
 @dataclass
 class GaussianConfig:
-    """The Gaussian mixture of ``dataset=gaussian`` and of the surrogate tasks (SPEC "MUFM").
+    """The Gaussian mixture of ``dataset=gaussian`` and of the surrogate tasks (docs/metrics.md "MUFM and UFM").
 
     K classes of N(mu_k, sigma^2 I_dim), mu_k uniform on the unit sphere of R^dim.
     """
@@ -101,6 +117,10 @@ class DatasetConfig:
     download: bool = True
     # Balanced, seeded subset of the training split (null: all samples).
     subset_per_class: int | None = None
+    # Only for ``module``: ``_target_`` nodes of the train and test sets (any map-style
+    # torch Dataset of (image tensor, int label), e.g. a torchvision class or ImageFolder).
+    train: Any = None
+    test: Any = None
 
 
 @dataclass
@@ -114,6 +134,20 @@ class ArchConfig:
     # conv: [[channels, spatial size, blocks], ...]; the last stage is the studied one.
     stages: list[list[int]] = field(default_factory=list)
     block: str = "preact_bn"
+    # kind=module: any nn.Module from a ``_target_`` node; the studied layers (module names
+    # or globs such as ``layer4.*``, forward order) and the final nn.Linear (NC3, NC4).
+    model: Any = None
+    layers: list[str] = field(default_factory=list)
+    classifier: str = ""
+    # task=measure: this project's checkpoint.pt, or a plain state_dict of the model.
+    checkpoint: str | None = None
+
+
+@dataclass
+class MeasureConfig:
+    """task=measure: the split whose features the metric engine measures."""
+
+    split: str = "train"
 
 
 @dataclass
@@ -171,6 +205,15 @@ class TrainConfig:
     eval_batch_size: int = 1000
     device: str = "auto"
     num_threads: int = 0  # 0: leave torch's default
+    # Training sets bigger than this (as float32 tensors) stream through a DataLoader.
+    data_gb: float = 8.0
+    num_workers: int = 0  # DataLoader workers of the streaming path
+    # Speed options (pfc_sweeps.accel), all off by default: autocast precision of the
+    # training steps (fp16 needs CUDA), NHWC conv nets, TF32 matmuls, torch.compile.
+    precision: str = "fp32"
+    channels_last: bool = False
+    tf32: bool = False
+    compile: bool = False
 
 
 @dataclass
@@ -194,6 +237,7 @@ class Config:
     lam: LamConfig = field(default_factory=LamConfig)
     surrogate: SurrogateConfig = field(default_factory=SurrogateConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    measure: MeasureConfig = field(default_factory=MeasureConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     seed: int = 0
     # Free-form label of an experiment preset (``experiment=paper_fig4`` sets it).
@@ -347,10 +391,11 @@ def _validate_model(cfg: Config) -> None:
         _positive_int("dataset.subset_per_class", d.subset_per_class)
     _one_of("arch.kind", a.kind, ARCH_KINDS)
     _one_of("arch.block", a.block, BLOCKS)
+    _validate_module(cfg)
     if a.kind == "fc":
         _positive_int("arch.width", a.width)
         _positive_int("arch.blocks", a.blocks)
-    else:
+    elif a.kind == "conv":
         _check(
             "arch.stages", a.stages, len(a.stages) > 0, "a conv arch needs [[C, size, blocks], ...]"
         )
@@ -377,12 +422,42 @@ def _validate_train(cfg: Config) -> None:
     _number("train.cache_gb", tr.cache_gb, 0, 2**20)
     _one_of("train.device", tr.device, DEVICES)
     _check("train.num_threads", tr.num_threads, tr.num_threads >= 0, "must be >= 0")
-    if tr.device == "cuda":
+    _one_of("train.precision", tr.precision, TRAIN_PRECISIONS)
+    if tr.device == "cuda" or tr.precision == "fp16":
         import torch
 
+        if tr.precision == "fp16":
+            cuda = tr.device == "cuda" or (tr.device == "auto" and torch.cuda.is_available())
+            _check(
+                "train.precision", tr.precision, cuda, "fp16 autocast needs CUDA; use bf16 on CPU"
+            )
+    if tr.device == "cuda":
         _check("train.device", tr.device, torch.cuda.is_available(), "no CUDA device is available")
+    _number("train.data_gb", tr.data_gb, 0, 2**20)
+    _check("train.num_workers", tr.num_workers, tr.num_workers >= 0, "must be >= 0")
+    _one_of("measure.split", cfg.measure.split, MEASURE_SPLITS)
     _one_of("logger.name", lg.name, LOGGERS)
     _one_of("logger.mode", lg.mode, WANDB_MODES)
+
+
+def _is_target(node: Any) -> bool:
+    return isinstance(node, dict) and isinstance(node.get("_target_"), str)
+
+
+def _validate_module(cfg: Config) -> None:
+    """The keys of ``arch=module``, ``dataset=module`` and ``task=measure``."""
+    a, d = cfg.arch, cfg.dataset
+    need = "a node with a _target_ (module.Class or module.function)"
+    if a.kind == "module":
+        _check("arch.model", a.model, _is_target(a.model), need)
+        _check("arch.layers", list(a.layers), len(a.layers) > 0, "list >= 1 module name or glob")
+        _check("arch.classifier", a.classifier, bool(a.classifier), "name the final nn.Linear")
+    if d.name == "module":
+        _check("dataset.train", d.train, _is_target(d.train), need)
+        _check("dataset.test", d.test, _is_target(d.test), need)
+    if cfg.task.name == "measure":
+        ok = bool(a.checkpoint)
+        _check("arch.checkpoint", a.checkpoint, ok, "task=measure needs a checkpoint file")
 
 
 def validate(cfg: DictConfig | Config) -> Config:

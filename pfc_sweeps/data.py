@@ -1,8 +1,11 @@
-"""Data sets for the PFC experiments (SPEC.md, "Architectures and training recipe").
+"""Data sets for the PFC experiments (paper section IV-A).
 
-Every data set is loaded once into memory as float tensors on the requested device and
-is meant to be batched by index (no DataLoader, no augmentation: neural collapse is
-measured on the training set exactly as it was trained).
+The built-in data sets are loaded once into memory as float tensors on the requested device
+and batched by index (no DataLoader, no augmentation: neural collapse is measured on the
+training set exactly as it was trained). ``dataset=module`` (:func:`load_module_dataset`)
+builds any map-style data set from ``_target_`` nodes; it is read into the same tensors
+when it fits ``train.data_gb``, and otherwise streamed through a ``DataLoader``
+(:class:`StreamBundle`). Both give the batches of the same index order identically.
 
 Names (see :data:`DATASET_NAMES`):
 
@@ -17,7 +20,7 @@ Names (see :data:`DATASET_NAMES`):
   1x8x8; a seeded stratified 80/20 train/test split (1437 / 360); pixels scaled to
   [0, 1] (divided by 16) and then standardised with the scalar mean and std of the
   train split.
-- ``gaussian``: the MUFM data of SPEC.md ("MUFM and UFM"): class means mu_k drawn
+- ``gaussian``: the MUFM data (paper section IV-B): class means mu_k drawn
   uniformly on the unit sphere of R^d, samples x ~ N(mu_k, sigma^2 I_d); ``n`` train
   and ``n_test`` test samples per class, in_shape ``(d,)``, no normalisation.
 
@@ -32,18 +35,22 @@ path; with ``download=False`` the network is never touched.
 from __future__ import annotations
 
 import gzip
+import math
 import os
 import pickle
 import shutil
 import socket
 import tarfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch import Tensor
+
+from .config import DATASETS
 
 __all__ = [
     "DATASET_NAMES",
@@ -51,21 +58,16 @@ __all__ = [
     "TORCHVISION_FOLDERS",
     "DataBundle",
     "DatasetNotFound",
+    "StreamBundle",
     "balanced_subset",
     "default_data_root",
     "gaussian_mixture",
     "load_dataset",
+    "load_module_dataset",
 ]
 
-DATASET_NAMES: tuple[str, ...] = (
-    "digits",
-    "gaussian",
-    "mnist",
-    "fashion_mnist",
-    "cifar10",
-    "stl10",
-    "cifar100",
-)
+#: The built-in data sets (``dataset=module`` is built by :func:`load_module_dataset`).
+DATASET_NAMES: tuple[str, ...] = tuple(n for n in DATASETS if n != "module")
 
 #: Per-channel (mean, std) of the [0, 1]-scaled training pixels (the usual constants).
 NORMALIZATION: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
@@ -110,6 +112,64 @@ class DataBundle:
     num_classes: int
     in_shape: tuple[int, ...]
     name: str
+
+    def size(self, split: str) -> int:
+        return len(self.train_y if split == "train" else self.test_y)
+
+    def batches(self, split: str, order: Tensor, batch: int) -> Iterator[tuple[Tensor, Tensor]]:
+        """(x (B, *in_shape), y (B,)) of the samples ``order`` (N,), ``batch`` at a time."""
+        x, y = (self.train_x, self.train_y) if split == "train" else (self.test_x, self.test_y)
+        for idx in order.to(y.device).split(batch):
+            yield x[idx], y[idx]
+
+
+@dataclass
+class StreamBundle:
+    """A data set read item by item through a ``DataLoader`` (see :func:`load_module_dataset`).
+
+    Same interface as :class:`DataBundle`: :meth:`batches` yields the batches of the given
+    index tensors, collated from the items exactly as the in-memory path stacks them.
+    """
+
+    train_set: torch.utils.data.Dataset
+    test_set: torch.utils.data.Dataset
+    num_classes: int
+    in_shape: tuple[int, ...]
+    name: str
+    device: torch.device
+    num_workers: int = 0
+
+    def size(self, split: str) -> int:
+        return len(self.train_set if split == "train" else self.test_set)
+
+    def batches(self, split: str, order: Tensor, batch: int) -> Iterator[tuple[Tensor, Tensor]]:
+        """(x (B, *in_shape), y (B,)) of the samples ``order`` (N,), ``batch`` at a time."""
+        ds = self.train_set if split == "train" else self.test_set
+        return _stream(ds, order.cpu().split(batch), self.device, self.num_workers)
+
+
+def _stream(
+    ds: torch.utils.data.Dataset,
+    index: Sequence[torch.Tensor],
+    device: torch.device,
+    num_workers: int = 0,
+) -> Iterator[tuple[Tensor, Tensor]]:
+    from torch.utils.data import DataLoader
+
+    loader = DataLoader(
+        ds,
+        batch_sampler=[i.tolist() for i in index],
+        num_workers=num_workers,
+        pin_memory=device.type == "cuda",
+        # its own generator: iterating must not draw from the global RNG (model init,
+        # dropout, the checkpointed RNG state) or the two paths would differ
+        generator=torch.Generator().manual_seed(0),
+    )
+    for x, y in loader:
+        yield (
+            x.to(device, torch.float32, non_blocking=True),
+            torch.as_tensor(y).to(device, torch.int64, non_blocking=True),
+        )
 
 
 def default_data_root() -> Path:
@@ -248,7 +308,7 @@ def _load_digits(seed: int, device: torch.device) -> DataBundle:
 def gaussian_mixture(
     k: int, d: int, sizes: Sequence[int], *, sigma: float = 1.0, seed: int = 0
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """SPEC.md MUFM data: mu_k uniform on S^{d-1}, x ~ N(mu_k, sigma^2 I_d).
+    """The MUFM data (paper section IV-B): mu_k uniform on S^{d-1}, x ~ N(mu_k, sigma^2 I_d).
 
     One draw ``(x (k m, d) float64, y (k m,) int64)`` per ``m`` in ``sizes``, samples ordered
     class by class, all from one CPU generator seeded with ``seed`` (same draw on any device).
@@ -388,3 +448,85 @@ def _to_tensors(name: str, ds, device: torch.device) -> tuple[torch.Tensor, torc
     s = torch.tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
     x.div_(255.0).sub_(m).div_(s)
     return x, labels.to(device=device, dtype=torch.int64)
+
+
+# ----------------------------------------------------------------------------- dataset=module
+
+
+class DatasetSpecError(DatasetNotFound):
+    """``dataset.train``/``dataset.test`` cannot be built or is not a usable data set."""
+
+
+def _instantiate(node: Mapping, key: str) -> torch.utils.data.Dataset:
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    try:
+        ds = instantiate(node)
+    except InstantiationException as e:
+        cause = e.__cause__ or e
+        msg = " ".join(str(cause).split())[:200]
+        raise DatasetSpecError(
+            f"{key}._target_={node.get('_target_')!r} could not be built: {msg}"
+        ) from None
+    if isinstance(ds, torch.utils.data.IterableDataset) or not (
+        hasattr(ds, "__len__") and hasattr(ds, "__getitem__")
+    ):
+        raise DatasetSpecError(
+            f"{key}: {type(ds).__name__} is not a map-style data set (needs __len__ and "
+            "__getitem__ returning (image tensor, int label))"
+        )
+    return ds
+
+
+def _labels(ds: torch.utils.data.Dataset) -> Tensor:
+    """(N,) int64 labels: the ``targets``/``labels`` attribute, else read item by item."""
+    for attr in ("targets", "labels"):
+        if hasattr(ds, attr) and getattr(ds, attr) is not None:
+            return torch.as_tensor(np.asarray(getattr(ds, attr)), dtype=torch.int64)
+    return torch.tensor([int(ds[i][1]) for i in range(len(ds))], dtype=torch.int64)
+
+
+def load_module_dataset(
+    train: Mapping,
+    test: Mapping,
+    *,
+    n_per_class: int | None = None,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    data_gb: float = 8.0,
+    num_workers: int = 0,
+) -> DataBundle | StreamBundle:
+    """Any map-style data set from ``_target_`` nodes (a torchvision class, ImageFolder...).
+
+    The class count is ``len(train.classes)`` when the set has ``classes``, else the largest
+    label + 1. When the training set as float32 tensors is at most ``data_gb`` GiB it is
+    read once into a :class:`DataBundle`; otherwise a :class:`StreamBundle` reads it batch
+    by batch. Both collate the same items the same way, so they give the same batches.
+    """
+    device = torch.device(device)
+    train_set, test_set = _instantiate(train, "dataset.train"), _instantiate(test, "dataset.test")
+    train_y = _labels(train_set)
+    classes = getattr(train_set, "classes", None)
+    k = len(classes) if classes else int(train_y.max()) + 1
+    if n_per_class is not None:
+        keep = balanced_subset(train_y, int(n_per_class), k, seed)
+        train_set = torch.utils.data.Subset(train_set, keep.tolist())
+    x0 = train_set[0][0]
+    if not isinstance(x0, Tensor):
+        raise DatasetSpecError(
+            f"dataset.train items are ({type(x0).__name__}, label); add a transform that "
+            "gives a tensor, e.g. torchvision.transforms.ToTensor"
+        )
+    in_shape = tuple(x0.shape)
+    stream = StreamBundle(train_set, test_set, k, in_shape, "module", device, num_workers)
+    if len(train_set) * math.prod(in_shape) * 4 > data_gb * 2**30:
+        return stream
+    parts = [_materialise(stream, split) for split in ("train", "test")]
+    (train_x, train_y), (test_x, test_y) = parts
+    return DataBundle(train_x, train_y, test_x, test_y, k, in_shape, "module")
+
+
+def _materialise(stream: StreamBundle, split: str, batch: int = 512) -> tuple[Tensor, Tensor]:
+    xs, ys = zip(*stream.batches(split, torch.arange(stream.size(split)), batch), strict=True)
+    return torch.cat(xs), torch.cat(ys)

@@ -42,6 +42,8 @@ EXCLUDED = (
     "train.device",
     "train.cache_gb",
     "train.num_threads",
+    "train.data_gb",  # in memory or streamed: the same batches, the same rows
+    "train.num_workers",
     "train.eval_batch_size",
     "dataset.root",
     "dataset.download",

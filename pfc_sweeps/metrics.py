@@ -1,8 +1,8 @@
-"""Exact PFC / NC metrics from sufficient statistics (SPEC.md, paper eq. 7-9 / 17-19).
+"""Exact PFC / NC metrics from sufficient statistics (docs/metrics.md, paper eq. 7-9 / 17-19).
 
-Every function here is pure, works on the device of its inputs, accumulates in float64 and never
+Every function here is pure, works on the device of its inputs, computes in float64 and never
 builds a d x d matrix: all second-order quantities live in the K x K Gram algebra of
-Htilde = [m_1 - g, ..., m_K - g] (SPEC.md "Notation").
+Htilde = [m_1 - g, ..., m_K - g] (docs/metrics.md "Notation").
 
 Two kinds of helpers live here:
 
@@ -11,7 +11,9 @@ Two kinds of helpers live here:
 * the small streaming kernels they are built from (``class_moments``, ``second_moments``,
   ``cross_within``, ``geodesic_ncc_correct``, ``pfc_from_stats``, ``nc_from_stats``), which the
   streaming :class:`pfc_sweeps.tracker.CollapseTracker` reuses chunk by chunk, so the one-shot
-  and the streaming numbers come from the same formulas.
+  and the streaming numbers come from the same formulas. The tracker's float32 fast path
+  (float32 row operations, float64 statistics) lives in :mod:`pfc_sweeps.kernels`
+  (docs/precision.md); everything here computes in float64.
 
 Numerics: pass 1 accumulates class sums (K, d) in float64; pass 2 centres each chunk at the
 global mean g (u = h - g, float64) and needs one matmul u [Ht; ...]^T and one dot <u, u> per
@@ -60,10 +62,13 @@ __all__ = [
 ]
 
 F64 = torch.float64
-# Rows per chunk are chosen so that a float64 chunk holds at most this many elements:
-# 2**22 (32 MiB) on accelerators, 2**17 (1 MiB, cache resident) on CPU.
+# Rows per chunk are chosen so that a work chunk holds at most this many elements:
+# _CHUNK_ELEMENTS = 2**24 (128 MiB in float64) on accelerators; on CPU also at most
+# _CPU_CHUNK_ELEMENTS = 2**17 (1 MiB, cache resident: elementwise ops are memory bound there).
 _CHUNK_ELEMENTS = 2**24
 _CPU_CHUNK_ELEMENTS = 2**17
+# Elements of one (K, T, b) block of geodesic NCC scores (32 MiB in float64).
+_GEO_SCORE_ELEMENTS = 2**22
 
 
 class MetricInputError(ValueError):
@@ -137,10 +142,12 @@ def _check_inputs(features: Tensor, labels: Tensor, num_classes: int) -> Tensor:
 
 
 def rows_per_chunk(d: int, device: torch.device | str | None = None) -> int:
-    """Rows per float64 work chunk: L2-cache sized on CPU (elementwise ops are memory bound
-    there), large on accelerators. ``_CHUNK_ELEMENTS`` caps both."""
+    """Rows per work chunk: ``_CHUNK_ELEMENTS`` // d, on CPU at most
+    ``_CPU_CHUNK_ELEMENTS`` // d (L2-cache sized)."""
     dev = torch.device(device) if device is not None else torch.device("cpu")
-    budget = min(_CHUNK_ELEMENTS, _CPU_CHUNK_ELEMENTS if dev.type == "cpu" else 2**22)
+    budget = _CHUNK_ELEMENTS
+    if dev.type == "cpu":
+        budget = min(budget, _CPU_CHUNK_ELEMENTS)
     return max(1, budget // max(d, 1))
 
 
@@ -157,7 +164,7 @@ def one_hot64(labels: Tensor, num_classes: int) -> Tensor:
 
 
 def simplex_etf(num_classes: int, *, dtype=F64, device=None) -> Tensor:
-    """E = (I_K - 1 1^T / K) / sqrt(K - 1), the unit-Frobenius-norm simplex ETF Gram (SPEC.md)."""
+    """E = (I_K - 1 1^T / K) / sqrt(K - 1), the unit-Frobenius-norm simplex ETF Gram (docs/metrics.md)."""
     k = num_classes
     eye = torch.eye(k, dtype=dtype, device=device)
     return (eye - 1.0 / k) / math.sqrt(k - 1)
@@ -170,7 +177,7 @@ def class_moments(counts: Tensor, sums: Tensor) -> tuple[Tensor, Tensor, Tensor,
     """Class means, global mean, Htilde and its Gram from pass-1 sums.
 
     counts (K,) float64, sums (K, d) float64 -> means (K, d), g (d,) (mean of class means,
-    SPEC.md), Ht (K, d) = rows m_k - g (the transpose of SPEC's Htilde), G (K, K) = Ht Ht^T.
+    docs/metrics.md), Ht (K, d) = rows m_k - g (the transpose of docs/metrics.md's Htilde), G (K, K) = Ht Ht^T.
     """
     means = sums / counts[:, None]  # (K, d)
     g = means.mean(dim=0)  # (d,)
@@ -333,14 +340,14 @@ def geodesic_ncc_correct(
     cross: Tensor,
     pl: Tensor,
     labels: Tensor,
-    budget: int = 2**22,
+    budget: int = _GEO_SCORE_ELEMENTS,
 ) -> Tensor:
     """Number of correct NCC predictions of h(t) = (1-t) h0 + t hL for every t, one chunk.
 
     With u = h0 - g0, v = hL - gL: <h(t) - g(t), m_c(t) - g(t)> =
     (1-t)^2 <u, Ht0_c> + t(1-t) (<u, HtL_c> + <v, Ht0_c>) + t^2 <v, HtL_c>, so
     p0 = u Ht0^T, cross = u HtL^T + v Ht0^T, pl = v HtL^T (each (B, K)) give the scores
-    ||m_c(t) - g(t)||^2 - 2 <...> exactly (SPEC.md "Geodesic-curve prediction").
+    ||m_c(t) - g(t)||^2 - 2 <...> exactly (docs/metrics.md "Geodesic-curve prediction").
     score_matrix (K, T, 4) from :func:`geodesic_score_matrix`, bern (3, K) from
     :func:`geodesic_bernstein_diag`. Samples whose decision provably does not depend on t
     (:func:`_geodesic_decided`) are counted directly; the rest are evaluated at every t.
@@ -370,7 +377,7 @@ def geodesic_ncc_correct(
 
 
 def pfc_from_stats(n: int, trw_sum: Tensor, gram: Tensor, correct: Tensor) -> dict[str, Tensor]:
-    """PFC1-3 (SPEC.md; paper eq. 7-9), batched over a leading axis.
+    """PFC1-3 (docs/metrics.md; paper eq. 7-9), batched over a leading axis.
 
     n samples, trw_sum (T,) = sum_i ||h_i - m_{y_i}||^2, gram (T, K, K), correct (T,).
     Returns tensors (T,) keyed pfc1, pfc2, pfc3, tr_sw, tr_sb.
@@ -396,7 +403,7 @@ def pfc_from_stats(n: int, trw_sum: Tensor, gram: Tensor, correct: Tensor) -> di
 
 
 def nc_from_stats(n: int, gram: Tensor, zz: Tensor) -> dict[str, Tensor]:
-    """NC1 and NC2 from the K x K statistics of one layer (SPEC.md "Classic NC metrics").
+    """NC1 and NC2 from the K x K statistics of one layer (docs/metrics.md "Classic NC metrics").
 
     NC1 = Tr(Sigma_W Sigma_B^+)/K. With Sigma_B = Htilde Htilde^T / K, G = Htilde^T Htilde and
     Z_i = Htilde^T (h_i - m_{y_i}): (Htilde Htilde^T)^+ = Htilde G^{+2} Htilde^T, hence
@@ -404,8 +411,12 @@ def nc_from_stats(n: int, gram: Tensor, zz: Tensor) -> dict[str, Tensor]:
     NC2 equinorm uses the unbiased std over classes (as Papyan et al.'s code: torch.std).
     """
     k = gram.shape[0]
-    gplus = torch.linalg.pinv(gram, hermitian=True)  # (K, K)
-    nc1 = torch.trace(gplus @ (zz / n) @ gplus)
+    # G^+ = V diag(1/lam) V^T over the eigenvalues kept by pinv's default cutoff, so
+    # Tr(G^+ zz G^+) = sum_j lam_j^-2 (V^T zz V)_jj: one eigh and one K x K x K product
+    lam, vec = torch.linalg.eigh(gram)  # (K,), (K, K)
+    keep = lam.abs() > torch.finfo(lam.dtype).eps * k * lam.abs().max()
+    inv2 = torch.where(keep, 1.0 / torch.where(keep, lam, 1.0).square(), 0.0)
+    nc1 = (inv2 * ((zz / n) @ vec * vec).sum(0)).sum()
     norms = torch.diagonal(gram).clamp_min(0).sqrt()  # (K,) ||m_k - g||
     if bool((norms == 0).any()):
         bad = (norms == 0).nonzero().flatten().tolist()
@@ -430,19 +441,24 @@ def geodesic_from_stats(
     gl: Tensor,
     correct: Tensor,
 ) -> dict[str, Tensor]:
-    """Geodesic PFC curves from sufficient statistics (SPEC.md "Geodesic-curve prediction").
+    """Geodesic PFC curves from sufficient statistics (docs/metrics.md "Geodesic-curve prediction").
 
     trw0 = A*N, trw_cross = B*N, trwl = C*N (sums over samples); Tr Sigma_W(t) =
     (1-t)^2 A + 2t(1-t) B + t^2 C; G(t) from G0, X = Ht0 HtL^T, GL; correct (T,) NCC counts.
     """
     coef = geodesic_coefficients(ts.to(g0.device))  # (T, 3)
     trw = coef[:, 0] * trw0 + 2.0 * coef[:, 1] * trw_cross + coef[:, 2] * trwl  # (T,)
-    gram_t = geodesic_gram(coef, g0, x01, gl)  # (T, K, K)
-    try:
-        out = pfc_from_stats(n, trw, gram_t, correct)
-    except DegenerateFeaturesError as err:
-        raise DegenerateFeaturesError(f"on the geodesic curve: {err}") from None
-    return {key: out[key] for key in ("pfc1", "pfc2", "pfc3")}
+    k = g0.shape[0]
+    step = max(1, _GEO_SCORE_ELEMENTS // (k * k))  # G(t) for a block of t at a time
+    parts = []
+    for s in range(0, coef.shape[0], step):
+        gram_t = geodesic_gram(coef[s : s + step], g0, x01, gl)  # (T_block, K, K)
+        try:
+            out = pfc_from_stats(n, trw[s : s + step], gram_t, correct[s : s + step])
+        except DegenerateFeaturesError as err:
+            raise DegenerateFeaturesError(f"on the geodesic curve: {err}") from None
+        parts.append(out)
+    return {key: torch.cat([p[key] for p in parts]) for key in ("pfc1", "pfc2", "pfc3")}
 
 
 # --------------------------------------------------------------------------------------------
@@ -482,7 +498,7 @@ def _layer_stats(x: Tensor, labels: Tensor, num_classes: int) -> dict:
 
 
 def pfc_metrics(features: Tensor, labels: Tensor, num_classes: int) -> dict[str, float]:
-    """PFC1-3 and NC1/NC2 of one layer (SPEC.md; paper eq. 7-9).
+    """PFC1-3 and NC1/NC2 of one layer (docs/metrics.md; paper eq. 7-9).
 
     features (N, d) any float dtype/device, labels (N,) ints in [0, K). Exact, float64, streamed
     over row chunks, no d x d matrix. Keys: pfc1, pfc2, pfc3, nc1, nc2_equinorm, nc2_equiangle.
@@ -538,7 +554,7 @@ def geodesic_curve(
     num_classes: int,
     ts: Tensor | Sequence[float],
 ) -> dict[str, Tensor]:
-    """PFC1-3 of h(t) = (1-t) h0 + t hL at each t (SPEC.md "Geodesic-curve prediction", Fig. 3).
+    """PFC1-3 of h(t) = (1-t) h0 + t hL at each t (docs/metrics.md "Geodesic-curve prediction", Fig. 3).
 
     Exact quadratics in sufficient statistics; the interpolated features are never built.
     h0, hL (N, d), labels (N,), ts (T,) (any real t; [0, 1] is the geodesic).
@@ -612,7 +628,7 @@ def _path_stats(layers: list[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
 
 
 def relative_positions_from_lengths(step_lengths: Tensor) -> Tensor:
-    """r_l = sum_{j<l} len_j / sum_j len_j, (L,) -> (L+1,) float64 (SPEC.md "Depth coordinate")."""
+    """r_l = sum_{j<l} len_j / sum_j len_j, (L,) -> (L+1,) float64 (docs/metrics.md "Depth coordinate")."""
     total = step_lengths.sum()
     if not bool(total > 0):
         raise DegenerateFeaturesError(
@@ -625,7 +641,7 @@ def relative_positions_from_lengths(step_lengths: Tensor) -> Tensor:
 
 
 def relative_positions(features_per_layer: Sequence[Tensor]) -> Tensor:
-    """Relative depth r_l of layers 0..L from path lengths (paper section IV-A, SPEC.md).
+    """Relative depth r_l of layers 0..L from path lengths (paper section IV-A, docs/metrics.md).
 
     r_l = sum_{j<l} sum_i ||h_i^{j+1} - h_i^j|| / sum_{j<L} sum_i ||h_i^{j+1} - h_i^j||,
     so r_0 = 0 and r_L = 1. Needs no labels and no means. Returns a float64 CPU tensor (L+1,).
@@ -636,7 +652,7 @@ def relative_positions(features_per_layer: Sequence[Tensor]) -> Tensor:
 
 
 def straightness(features_per_layer: Sequence[Tensor]) -> float:
-    """sum_i ||h_i^L - h_i^0|| / sum_i sum_l ||h_i^{l+1} - h_i^l|| in (0, 1] (SPEC.md)."""
+    """sum_i ||h_i^L - h_i^0|| / sum_i sum_l ||h_i^{l+1} - h_i^l|| in (0, 1] (docs/metrics.md)."""
     layers = _check_layers(features_per_layer)
     plen, _, disp, _ = _path_stats(layers)
     total = plen.sum()
@@ -646,7 +662,7 @@ def straightness(features_per_layer: Sequence[Tensor]) -> float:
 
 
 def energy_ratio(features_per_layer: Sequence[Tensor]) -> float:
-    """L sum_l sum_i ||h_i^{l+1} - h_i^l||^2 / sum_i ||h_i^L - h_i^0||^2 >= 1 (SPEC.md)."""
+    """L sum_l sum_i ||h_i^{l+1} - h_i^l||^2 / sum_i ||h_i^L - h_i^0||^2 >= 1 (docs/metrics.md)."""
     layers = _check_layers(features_per_layer)
     _, psq, _, disp_sq = _path_stats(layers)
     if not bool(disp_sq > 0):
@@ -698,7 +714,7 @@ def nc3_from_stats(weight: Tensor, ht: Tensor) -> Tensor:
 
 
 def nc3(classifier_weight: Tensor, features: Tensor, labels: Tensor, num_classes: int) -> float:
-    """NC3 self-duality of the last layer (SPEC.md): ||W^T/||W||_F - Htilde/||Htilde||_F||_F^2."""
+    """NC3 self-duality of the last layer (docs/metrics.md): ||W^T/||W||_F - Htilde/||Htilde||_F||_F^2."""
     labels = _check_inputs(features, labels, num_classes)
     _check_classifier(classifier_weight, features.shape[1], num_classes)
     counts, sums = _layer_pass1(features, labels, num_classes)
@@ -717,7 +733,7 @@ def nc4(
     labels: Tensor,
     num_classes: int,
 ) -> float:
-    """NC4: fraction of samples where argmax_c (W h + b)_c differs from the NCC argmin (SPEC.md).
+    """NC4: fraction of samples where argmax_c (W h + b)_c differs from the NCC argmin (docs/metrics.md).
 
     A missing bias (None) counts as zero. Ties go to the lowest class index in both.
     """
@@ -738,7 +754,7 @@ def nc4(
 
 
 def effective_depth(ncc_errors: Sequence[float] | Tensor, epsilon: float = 0.01) -> int:
-    """Smallest layer index l with NCC error (1 - PFC3) <= epsilon (SPEC.md).
+    """Smallest layer index l with NCC error (1 - PFC3) <= epsilon (docs/metrics.md).
 
     Returns -1 when no layer reaches epsilon (the sentinel is never a valid layer index;
     aggregations must treat it as "not reached within L layers").

@@ -1,4 +1,4 @@
-"""The FC ResNet and the conv ResNets of paper Table I (SPEC.md, "Architectures").
+"""The FC ResNet and the conv ResNets of paper Table I (paper section IV-A).
 
 A :class:`PFCNet` is ``stem -> trunk -> studied blocks -> classifier``:
 
@@ -15,7 +15,7 @@ A :class:`PFCNet` is ``stem -> trunk -> studied blocks -> classifier``:
 ``forward(x)`` returns ``(logits, features)`` with ``features[l]`` the flattened
 (B, C*H*W) map of layer l = 0..L: layer 0 the input of the studied blocks, layer l the
 output of studied block l, ``features[L]`` the classifier's input. The classifier is
-an ``nn.Linear`` on the flattened last map (no pooling: SPEC.md **choice**).
+an ``nn.Linear`` on the flattened last map (no pooling: a choice of this project, the paper does not say).
 
 Residual blocks (``block=``), with W a linear map (fc) or a 3x3 conv (conv):
 
@@ -25,17 +25,13 @@ Residual blocks (``block=``), with W a linear map (fc) or a 3x3 conv (conv):
 - ``"mlp_bn"``:    h + BN(W2 relu(BN(W1 h)))          -- post-norm branch, no final ReLU
 
 BatchNorm blocks normalise with batch statistics in train mode and running statistics
-in eval mode, so the features that are measured (eval mode, SPEC.md) are not exactly
+in eval mode, so the features that are measured (eval mode) are not exactly
 the ones the optimiser saw; the BN-free blocks ("relu", "mlp") have no such gap and no
 batch coupling. Unlike a textbook pre-activation ResNet there is no final BN + ReLU
 after the last block: the classifier reads the residual stream itself (layer L).
 
-Default block: ``"preact_bn"`` (:data:`DEFAULT_BLOCK`). On digits with the paper's recipe
-(FC, width 128 or 256, 8 or 10 blocks, 60-350 epochs, 29 runs over up to 8 seeds) it gave,
-at the last epoch, PFC1 and PFC2 decreasing and PFC3 increasing monotonically across
-layers in every run (PFC2 from 0.69-0.76 at layer 0 to 0.39-0.51 at layer L). "relu"
-and "mlp" gave monotone PFC1/PFC3 too, but PFC2 stayed flat or grew (0.70-0.87) whatever
-the epochs, lr, weight decay or schedule.
+Default block: ``"preact_bn"`` (:data:`DEFAULT_BLOCK`); the measurements that chose it are in
+the README ("Running jobs", Models).
 All weights use PyTorch's default initialisation.
 """
 
@@ -47,53 +43,17 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
+from .config import ARCH_KINDS, BLOCKS
+
 __all__ = [
-    "ARCH_PRESETS",
-    "BLOCKS",
-    "DATASET_SHAPES",
     "DEFAULT_BLOCK",
-    "TABLE_I",
     "PFCNet",
     "build_model",
+    "torchvision_resnet",
 ]
 
-BLOCKS: tuple[str, ...] = ("relu", "mlp", "preact_bn", "mlp_bn")
-KINDS: tuple[str, ...] = ("fc", "conv")
 DEFAULT_BLOCK = "preact_bn"
-
-#: Paper Table I: data set -> keyword arguments of :func:`build_model` (besides in_shape,
-#: num_classes and block). Stages are (channels, size, blocks); the last one is studied.
-TABLE_I: dict[str, dict] = {
-    "mnist": {"kind": "fc", "width": 1000, "blocks": 10},
-    "fashion_mnist": {"kind": "conv", "stages": [(32, 14, 5), (64, 7, 4)]},
-    "cifar10": {"kind": "conv", "stages": [(64, 16, 2), (128, 8, 3), (256, 4, 4)]},
-    "stl10": {
-        "kind": "conv",
-        "stages": [(64, 48, 5), (128, 24, 5), (256, 12, 5), (512, 6, 5)],
-    },
-    "cifar100": {
-        "kind": "conv",
-        "stages": [(64, 32, 3), (128, 16, 3), (256, 8, 4), (512, 4, 4)],
-    },
-}
-
-#: Defaults for the small data sets (not in the paper; chosen in issue 4 so that the
-#: default run shows PFC on 2 CPU cores in seconds with the paper's recipe).
-ARCH_PRESETS: dict[str, dict] = {
-    **TABLE_I,
-    "digits": {"kind": "fc", "width": 128, "blocks": 10},
-    "gaussian": {"kind": "fc", "width": 64, "blocks": 8},
-}
-
-#: (in_shape, num_classes) of each data set, for building without loading data.
-DATASET_SHAPES: dict[str, tuple[tuple[int, ...], int]] = {
-    "mnist": ((1, 28, 28), 10),
-    "fashion_mnist": ((1, 28, 28), 10),
-    "cifar10": ((3, 32, 32), 10),
-    "stl10": ((3, 96, 96), 10),
-    "cifar100": ((3, 32, 32), 100),
-    "digits": ((1, 8, 8), 10),
-}
+_KINDS = tuple(k for k in ARCH_KINDS if k != "module")  # what build_model builds
 
 
 # ----------------------------------------------------------------------------- blocks
@@ -156,7 +116,6 @@ class PFCNet(nn.Module):
         classifier: ``nn.Linear(feature_dims[-1], num_classes)``.
         num_blocks: L.
         num_layers: L + 1, the number of feature tensors (layers 0..L).
-        feature_shapes: per layer, the unflattened shape ((C, H, W) or (width,)).
         feature_dims: per layer, d = prod(feature_shape).
     """
 
@@ -182,7 +141,6 @@ class PFCNet(nn.Module):
         self.num_classes = num_classes
         self.num_blocks = len(self.blocks)
         self.num_layers = self.num_blocks + 1
-        self.feature_shapes = [tuple(feature_shape)] * self.num_layers
         self.feature_dims = [d] * self.num_layers
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -223,10 +181,11 @@ def build_model(
             integer factors; the last stage is studied and needs >= 1 block.
         block: residual block type, one of :data:`BLOCKS`.
 
-    Example: ``build_model(in_shape=(3, 32, 32), num_classes=10, **TABLE_I["cifar10"])``.
+    Example: ``build_model("conv", (3, 32, 32), 10, stages=[(64, 16, 2), (128, 8, 3), (256, 4, 4)])``
+    (paper Table I, CIFAR10; the Table I networks are the ``conf/arch/*.yaml`` files).
     """
-    if kind not in KINDS:
-        raise ValueError(f"unknown model kind {kind!r}; allowed: {', '.join(KINDS)}")
+    if kind not in _KINDS:
+        raise ValueError(f"unknown model kind {kind!r}; allowed: {', '.join(_KINDS)}")
     if block not in BLOCKS:
         raise ValueError(f"unknown block {block!r}; allowed: {', '.join(BLOCKS)}")
     in_shape = tuple(int(s) for s in in_shape)
@@ -235,8 +194,6 @@ def build_model(
     if int(num_classes) < 2:
         raise ValueError(f"num_classes must be >= 2, got {num_classes}")
     num_classes = int(num_classes)
-    bn = block.endswith("bn")
-
     if kind == "fc":
         if stages is not None:
             raise ValueError("kind='fc' takes width and blocks, not stages")
@@ -244,23 +201,29 @@ def build_model(
             raise ValueError(
                 f"kind='fc' needs width >= 1 and blocks >= 1, got width={width}, blocks={blocks}"
             )
-        width, blocks = int(width), int(blocks)
-        stem = nn.Sequential(nn.Flatten(), nn.Linear(math.prod(in_shape), width))
-        return PFCNet(
-            stem,
-            nn.Identity(),
-            [_fc_block(block, width) for _ in range(blocks)],
-            (width,),
-            num_classes,
-            kind=kind,
-            block=block,
-        )
-
+        return _build_fc(in_shape, num_classes, int(width), int(blocks), block)
     if width is not None or blocks is not None:
         raise ValueError("kind='conv' takes stages, not width/blocks")
-    stages = _check_stages(stages, in_shape)
+    return _build_conv(in_shape, num_classes, _check_stages(stages, in_shape), block)
+
+
+def _build_fc(
+    in_shape: tuple[int, ...], num_classes: int, width: int, blocks: int, block: str
+) -> PFCNet:
+    """Flatten + linear embedding (layer 0), then ``blocks`` studied residual blocks."""
+    stem = nn.Sequential(nn.Flatten(), nn.Linear(math.prod(in_shape), width))
+    studied = [_fc_block(block, width) for _ in range(blocks)]
+    return PFCNet(stem, nn.Identity(), studied, (width,), num_classes, kind="fc", block=block)
+
+
+def _build_conv(
+    in_shape: tuple[int, ...], num_classes: int, stages: list[tuple[int, int, int]], block: str
+) -> PFCNet:
+    """Stem and transitions (3x3 conv, stride size_{s-1} // size_s), trunk, studied stage."""
+    bn = block.endswith("bn")
     c_prev, size_prev = in_shape[0], in_shape[1]
     pre: list[nn.Module] = []
+    stem: nn.Module = nn.Identity()
     for s, (c, size, n) in enumerate(stages):
         transition = _conv_transition(c_prev, c, size_prev // size, bn)
         if s == 0:
@@ -271,15 +234,9 @@ def build_model(
             pre.extend(_conv_block(block, c) for _ in range(n))
         c_prev, size_prev = c, size
     c, size, n = stages[-1]
-    return PFCNet(
-        stem,
-        nn.Sequential(*pre),
-        [_conv_block(block, c) for _ in range(n)],
-        (c, size, size),
-        num_classes,
-        kind=kind,
-        block=block,
-    )
+    studied = [_conv_block(block, c) for _ in range(n)]
+    shape = (c, size, size)
+    return PFCNet(stem, nn.Sequential(*pre), studied, shape, num_classes, kind="conv", block=block)
 
 
 def _check_stages(
@@ -309,3 +266,25 @@ def _check_stages(
     if out[-1][2] < 1:
         raise ValueError(f"the last (studied) stage needs >= 1 block, got {tuple(stages[-1])}")
     return out
+
+
+def torchvision_resnet(
+    name: str = "resnet18", num_classes: int | None = None, in_shape: Sequence[int] | None = None
+) -> nn.Module:
+    """torchvision's ResNet ``name`` (random init) for ``num_classes`` and inputs ``in_shape``.
+
+    ``in_shape`` (C, H, W): with C != 3 or H < 64 the first conv becomes a 3x3 stride-1 conv
+    from C channels and the max-pool is dropped (the usual CIFAR adaptation), so that a 32x32
+    image still reaches the last stage at 4x4. ``arch=module`` fills both arguments from the
+    data when the config leaves them null.
+    """
+    import torchvision
+
+    if num_classes is None or in_shape is None:
+        raise ValueError("torchvision_resnet needs num_classes and in_shape")
+    net = getattr(torchvision.models, name)(weights=None, num_classes=int(num_classes))
+    c, h = int(in_shape[0]), int(in_shape[-1])
+    if c != 3 or h < 64:
+        net.conv1 = nn.Conv2d(c, net.conv1.out_channels, 3, stride=1, padding=1, bias=False)
+        net.maxpool = nn.Identity()
+    return net

@@ -169,6 +169,10 @@ def run_job(cfg: Config, ctx: JobContext) -> str:
             from .train import run_training
 
             run_training(cfg, ctx.out_dir, sink, logger)
+        elif cfg.task.name == "measure":
+            from .measure import run_measure
+
+            run_measure(cfg, ctx.out_dir, sink, logger)
         else:
             from .surrogate_task import run_surrogate
 

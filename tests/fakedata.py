@@ -89,3 +89,19 @@ def write(name: str, root: Path, n_per_class: int = 2, seed: int = 0):
         _stl10(root, n_per_class, rng)
     else:
         raise ValueError(f"unknown data set {name!r}; allowed: {sorted(NUM_CLASSES)}")
+
+
+def write_image_folder(root: Path, k: int, n_per_class: int, size: int = 8, seed: int = 0) -> None:
+    """``root/{train,test}/class<c>/<i>.png``: random RGB images for ``ImageFolder``."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", n_per_class), ("test", max(1, n_per_class // 5))):
+        for c in range(k):
+            folder = root / split / f"class{c}"
+            folder.mkdir(parents=True)
+            base = rng.integers(0, 256, (1, 1, 3))  # a class colour, plus noise
+            for i in range(n):
+                noise = rng.integers(-60, 61, (size, size, 3))
+                img = np.clip(base + noise, 0, 255).astype(np.uint8)
+                Image.fromarray(img).save(folder / f"{i}.png")

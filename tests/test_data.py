@@ -325,3 +325,34 @@ def test_real_mnist_t10k(tmp_path) -> None:
     with gzip.open(SHARED_MNIST / "t10k-images-idx3-ubyte.gz", "rb") as f:
         pix = np.frombuffer(f.read(), dtype=np.uint8, offset=16).reshape(-1, 1, 28, 28)
     assert _close(b.test_x, _normalized(pix, "mnist"))
+
+
+def test_module_dataset_class_count_subset_and_streaming(tmp_path) -> None:
+    from pfc_sweeps.data import DataBundle, StreamBundle, load_module_dataset
+
+    fakedata.write_image_folder(tmp_path, k=3, n_per_class=6, size=4)
+    node = {
+        "_target_": "torchvision.datasets.ImageFolder",
+        "transform": {"_target_": "torchvision.transforms.ToTensor"},
+    }
+    train, test = (
+        {**node, "root": str(tmp_path / "train")},
+        {**node, "root": str(tmp_path / "test")},
+    )
+    mem = load_module_dataset(train, test, n_per_class=4, seed=1)
+    assert isinstance(mem, DataBundle) and mem.num_classes == 3 and mem.in_shape == (3, 4, 4)
+    assert torch.bincount(mem.train_y).tolist() == [4, 4, 4] and mem.size("test") == 3
+    stream = load_module_dataset(train, test, n_per_class=4, seed=1, data_gb=0)
+    assert isinstance(stream, StreamBundle) and stream.size("train") == 12
+    order = torch.tensor([5, 0, 11, 3])
+    for (xa, ya), (xb, yb) in zip(
+        mem.batches("train", order, 3), stream.batches("train", order, 3), strict=True
+    ):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    # the pixels are ToTensor's of the PNG files, in ImageFolder's order
+    from PIL import Image
+
+    first = sorted((tmp_path / "train" / "class0").iterdir())[0]
+    pix = torch.from_numpy(np.array(Image.open(first))).permute(2, 0, 1).float() / 255
+    full = load_module_dataset(train, test)
+    assert torch.allclose(full.train_x[0], pix) and full.train_y[0] == 0

@@ -1,4 +1,4 @@
-"""Models of paper Table I (SPEC.md "Architectures"): shapes, layer bookkeeping, block maths."""
+"""Models of paper Table I: shapes, layer bookkeeping, block maths."""
 
 from __future__ import annotations
 
@@ -7,17 +7,24 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import REPO
+from hydra import compose, initialize_config_dir
 
-from pfc_sweeps.models import (
-    ARCH_PRESETS,
-    BLOCKS,
-    DATASET_SHAPES,
-    TABLE_I,
-    PFCNet,
-    build_model,
-)
+from pfc_sweeps.build import build_net
+from pfc_sweeps.config import BLOCKS, ArchConfig, register_configs, validate
+from pfc_sweeps.models import PFCNet, build_model
 
-# Paper Table I, written out independently of models.TABLE_I:
+register_configs()
+
+
+def conf_arch(dataset: str) -> ArchConfig:
+    """The architecture that ``python launch.py dataset=<dataset>`` builds (conf/arch via Hydra)."""
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[f"dataset={dataset}"])
+    return validate(cfg).arch
+
+
+# Paper Table I, written out independently of conf/arch/*.yaml:
 # dataset -> (in_shape, K, [(C, H, W, blocks) per stage]); the last stage is studied.
 PAPER = {
     "mnist": ((1, 28, 28), 10, [(1000, None, None, 10)]),
@@ -54,9 +61,9 @@ def _residual_output_shapes(model: PFCNet, x: torch.Tensor) -> list[tuple[int, .
 @pytest.mark.parametrize("name", list(PAPER))
 def test_table_i_architectures(name: str) -> None:
     in_shape, k, stages = PAPER[name]
-    assert DATASET_SHAPES[name] == (in_shape, k)
     torch.manual_seed(0)
-    model = build_model(in_shape=in_shape, num_classes=k, **TABLE_I[name])
+    model = build_net(conf_arch(name), in_shape, k)
+    assert isinstance(model, PFCNet)
     model.eval()
     x = torch.randn(2, *in_shape)
     with torch.no_grad():
@@ -83,7 +90,7 @@ def test_table_i_architectures(name: str) -> None:
 def test_layers_are_studied_block_inputs_and_outputs() -> None:
     """Layer 0 = input of the first studied block, layer l = output of block l, last = classifier input."""
     torch.manual_seed(0)
-    model = build_model(in_shape=(3, 32, 32), num_classes=10, **TABLE_I["cifar10"]).eval()
+    model = build_net(conf_arch("cifar10"), (3, 32, 32), 10).eval()
     seen: dict[str, torch.Tensor] = {}
     hooks = [
         model.blocks[0].register_forward_pre_hook(
@@ -205,15 +212,11 @@ def test_relu_net_fits_a_small_set() -> None:
 
 
 def test_presets_build_for_their_data_sets() -> None:
-    for name, (in_shape, k) in DATASET_SHAPES.items():
-        if name in PAPER:
-            continue  # built above
-        model = build_model(in_shape=in_shape, num_classes=k, **ARCH_PRESETS[name])
-        _, feats = model(torch.randn(2, *in_shape))
-        assert len(feats) == model.num_layers == ARCH_PRESETS[name]["blocks"] + 1
-    g = ARCH_PRESETS["gaussian"]
-    model = build_model(in_shape=(20,), num_classes=5, **g)
-    assert model(torch.randn(2, 20))[0].shape == (2, 5)
+    for name, in_shape, k, blocks in [("digits", (1, 8, 8), 10, 10), ("gaussian", (20,), 5, 8)]:
+        model = build_net(conf_arch(name), in_shape, k)
+        logits, feats = model(torch.randn(2, *in_shape))
+        assert logits.shape == (2, k)
+        assert len(feats) == model.num_layers == blocks + 1
 
 
 @pytest.mark.parametrize(
@@ -246,3 +249,54 @@ def test_bad_shapes() -> None:
         math.prod((1, 8, 8))
         == build_model("fc", (1, 8, 8), 2, width=3, blocks=1).stem[1].in_features
     )
+
+
+def test_layer_globs_match_one_level_in_order() -> None:
+    from pfc_sweeps.features import ModelSpecError, resolve_layers
+    from pfc_sweeps.models import torchvision_resnet
+
+    net = torchvision_resnet("resnet18", num_classes=10, in_shape=(3, 32, 32))
+    assert resolve_layers(net, ["layer4.*"]) == ["layer4.0", "layer4.1"]
+    assert resolve_layers(net, ["layer3.1", "layer4.*"]) == ["layer3.1", "layer4.0", "layer4.1"]
+    assert resolve_layers(net, ["layer4.?.conv*"]) == [
+        "layer4.0.conv1",
+        "layer4.0.conv2",
+        "layer4.1.conv1",
+        "layer4.1.conv2",
+    ]
+    with pytest.raises(
+        ModelSpecError, match=r"no module 'layer5\.0' in ResNet; nearest: layer.\.0"
+    ):
+        resolve_layers(net, ["layer5.0"])
+
+
+def test_torchvision_resnet_adapts_the_stem_to_small_inputs() -> None:
+    from pfc_sweeps.models import torchvision_resnet
+
+    small = torchvision_resnet("resnet18", num_classes=7, in_shape=(1, 28, 28))
+    assert small.conv1.in_channels == 1 and small.conv1.stride == (1, 1)
+    assert small(torch.randn(2, 1, 28, 28)).shape == (2, 7)
+    big = torchvision_resnet("resnet18", num_classes=5, in_shape=(3, 96, 96))
+    assert big.conv1.kernel_size == (7, 7) and isinstance(big.maxpool, torch.nn.MaxPool2d)
+
+
+def test_feature_net_hooks_equal_a_manual_forward() -> None:
+    """FeatureNet's layers: input of the first module, outputs of the others, classifier input."""
+    from pfc_sweeps.features import FeatureNet
+    from pfc_sweeps.models import torchvision_resnet
+
+    torch.manual_seed(0)
+    net = torchvision_resnet("resnet18", num_classes=10, in_shape=(3, 16, 16)).eval()
+    fnet = FeatureNet(net, ["layer4.*"], "fc", 10).eval()
+    x = torch.randn(3, 3, 16, 16)
+    with torch.no_grad():
+        logits, feats, clf_in = fnet.extract(x)
+        h = net.layer3(net.layer2(net.layer1(net.relu(net.bn1(net.conv1(x))))))
+        h1 = net.layer4[0](h)
+        h2 = net.layer4[1](h1)
+        manual = [h, h1, h2]
+        assert torch.equal(logits, net.fc(torch.flatten(net.avgpool(h2), 1)))
+        assert torch.equal(fnet.forward_logits(x), logits)
+    assert all(torch.equal(a, b) for a, b in zip(feats, manual, strict=True))
+    assert torch.equal(clf_in, torch.flatten(net.avgpool(h2), 1))
+    assert [k for k in fnet.state_dict() if "fc" in k] == ["net.fc.weight", "net.fc.bias"]

@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pfc_sweeps.metrics import DegenerateFeaturesError, EmptyClassError, MetricInputError
+from pfc_sweeps.schema import PFC_METRICS
 from pfc_sweeps.tracker import CollapseResult, CollapseTracker, TrackerStateError
 
 RTOL = 1e-8
@@ -214,9 +215,9 @@ def test_result_schema_and_rows():
         "transport_cost",
     }
     assert list(res.curves.columns) == ["t", "metric", "value"] and len(res.curves) == 9
-    rows = res.rows()
-    geo = rows[rows.metric.str.startswith("geodesic_pfc")]
-    assert len(geo) == 9 and (geo.layer == -1).all() and set(geo.rel_pos) == {0.0, 0.5, 1.0}
+    # the curves are their own table (t, metric, value): 3 t x pfc1-3, never table rows
+    assert set(res.curves.t) == {0.0, 0.5, 1.0} and set(res.curves.metric) == set(PFC_METRICS)
+    assert not res.table.metric.str.startswith("geodesic_pfc").any()
     assert np.isfinite(res.table.value).all()
 
 
@@ -474,3 +475,151 @@ def test_tracker_on_gpu_matches_cpu(cache_bytes):
     tr.update([h.cuda() for h in hs], torch.where(y.cuda() == 0, 7, y.cuda()))
     with pytest.raises(MetricInputError, match="out of range"):
         tr.end_pass()  # deferred on CUDA (no host sync per batch)
+
+
+# ------------------------------------------------------------------------------------------
+# fast path (float32 features) vs float64 brute force (docs/precision.md)
+# ------------------------------------------------------------------------------------------
+FAST_RTOL = 1e-5  # the documented bound for PFC1-3, NC1-4 and the geodesic curves
+TIE_RTOL = 1e-5  # NCC decisions closer than this (relative) may flip: counted, not compared
+
+
+def np_layer(h, y, k, w=None, b=None):
+    """Vectorized float64 numpy metrics of one layer (d x d matrices, pinv) and its NCC
+    near-tie count: samples whose two smallest distances ||h - m_c||^2 are within TIE_RTOL."""
+    h = np.asarray(h, dtype=np.float64)
+    n = h.shape[0]
+    means = np.stack([h[y == c].mean(0) for c in range(k)])
+    g = means.mean(0)
+    r = h - means[y]
+    sw, ht = r.T @ r / n, means - g
+    sb = ht.T @ ht / k
+    gram = ht @ ht.T
+    e = (np.eye(k) - 1.0 / k) / math.sqrt(k - 1)
+    dist = ((h[:, None, :] - means[None]) ** 2).sum(-1)  # (N, K)
+    part = np.sort(dist, axis=1)
+    scale = part[:, 0] + (ht**2).sum(1).max()
+    ties = int(((part[:, 1] - part[:, 0]) <= TIE_RTOL * scale).sum())
+    norms = np.linalg.norm(ht, axis=1)
+    cos = gram / np.outer(norms, norms)
+    off = ~np.eye(k, dtype=bool)
+    out = {
+        "pfc1": np.trace(sw) / np.trace(sb),
+        "pfc2": np.linalg.norm(gram / np.linalg.norm(gram) - e),
+        "pfc3": float((dist.argmin(1) == y).mean()),
+        "nc1": np.trace(sw @ np.linalg.pinv(sb)) / k,
+        "nc2_equinorm": np.std(norms, ddof=1) / np.mean(norms),
+        "nc2_equiangle": np.mean(np.abs(cos[off] + 1 / (k - 1))),
+        "_ties": ties,
+    }
+    if w is not None:
+        w = np.asarray(w, dtype=np.float64)
+        out["nc3"] = np.linalg.norm(w / np.linalg.norm(w) - ht / np.linalg.norm(ht)) ** 2
+        logits = h @ w.T + (0 if b is None else np.asarray(b, dtype=np.float64))
+        top = np.sort(logits, axis=1)
+        out["nc4"] = float((logits.argmax(1) != dist.argmin(1)).mean())
+        lscale = np.abs(logits).max(1)
+        out["_ties"] += int(((top[:, -1] - top[:, -2]) <= TIE_RTOL * lscale).sum())
+    return out
+
+
+def assert_fast_close(res, hs, y, k, ts, w=None, b=None):
+    """Every continuous value within FAST_RTOL of the float64 brute force; accuracies within
+    the near-tie count / N."""
+    tab, yn = lookup(res.table), y.numpy()
+    hn = [h.double().numpy() for h in hs]
+    n, last = len(yn), len(hs) - 1
+    for layer, h in enumerate(hn):
+        want = np_layer(h, yn, k, *((w, b) if layer == last and w is not None else ()))
+        for key, v in want.items():
+            if key.startswith("_"):
+                continue
+            got = tab[(layer, key)]
+            if key in ("pfc3", "nc4"):
+                assert abs(got - v) * n <= want["_ties"], (layer, key, got, v)
+            else:
+                assert got == pytest.approx(v, rel=FAST_RTOL), (layer, key)
+    for t in ts:
+        want = np_layer((1 - t) * hn[0] + t * hn[-1], yn, k)
+        rows = res.curves[np.isclose(res.curves.t, t)].set_index("metric")["value"]
+        assert rows["pfc1"] == pytest.approx(want["pfc1"], rel=FAST_RTOL), t
+        assert rows["pfc2"] == pytest.approx(want["pfc2"], rel=FAST_RTOL), t
+        assert abs(rows["pfc3"] - want["pfc3"]) * n <= want["_ties"], t
+
+
+class DigitsNet(torch.nn.Module):
+    """A small FC ResNet (independent of pfc_sweeps.models): stem, 4 residual ReLU blocks."""
+
+    def __init__(self, width: int = 48, blocks: int = 4) -> None:
+        super().__init__()
+        self.stem = torch.nn.Linear(64, width)
+        self.blocks = torch.nn.ModuleList(torch.nn.Linear(width, width) for _ in range(blocks))
+        self.classifier = torch.nn.Linear(width, 10)
+
+    def forward(self, x):
+        h = self.stem(x)
+        feats = [h]
+        for lin in self.blocks:
+            h = h + torch.relu(lin(h))
+            feats.append(h)
+        return self.classifier(h), feats
+
+
+@pytest.fixture(scope="module")
+def trained_digits():
+    """float32 features of every layer of a net trained to ~100% train accuracy on digits."""
+    from sklearn.datasets import load_digits
+
+    ds = load_digits()
+    x = torch.tensor(ds.data, dtype=torch.float32) / 16.0
+    y = torch.tensor(ds.target, dtype=torch.int64)
+    torch.manual_seed(0)
+    net = DigitsNet()
+    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+    for _ in range(25):
+        for idx in torch.randperm(len(y)).split(64):
+            loss = torch.nn.functional.cross_entropy(net(x[idx])[0], y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    net.eval()
+    with torch.no_grad():
+        logits, feats = net(x)
+    assert float((logits.argmax(1) == y).float().mean()) > 0.97  # really trained
+    return feats, y, net.classifier.weight.detach(), net.classifier.bias.detach()
+
+
+@pytest.mark.parametrize("cache_bytes", [2**30, 0])
+def test_fast_path_matches_float64_brute_force_on_trained_digits(trained_digits, cache_bytes):
+    hs, y, w, b = trained_digits
+    assert all(h.dtype == torch.float32 for h in hs)
+    ts = [0.0, 0.3, 0.7, 1.0]
+    kw = {"geodesic_ts": ts, "classifier_weight": w, "classifier_bias": b}
+    res = run_tracker(hs, y, 10, splits=(500, 1201), cache_bytes=cache_bytes, **kw)
+    assert_fast_close(res, hs, y, 10, ts, w.numpy(), b.numpy())
+    # the path and run-level quantities too
+    exact = run_tracker([h.double() for h in hs], y, 10, splits=(500,), **kw)
+    for key in ("straightness", "energy_ratio", "thm1_inner", "transport_cost"):
+        got, want = lookup(res.table)[(-1, key)], lookup(exact.table)[(-1, key)]
+        assert got == pytest.approx(want, rel=FAST_RTOL), key
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fast_path_on_a_near_collapsed_layer(dtype):
+    """PFC1 ~ 1e-3, class means far from the origin (||g|| >> ||m_c - g||): the case where
+    uncentred float32 sums would lose digits."""
+    gen = torch.Generator().manual_seed(3)
+    k, d, n = 6, 24, 3000
+    y = torch.arange(n) % k
+    centers = torch.randn(k, d, generator=gen)
+    offset = 50.0 * torch.ones(d)
+    h0 = offset + centers[y] + 0.5 * torch.randn(n, d, generator=gen)
+    hl = offset + 2 * centers[y] + 0.04 * torch.randn(n, d, generator=gen)
+    hs = [h0.to(dtype), ((h0 + hl) / 2).to(dtype), hl.to(dtype)]
+    ts = [0.0, 0.5, 1.0]
+    w = torch.randn(k, d, generator=gen)
+    res = run_tracker(hs, y, k, splits=(700, 2000), geodesic_ts=ts, classifier_weight=w)
+    pfc1 = lookup(res.table)[(2, "pfc1")]
+    assert 3e-4 < pfc1 < 3e-3  # near-collapsed indeed
+    # brute force on the features as given (bf16 values are exact in float64)
+    assert_fast_close(res, [h.float() for h in hs], y, k, ts, w.numpy())

@@ -1,0 +1,197 @@
+"""How the metric pass's cost grows with N, d, the number of layers L and K (issue 13).
+
+For each axis, the others stay at a base point, and at every value this script times, side by
+side (best of --repeat interleaved rounds):
+
+- the bare forward pass (no_grad, eval) of an FC ResNet of width d with L residual blocks
+  over N samples, batches of --batch;
+- the tracker alone on the cached float32 features of that forward (all metrics: PFC1-3,
+  NC1-4, 101-t geodesic curves, path quantities), i.e. what a cached metric pass adds;
+
+then fits the exponent p of time ~ x^p (least squares in log-log), prints one table, checks
+that the tracker's state (two-pass mode, no feature cache) does not grow with N, and saves
+a log-log plot (PNG).
+
+    python benchmarks/bench_scaling.py                 # quick: a few minutes on 2 CPU cores
+    python benchmarks/bench_scaling.py --full          # the issue's ranges: N to 60k, d to 2048,
+                                                       # L to 20, K to 1000 (a GPU, or patience)
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pfc_sweeps.tracker import CollapseTracker
+
+QUICK = {
+    "base": {"n": 2000, "d": 256, "layers": 4, "k": 10},
+    "n": [1000, 2000, 4000, 8000],
+    "d": [128, 256, 512, 1024],
+    "layers": [2, 4, 8, 16],
+    "k": [10, 100, 1000],
+}
+FULL = {
+    "base": {"n": 10000, "d": 512, "layers": 10, "k": 10},
+    "n": [1000, 4000, 15000, 60000],
+    "d": [128, 256, 512, 1024, 2048],
+    "layers": [2, 5, 10, 20],
+    "k": [10, 100, 1000],
+}
+LABELS = {"n": "N (samples)", "d": "d (width)", "layers": "L (blocks)", "k": "K (classes)"}
+
+
+class FCResNet(torch.nn.Module):
+    """h_0 = x, h_{l+1} = h_l + relu(W_l h_l + b_l); features of layers 0..L, then a classifier."""
+
+    def __init__(self, d: int, layers: int, k: int) -> None:
+        super().__init__()
+        self.blocks = torch.nn.ModuleList(torch.nn.Linear(d, d) for _ in range(layers))
+        self.classifier = torch.nn.Linear(d, k)
+
+    def forward(self, x):
+        feats = [x]
+        for lin in self.blocks:
+            x = x + torch.relu(lin(x))
+            feats.append(x)
+        return self.classifier(x), feats
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def one_point(n: int, d: int, layers: int, k: int, args, device) -> dict:
+    gen = torch.Generator().manual_seed(0)
+    y = (torch.arange(n) % k)[torch.randperm(n, generator=gen)]
+    centers = torch.randn(k, d, generator=gen)
+    x = (centers[y] + torch.randn(n, d, generator=gen)).to(device)
+    y = y.to(device)
+    torch.manual_seed(0)
+    model = FCResNet(d, layers, k).to(device).eval()
+    for lin in model.blocks:
+        lin.weight.data.mul_(0.5)  # keep the residual stream bounded over 20 blocks
+    batch, ts = args.batch, torch.linspace(0, 1, 101)
+    feats: list = []
+
+    @torch.no_grad()
+    def forward():
+        feats.clear()
+        for s in range(0, n, batch):
+            feats.append((model(x[s : s + batch])[1], y[s : s + batch]))
+
+    def tracker(cache_bytes: int = 2**40) -> CollapseTracker:
+        tr = CollapseTracker(
+            k,
+            geodesic_ts=ts,
+            cache_bytes=cache_bytes,
+            classifier_weight=model.classifier.weight.detach(),
+            classifier_bias=model.classifier.bias.detach(),
+        )
+        for _ in range(2):
+            for f, yb in feats:
+                tr.update(f, yb)
+            tr.end_pass()
+            if not tr.needs_second_pass:
+                break
+        tr.compute()
+        return tr
+
+    best = {"forward": math.inf, "tracker": math.inf}
+    for rnd in range(args.repeat + 1):  # round 0 warms up
+        for name, fn in (("forward", forward), ("tracker", tracker)):
+            gc.collect()
+            sync(device)
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            if rnd > 0:
+                best[name] = min(best[name], time.perf_counter() - t0)
+    state = tracker(cache_bytes=0).state_bytes  # two passes, no cache: the state alone
+    return {**best, "state_mib": state / 2**20}
+
+
+def fit(xs: list[float], ts: list[float]) -> float:
+    """Exponent p of t ~ x^p (least squares on log t vs log x)."""
+    return float(np.polyfit(np.log(xs), np.log(ts), 1)[0])
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(results), figsize=(4 * len(results), 3.4))
+    for ax, (axis, rows) in zip(np.atleast_1d(axes), results.items(), strict=True):
+        xs = [r["x"] for r in rows]
+        for key, style in (("forward", "o-"), ("tracker", "s-")):
+            ax.loglog(xs, [r[key] for r in rows], style, label=key)
+        ax.set_xlabel(LABELS[axis])
+        ax.set_ylabel("seconds")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+    fig.suptitle("metric pass (tracker, all metrics) vs bare forward pass")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--full", action="store_true", help="the issue's ranges (slow on a CPU)")
+    p.add_argument("--axes", default="n,d,layers,k", help="comma-separated subset of n,d,layers,k")
+    p.add_argument("--batch", type=int, default=1000)
+    p.add_argument("--repeat", type=int, default=2, help="best of this many interleaved rounds")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
+    p.add_argument("--png", default="bench_scaling.png", help="where to save the plot")
+    args = p.parse_args(argv)
+    axes = args.axes.split(",")
+    if set(axes) - set(LABELS):
+        p.error(f"--axes must be a subset of n,d,layers,k, got {args.axes!r}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    grid, device = (FULL if args.full else QUICK), torch.device(args.device)
+    print(f"bench_scaling: device {device}, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} CPU threads, base {grid['base']}")  # fmt: skip
+    results: dict[str, list[dict]] = {}
+    print(
+        f"{'axis':>6} {'value':>6} {'forward s':>10} {'tracker s':>10} {'ratio':>6} {'state MiB':>9}"
+    )
+    for axis in axes:
+        results[axis] = []
+        for v in grid[axis]:
+            point = {**grid["base"], axis: v}
+            r = one_point(point["n"], point["d"], point["layers"], point["k"], args, device)
+            r["x"] = v
+            results[axis].append(r)
+            ratio = (r["forward"] + r["tracker"]) / r["forward"]
+            print(f"{axis:>6} {v:>6} {r['forward']:>10.3f} {r['tracker']:>10.3f} "
+                  f"{ratio:>6.2f} {r['state_mib']:>9.2f}", flush=True)  # fmt: skip
+    print("\nfitted exponents, time ~ x^p (cached metric pass = forward + tracker):")
+    print(f"{'axis':>6} {'p forward':>10} {'p tracker':>10}  expected")
+    expect = {"n": "1, 1", "d": "2, <= 1", "layers": "1, 1", "k": "~0, >= 1 (K x K work)"}
+    for axis, rows in results.items():
+        xs = [r["x"] for r in rows]
+        pf, pt = fit(xs, [r["forward"] for r in rows]), fit(xs, [r["tracker"] for r in rows])
+        print(f"{axis:>6} {pf:>10.2f} {pt:>10.2f}  {expect[axis]}")
+    if "n" in results:
+        states = {r["x"]: r["state_mib"] for r in results["n"]}
+        flat = len(set(states.values())) == 1
+        print(f"tracker state vs N: {states} MiB -> {'flat in N' if flat else 'GROWS WITH N'}")
+    if "k" in results and max(r["x"] for r in results["k"]) >= 1000:
+        print("K=1000 ran (K x K Grams and pinv included)")
+    plot(results, Path(args.png))
+    print(f"plot saved to {args.png}")
+
+
+if __name__ == "__main__":
+    main()
