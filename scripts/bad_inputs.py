@@ -179,7 +179,7 @@ CASES = [
         "training diverges (lr 1e6)",
         ["optim.lr=1e6"],
         "optim.lr",
-        allowed=("metrics.parquet", "run_id", "fingerprint.json", "wandb/"),
+        allowed=("metrics.parquet", "run_id", "fingerprint.json", "wandb/", "error.txt"),
     ),
 ]
 
