@@ -32,6 +32,7 @@ import pandas as pd
 
 from analysis.tidy import at_last_epoch, surrogate_rows, train_rows
 from pfc_sweeps.schema import (
+    CURVES_FILE,
     DATA_MODEL,
     GEODESIC_ERR_METRICS,
     PFC1,
@@ -41,6 +42,7 @@ from pfc_sweeps.schema import (
     RUN_LAYER,
     SURROGATE_METRICS,
     atomic_write_bytes,
+    empty_frame,
 )
 
 __all__ = [
@@ -126,7 +128,7 @@ def summarize_train(
     """One row per training run (see the module docstring for the columns); ``curves``:
     the runs' geodesic curves (``curves.parquet``), used where geodesic_err rows are absent."""
     tr = train_rows(df)
-    curves = curves if curves is not None else pd.DataFrame(columns=["run_id", "metric", "t"])
+    curves = curves if curves is not None else empty_frame(CURVES_FILE)
     rows = []
     for run_id, run in tr.groupby("run_id", sort=True):
         last, layers = _last_layers(run)

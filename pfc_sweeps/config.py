@@ -96,7 +96,7 @@ class TaskConfig:
 
 @dataclass
 class GaussianConfig:
-    """The Gaussian mixture of ``dataset=gaussian`` and of the surrogate tasks (SPEC "MUFM").
+    """The Gaussian mixture of ``dataset=gaussian`` and of the surrogate tasks (docs/metrics.md "MUFM and UFM").
 
     K classes of N(mu_k, sigma^2 I_dim), mu_k uniform on the unit sphere of R^dim.
     """
@@ -348,7 +348,7 @@ def _number(key: str, value: Any, lo: float, hi: float = math.inf, *, open_lo=Fa
     ok = _finite(value) and (value > lo if open_lo else value >= lo)
     ok = ok and (value < hi if open_hi else value <= hi)
     left, right = "(" if open_lo else "[", ")" if open_hi or hi == math.inf else "]"
-    _check(key, value, ok, f"must be a finite number in {left}{lo:g}, {hi:g}{right}")
+    _check(key, value, ok, f"must be a finite number in {left}{lo:.10g}, {hi:.10g}{right}")
 
 
 def _positive_int(key: str, value: Any) -> None:

@@ -69,7 +69,9 @@ def _run_start(feats: list[Tensor]) -> int:
 
 
 class _Trackers:
-    """The trackers of one measurement: head layers, the path run, the classifier input."""
+    """The trackers of one measurement: one per layer before the path run (per-layer
+    metrics only), one for the run (path quantities too), one for the classifier's input
+    when it is not the last layer's features (NC3, NC4)."""
 
     def __init__(
         self,
@@ -80,36 +82,36 @@ class _Trackers:
         ts: Tensor | None,
         cache_bytes: int,
     ) -> None:
-        self.s = _run_start(feats)
+        self.s = s = _run_start(feats)
         last = feats[-1].flatten(1)
         self.own_clf = clf_in.shape == last.shape and bool(torch.equal(clf_in, last))
-        dims = [h[0].numel() for h in feats]
-        share = [sum(dims[: self.s]), sum(dims[self.s :]), 0 if self.own_clf else clf_in.shape[1]]
-        budget = [int(cache_bytes * d / sum(share)) for d in share]
+        dims = [h[0].numel() for h in feats] + [0 if self.own_clf else clf_in.shape[1]]
+        budget = [int(cache_bytes * d / sum(dims)) for d in dims]
         w, b = model.classifier.weight, model.classifier.bias
-        n_run = len(feats) - self.s
+        self.head = [CollapseTracker(k, cache_bytes=budget[i]) for i in range(s)]
         self.run = CollapseTracker(
             k,
-            geodesic_ts=ts if n_run >= 2 else None,
-            cache_bytes=budget[1],
+            geodesic_ts=ts if len(feats) - s >= 2 else None,
+            cache_bytes=sum(budget[s:-1]),
             classifier_weight=w if self.own_clf else None,
             classifier_bias=b if self.own_clf else None,
         )
-        self.head = CollapseTracker(k, cache_bytes=budget[0]) if self.s else None
         self.clf = (
             None
             if self.own_clf
-            else CollapseTracker(k, cache_bytes=budget[2], classifier_weight=w, classifier_bias=b)
+            else CollapseTracker(k, cache_bytes=budget[-1], classifier_weight=w, classifier_bias=b)
         )
 
     def all(self) -> list[CollapseTracker]:
-        return [t for t in (self.head, self.run, self.clf) if t is not None]
+        return [*self.head, self.run, *([self.clf] if self.clf is not None else [])]
 
     def update(
         self, feats: list[Tensor], clf_in: Tensor, y: Tensor, only: list[CollapseTracker]
     ) -> None:
-        parts = {id(self.head): feats[: self.s], id(self.run): feats[self.s :]}
-        parts[id(self.clf)] = [clf_in]
+        parts = {id(t): [feats[i]] for i, t in enumerate(self.head)}
+        parts[id(self.run)] = feats[self.s :]
+        if self.clf is not None:
+            parts[id(self.clf)] = [clf_in]
         for t in only:
             t.update(parts[id(t)], y)
 
@@ -152,14 +154,15 @@ def collapse_table(
 def _merge(tr: _Trackers) -> tuple[pd.DataFrame, pd.DataFrame]:
     """One table over all layers from the head, run and classifier trackers."""
     run = tr.run.compute()
-    if tr.head is None and tr.clf is None:
+    if not tr.head and tr.clf is None:
         return run.table, run.curves
     table = run.table.copy()
     table.loc[table["layer"] >= 0, "layer"] += tr.s
-    parts = [table[table["metric"] != "effective_depth"]]
-    if tr.head is not None:
-        head = tr.head.compute().table
-        parts.insert(0, head[head["layer"] >= 0].assign(rel_pos=math.nan))
+    parts = []
+    for i, t in enumerate(tr.head):
+        head = t.compute().table
+        parts.append(head[head["layer"] >= 0].assign(layer=i, rel_pos=math.nan))
+    parts.append(table[table["metric"] != "effective_depth"])
     if tr.clf is not None:
         last = int(table["layer"].max())
         rel = table.loc[table["layer"] == last, "rel_pos"].iloc[0]

@@ -1,8 +1,8 @@
-"""Exact PFC / NC metrics from sufficient statistics (SPEC.md, paper eq. 7-9 / 17-19).
+"""Exact PFC / NC metrics from sufficient statistics (docs/metrics.md, paper eq. 7-9 / 17-19).
 
 Every function here is pure, works on the device of its inputs, computes in float64 and never
 builds a d x d matrix: all second-order quantities live in the K x K Gram algebra of
-Htilde = [m_1 - g, ..., m_K - g] (SPEC.md "Notation").
+Htilde = [m_1 - g, ..., m_K - g] (docs/metrics.md "Notation").
 
 Two kinds of helpers live here:
 
@@ -164,7 +164,7 @@ def one_hot64(labels: Tensor, num_classes: int) -> Tensor:
 
 
 def simplex_etf(num_classes: int, *, dtype=F64, device=None) -> Tensor:
-    """E = (I_K - 1 1^T / K) / sqrt(K - 1), the unit-Frobenius-norm simplex ETF Gram (SPEC.md)."""
+    """E = (I_K - 1 1^T / K) / sqrt(K - 1), the unit-Frobenius-norm simplex ETF Gram (docs/metrics.md)."""
     k = num_classes
     eye = torch.eye(k, dtype=dtype, device=device)
     return (eye - 1.0 / k) / math.sqrt(k - 1)
@@ -177,7 +177,7 @@ def class_moments(counts: Tensor, sums: Tensor) -> tuple[Tensor, Tensor, Tensor,
     """Class means, global mean, Htilde and its Gram from pass-1 sums.
 
     counts (K,) float64, sums (K, d) float64 -> means (K, d), g (d,) (mean of class means,
-    SPEC.md), Ht (K, d) = rows m_k - g (the transpose of SPEC's Htilde), G (K, K) = Ht Ht^T.
+    docs/metrics.md), Ht (K, d) = rows m_k - g (the transpose of docs/metrics.md's Htilde), G (K, K) = Ht Ht^T.
     """
     means = sums / counts[:, None]  # (K, d)
     g = means.mean(dim=0)  # (d,)
@@ -347,7 +347,7 @@ def geodesic_ncc_correct(
     With u = h0 - g0, v = hL - gL: <h(t) - g(t), m_c(t) - g(t)> =
     (1-t)^2 <u, Ht0_c> + t(1-t) (<u, HtL_c> + <v, Ht0_c>) + t^2 <v, HtL_c>, so
     p0 = u Ht0^T, cross = u HtL^T + v Ht0^T, pl = v HtL^T (each (B, K)) give the scores
-    ||m_c(t) - g(t)||^2 - 2 <...> exactly (SPEC.md "Geodesic-curve prediction").
+    ||m_c(t) - g(t)||^2 - 2 <...> exactly (docs/metrics.md "Geodesic-curve prediction").
     score_matrix (K, T, 4) from :func:`geodesic_score_matrix`, bern (3, K) from
     :func:`geodesic_bernstein_diag`. Samples whose decision provably does not depend on t
     (:func:`_geodesic_decided`) are counted directly; the rest are evaluated at every t.
@@ -377,7 +377,7 @@ def geodesic_ncc_correct(
 
 
 def pfc_from_stats(n: int, trw_sum: Tensor, gram: Tensor, correct: Tensor) -> dict[str, Tensor]:
-    """PFC1-3 (SPEC.md; paper eq. 7-9), batched over a leading axis.
+    """PFC1-3 (docs/metrics.md; paper eq. 7-9), batched over a leading axis.
 
     n samples, trw_sum (T,) = sum_i ||h_i - m_{y_i}||^2, gram (T, K, K), correct (T,).
     Returns tensors (T,) keyed pfc1, pfc2, pfc3, tr_sw, tr_sb.
@@ -403,7 +403,7 @@ def pfc_from_stats(n: int, trw_sum: Tensor, gram: Tensor, correct: Tensor) -> di
 
 
 def nc_from_stats(n: int, gram: Tensor, zz: Tensor) -> dict[str, Tensor]:
-    """NC1 and NC2 from the K x K statistics of one layer (SPEC.md "Classic NC metrics").
+    """NC1 and NC2 from the K x K statistics of one layer (docs/metrics.md "Classic NC metrics").
 
     NC1 = Tr(Sigma_W Sigma_B^+)/K. With Sigma_B = Htilde Htilde^T / K, G = Htilde^T Htilde and
     Z_i = Htilde^T (h_i - m_{y_i}): (Htilde Htilde^T)^+ = Htilde G^{+2} Htilde^T, hence
@@ -441,7 +441,7 @@ def geodesic_from_stats(
     gl: Tensor,
     correct: Tensor,
 ) -> dict[str, Tensor]:
-    """Geodesic PFC curves from sufficient statistics (SPEC.md "Geodesic-curve prediction").
+    """Geodesic PFC curves from sufficient statistics (docs/metrics.md "Geodesic-curve prediction").
 
     trw0 = A*N, trw_cross = B*N, trwl = C*N (sums over samples); Tr Sigma_W(t) =
     (1-t)^2 A + 2t(1-t) B + t^2 C; G(t) from G0, X = Ht0 HtL^T, GL; correct (T,) NCC counts.
@@ -498,7 +498,7 @@ def _layer_stats(x: Tensor, labels: Tensor, num_classes: int) -> dict:
 
 
 def pfc_metrics(features: Tensor, labels: Tensor, num_classes: int) -> dict[str, float]:
-    """PFC1-3 and NC1/NC2 of one layer (SPEC.md; paper eq. 7-9).
+    """PFC1-3 and NC1/NC2 of one layer (docs/metrics.md; paper eq. 7-9).
 
     features (N, d) any float dtype/device, labels (N,) ints in [0, K). Exact, float64, streamed
     over row chunks, no d x d matrix. Keys: pfc1, pfc2, pfc3, nc1, nc2_equinorm, nc2_equiangle.
@@ -554,7 +554,7 @@ def geodesic_curve(
     num_classes: int,
     ts: Tensor | Sequence[float],
 ) -> dict[str, Tensor]:
-    """PFC1-3 of h(t) = (1-t) h0 + t hL at each t (SPEC.md "Geodesic-curve prediction", Fig. 3).
+    """PFC1-3 of h(t) = (1-t) h0 + t hL at each t (docs/metrics.md "Geodesic-curve prediction", Fig. 3).
 
     Exact quadratics in sufficient statistics; the interpolated features are never built.
     h0, hL (N, d), labels (N,), ts (T,) (any real t; [0, 1] is the geodesic).
@@ -628,7 +628,7 @@ def _path_stats(layers: list[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
 
 
 def relative_positions_from_lengths(step_lengths: Tensor) -> Tensor:
-    """r_l = sum_{j<l} len_j / sum_j len_j, (L,) -> (L+1,) float64 (SPEC.md "Depth coordinate")."""
+    """r_l = sum_{j<l} len_j / sum_j len_j, (L,) -> (L+1,) float64 (docs/metrics.md "Depth coordinate")."""
     total = step_lengths.sum()
     if not bool(total > 0):
         raise DegenerateFeaturesError(
@@ -641,7 +641,7 @@ def relative_positions_from_lengths(step_lengths: Tensor) -> Tensor:
 
 
 def relative_positions(features_per_layer: Sequence[Tensor]) -> Tensor:
-    """Relative depth r_l of layers 0..L from path lengths (paper section IV-A, SPEC.md).
+    """Relative depth r_l of layers 0..L from path lengths (paper section IV-A, docs/metrics.md).
 
     r_l = sum_{j<l} sum_i ||h_i^{j+1} - h_i^j|| / sum_{j<L} sum_i ||h_i^{j+1} - h_i^j||,
     so r_0 = 0 and r_L = 1. Needs no labels and no means. Returns a float64 CPU tensor (L+1,).
@@ -652,7 +652,7 @@ def relative_positions(features_per_layer: Sequence[Tensor]) -> Tensor:
 
 
 def straightness(features_per_layer: Sequence[Tensor]) -> float:
-    """sum_i ||h_i^L - h_i^0|| / sum_i sum_l ||h_i^{l+1} - h_i^l|| in (0, 1] (SPEC.md)."""
+    """sum_i ||h_i^L - h_i^0|| / sum_i sum_l ||h_i^{l+1} - h_i^l|| in (0, 1] (docs/metrics.md)."""
     layers = _check_layers(features_per_layer)
     plen, _, disp, _ = _path_stats(layers)
     total = plen.sum()
@@ -662,7 +662,7 @@ def straightness(features_per_layer: Sequence[Tensor]) -> float:
 
 
 def energy_ratio(features_per_layer: Sequence[Tensor]) -> float:
-    """L sum_l sum_i ||h_i^{l+1} - h_i^l||^2 / sum_i ||h_i^L - h_i^0||^2 >= 1 (SPEC.md)."""
+    """L sum_l sum_i ||h_i^{l+1} - h_i^l||^2 / sum_i ||h_i^L - h_i^0||^2 >= 1 (docs/metrics.md)."""
     layers = _check_layers(features_per_layer)
     _, psq, _, disp_sq = _path_stats(layers)
     if not bool(disp_sq > 0):
@@ -714,7 +714,7 @@ def nc3_from_stats(weight: Tensor, ht: Tensor) -> Tensor:
 
 
 def nc3(classifier_weight: Tensor, features: Tensor, labels: Tensor, num_classes: int) -> float:
-    """NC3 self-duality of the last layer (SPEC.md): ||W^T/||W||_F - Htilde/||Htilde||_F||_F^2."""
+    """NC3 self-duality of the last layer (docs/metrics.md): ||W^T/||W||_F - Htilde/||Htilde||_F||_F^2."""
     labels = _check_inputs(features, labels, num_classes)
     _check_classifier(classifier_weight, features.shape[1], num_classes)
     counts, sums = _layer_pass1(features, labels, num_classes)
@@ -733,7 +733,7 @@ def nc4(
     labels: Tensor,
     num_classes: int,
 ) -> float:
-    """NC4: fraction of samples where argmax_c (W h + b)_c differs from the NCC argmin (SPEC.md).
+    """NC4: fraction of samples where argmax_c (W h + b)_c differs from the NCC argmin (docs/metrics.md).
 
     A missing bias (None) counts as zero. Ties go to the lowest class index in both.
     """
@@ -754,7 +754,7 @@ def nc4(
 
 
 def effective_depth(ncc_errors: Sequence[float] | Tensor, epsilon: float = 0.01) -> int:
-    """Smallest layer index l with NCC error (1 - PFC3) <= epsilon (SPEC.md).
+    """Smallest layer index l with NCC error (1 - PFC3) <= epsilon (docs/metrics.md).
 
     Returns -1 when no layer reaches epsilon (the sentinel is never a valid layer index;
     aggregations must treat it as "not reached within L layers").

@@ -259,16 +259,19 @@ def main(cfg: DictConfig) -> None:
     except Exception as e:
         expected = _expected(e)
         line = _one_line(e) if expected else f"{type(e).__name__}: {_one_line(e)}"
+        owned = owned and not isinstance(e, JobDirError)
         try:
-            _record(line, out_dir, owned and not isinstance(e, JobDirError))
+            _record(line, out_dir, owned)
         except OSError:
             pass  # an unwritable dir is the error being reported
         if not multirun and (full or not expected):
             raise  # Hydra prints the traceback
         if full or not expected:
             traceback.print_exc()
-        if multirun:
-            log.error(f"error: {line}")
+        if multirun and owned:
+            log.error(f"error: {line}")  # also in the job's log file
             return
         print(f"error: {line}", file=sys.stderr)
+        if multirun:
+            return  # the other jobs run on; the sweep reports this one at its end
         raise SystemExit(2 if isinstance(e, ConfigError) else 1) from None

@@ -37,6 +37,7 @@ class Case:
     setup: Callable[[Path], None] | None = None
     sweep: bool = False
     allowed: tuple[str, ...] = field(default_factory=tuple)  # files a failure may leave
+    sub: str = ""  # run in <job dir>/<sub> (e.g. under a file)
 
 
 def _snapshot(d: Path) -> dict[str, bytes]:
@@ -151,7 +152,7 @@ CASES = [
     Case("wrong type float (Hydra)", ["lam.lam=abc"], "lam.lam"),
     Case("unknown group option (Hydra)", ["dataset=nosuch"], "dataset"),
     Case("run dir is a file", [], "{dir}", setup=_file),
-    Case("run dir under a file", [], "{dir}", setup=lambda d: _file(d.parent)),
+    Case("run dir under a file", [], "{dir}", setup=_file, sub="sub"),
     Case("sweep dir is a file", ["seed=0,1"], "{dir}", setup=_file, sweep=True),
     Case("read-only output dir", [], "/tmp/pfc-bad-inputs-ro"),
     Case("garbage checkpoint", [], "{dir}/checkpoint.pt", setup=_ckpt(lambda b: os.urandom(999))),
@@ -229,7 +230,8 @@ def run_case(case: Case, base: Path) -> dict:
     root.mkdir(parents=True, exist_ok=True)
     before = _snapshot(d) if d.is_dir() else {}
     args = [a.replace("{root}", str(root)) for a in case.args]
-    where = f"hydra.sweep.dir={d}" if case.sweep else f"hydra.run.dir={d}"
+    target_dir = d / case.sub if case.sub else d
+    where = f"hydra.sweep.dir={target_dir}" if case.sweep else f"hydra.run.dir={target_dir}"
     logger = [] if "logger=none" in args else ["logger=wandb"]
     head = ["-m"] if case.sweep else []
     train = [] if any(a.startswith(("task=", "train.epochs")) for a in args) else TINY
@@ -259,11 +261,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path)
     ap.add_argument("--only", default="")
+    ap.add_argument("--skip", type=int, default=0, help="start at case number SKIP + 1")
     a = ap.parse_args()
     rows = ["| # | input | exit | first line of stderr | lines | names it | left behind | clean |",
             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     n_clean = n = 0
     for i, case in enumerate(c for c in CASES if a.only in c.name):
+        if i < a.skip:
+            continue
         with tempfile.TemporaryDirectory(prefix="pfc-bad-") as tmp:
             r = run_case(case, Path(tmp))
         first = r["first"].replace(tmp, "<tmp>").replace("|", "\\|")

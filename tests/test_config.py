@@ -55,7 +55,7 @@ def test_dataset_choice_brings_table1_arch_and_recipe_lr():
         assert cfg.arch.name == ds and cfg.optim.lr == lr and cfg.arch.stages == stages
         assert cfg.train.epochs == 350 and cfg.train.batch_size == 128
         assert cfg.optim.momentum == 0.9 and cfg.optim.weight_decay == 5e-4
-        # SPEC: lr / 10 at epochs 117 and 233 of 350
+        # docs/metrics.md: lr / 10 at epochs 117 and 233 of 350
         assert sorted(round(f * 350) for f in cfg.optim.decay_at) == [117, 233]
     mnist = validate(_compose("dataset=mnist"))
     assert (mnist.arch.kind, mnist.arch.width, mnist.arch.blocks) == ("fc", 1000, 10)

@@ -73,8 +73,10 @@ def test_user_model_metrics_equal_brute_force_on_hooked_features(mixer_job):
     for layer, h in enumerate(feats):
         ref = brute_metrics(h, y, 10)
         got = last[last.layer == layer].set_index("metric")["value"]
-        for m in (*PFC_METRICS, "nc1", "tr_sw", "tr_sb"):
-            assert got[m] == pytest.approx(ref[m], rel=1e-9, abs=1e-12), (layer, m)
+        # float32 features take the tracker's fast path: 1e-5 relative (docs/precision.md)
+        for m in ("pfc1", "pfc2", "nc1", "tr_sw", "tr_sb"):
+            assert got[m] == pytest.approx(ref[m], rel=1e-5), (layer, m)
+        assert got["pfc3"] == ref["pfc3"], layer  # counts: exact (no near-ties here)
     # layers 0 (64) and 1 (4x8x8) precede the trailing run of width-32 layers 2..5
     rel = last[last.metric == "pfc1"].set_index("layer")["rel_pos"]
     assert rel[[0, 1]].isna().all() and rel[2] == 0 and rel[5] == 1
@@ -109,7 +111,9 @@ def test_measure_own_checkpoint_equals_last_epoch(mixer_job, tmp_path):
     ca, cb = (read_curves(d).drop(columns=RUN_COLS) for d in (out, mixer_job))
     cb = cb[cb.epoch == 3].reset_index(drop=True)
     assert len(ca) == 15
-    pd.testing.assert_frame_equal(ca.drop(columns="task"), cb.drop(columns="task"))
+    pd.testing.assert_frame_equal(
+        ca.drop(columns="task"), cb.drop(columns="task"), check_exact=False, rtol=0, atol=1e-12
+    )
 
 
 def test_measure_builtin_digits_checkpoint_and_plain_state_dict(tmp_path):
@@ -186,7 +190,7 @@ def test_streaming_equals_in_memory_on_a_500_sample_subset(folder_root, tmp_path
     a, b = _frame(mem), _frame(stream)
     assert len(a[(a.metric == "pfc1") & (a.epoch == 2) & a.t.isna()]) == 6
     assert set(a.dataset) == {"module"}
-    pd.testing.assert_frame_equal(a, b)  # exactly the same rows
+    pd.testing.assert_frame_equal(a, b, check_exact=True)  # exactly the same rows
 
 
 @pytest.mark.parametrize(
@@ -259,4 +263,4 @@ def test_streaming_killed_and_resumed_equals_in_memory(folder_root, tmp_path):
     assert torch.load(ckpt, weights_only=False)["epoch"] < 10
     p = launch(*stream, env=env)
     assert p.returncode == 0 and "Resuming" in p.stdout, p.stderr
-    pd.testing.assert_frame_equal(_frame(ref), _frame(out))
+    pd.testing.assert_frame_equal(_frame(ref), _frame(out), check_exact=True)

@@ -69,7 +69,7 @@ MISSING_ROOT = "/no/such/dir"
 FAILING = ("train.epochs=2", "seed=0", f"dataset.root={MISSING_ROOT}", "dataset.download=false")
 FAILING_SWEEP = f"dataset={GOOD_DATASET},{BAD_DATASET}"
 
-# --- results contract (pfc_design.md) ----------------------------------------------------------
+# --- results contract (pfc_sweeps.schema) -------------------------------------------------
 PER_SWEEP_COLUMNS = ["run_id", "sweep_id"]  # differ between two sweeps of the same jobs
 ROW_KEY = ["task", "dataset", "arch", "loss", "seed", "lam", "lam_w", "epoch", "split", "layer"]
 ROW_KEY += ["rel_pos", "metric", "model"]
