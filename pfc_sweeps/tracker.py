@@ -126,6 +126,20 @@ def _check_ts(geodesic_ts) -> Tensor | None:
     return ts
 
 
+def _range_checked(labels: Tensor, k: int, oob: Tensor) -> Tensor:
+    """Range check: immediate on CPU; on CUDA counted into ``oob`` (checked at end_pass, so
+    no host sync per batch) and clamped meanwhile."""
+    if labels.device.type == "cpu":
+        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= k):
+            raise MetricInputError(
+                f"labels out of range: min {int(labels.min())}, max {int(labels.max())}; "
+                f"allowed 0..{k - 1}"
+            )
+        return labels
+    oob += ((labels < 0) | (labels >= k)).sum()
+    return labels.clamp(0, k - 1)
+
+
 class _full_precision:
     """No autocast and no TF32/reduced-precision float32 matmuls inside the tracker."""
 
@@ -198,10 +212,6 @@ class CollapseTracker:
         return self._phase in ("await2", "pass2")
 
     @property
-    def num_layers(self) -> int | None:
-        return None if self._dims is None else len(self._dims)
-
-    @property
     def state_bytes(self) -> int:
         """Bytes of all accumulators plus the chunk workspace, excluding the feature cache:
         O(L K d + K T), independent of the number of samples N."""
@@ -257,19 +267,6 @@ class CollapseTracker:
                 )
         return layers, _check_labels(labels, layers[0].shape[0], layers[0].device)
 
-    def _checked_labels(self, labels: Tensor) -> Tensor:
-        """Range check: immediate on CPU; on CUDA deferred to end_pass (no host sync)."""
-        k = self.num_classes
-        if labels.device.type == "cpu":
-            if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= k):
-                raise MetricInputError(
-                    f"labels out of range: min {int(labels.min())}, max {int(labels.max())}; "
-                    f"allowed 0..{k - 1}"
-                )
-            return labels
-        self._oob += ((labels < 0) | (labels >= k)).sum()
-        return labels.clamp(0, k - 1)
-
     # ----------------------------------------------------------------------------- protocol
     def update(self, features: Sequence[Tensor], labels: Tensor) -> None:
         """Feed one batch: features = list of (B, d_l) (or (B, ...), flattened), labels (B,)."""
@@ -282,7 +279,7 @@ class CollapseTracker:
         layers, labels = self._check_batch(features, labels)
         if self._dims is None:
             self._init_state(layers)
-        labels = self._checked_labels(labels)
+        labels = _range_checked(labels, self.num_classes, self._oob)
         with _full_precision(self._device):
             if self._phase == "pass1":
                 self._pass1_batch(layers, labels)
@@ -408,26 +405,30 @@ class CollapseTracker:
 
     # ----------------------------------------------------------------------------- results
     def _compute(self) -> CollapseResult:
-        n, lm, accs = self._n, self._means, self._accs
-        layer_vals = accs["within"].compute(n, lm)  # (S,) each
-        last_vals, run_vals, curves = {}, {}, {}
-        if "geodesic" in accs:
-            geo = accs["geodesic"].compute(n, lm, layer_vals["tr_sw"] * n, layer_vals)
-            curves = geo.pop("curves")
-            layer_vals |= geo
-        if "classifier" in accs:
-            last_vals |= accs["classifier"].compute(n, lm)
-        pfc3 = layer_vals["pfc3"].cpu().tolist()
-        run_vals |= acc.EffectiveDepth(self.epsilon).compute(pfc3)
-        if self._path:
-            run_vals |= accs["path"].compute()
-        if len(self._dims) >= 2 and self._dims[0] == self._dims[-1]:
-            run_vals |= acc.Transport().compute(lm)
-        rel = self._r.cpu().tolist() if self._r is not None else [math.nan] * len(self._dims)
+        n_layers = len(self._dims)
+        rel = self._r.cpu().tolist() if self._r is not None else [math.nan] * n_layers
         ts = self.geodesic_ts.tolist() if self.geodesic_ts is not None else []
-        return CollapseResult(
-            table=_table(rel, layer_vals, last_vals, run_vals), curves=_curves(ts, curves)
-        )
+        transport = n_layers >= 2 and self._dims[0] == self._dims[-1]
+        vals = _collect(self._accs, self._n, self._means, self.epsilon, transport)
+        return CollapseResult(table=_table(rel, *vals[:3]), curves=_curves(ts, vals[3]))
+
+
+def _collect(accs: dict, n: int, lm, epsilon: float, transport: bool) -> tuple[dict, ...]:
+    """Every accumulator's metrics: (per layer, last layer, run level, curves)."""
+    layer_vals = accs["within"].compute(n, lm)  # (S,) each
+    last_vals, run_vals, curves = {}, {}, {}
+    if "geodesic" in accs:
+        geo = accs["geodesic"].compute(n, lm, layer_vals["tr_sw"] * n, layer_vals)
+        curves = geo.pop("curves")
+        layer_vals |= geo
+    if "classifier" in accs:
+        last_vals |= accs["classifier"].compute(n, lm)
+    run_vals |= acc.EffectiveDepth(epsilon).compute(layer_vals["pfc3"].cpu().tolist())
+    if "path" in accs:
+        run_vals |= accs["path"].compute()
+    if transport:
+        run_vals |= acc.Transport().compute(lm)
+    return layer_vals, last_vals, run_vals, curves
 
 
 def _table(rel: list[float], layer_vals: dict, last_vals: dict, run_vals: dict) -> pd.DataFrame:
