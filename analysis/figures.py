@@ -54,10 +54,13 @@ from analysis.tidy import (
     train_rows,
 )
 from pfc_sweeps.schema import (
+    ALIGNMENT,
     CURVES_FILE,
     DATA_MODEL,
+    ENERGY_RATIO,
     PFC_METRICS,
     RUN_LAYER,
+    STRAIGHTNESS,
     SURROGATE_MODELS,
     atomic_write_bytes,
     empty_frame,
@@ -366,7 +369,7 @@ def _lambda_axis(mufm: pd.DataFrame) -> tuple[pd.DataFrame, str]:
 
 
 def fig5_lambda_tradeoff(
-    df: pd.DataFrame, metrics: Sequence[str] = (*PFC_METRICS, "alignment")
+    df: pd.DataFrame, metrics: Sequence[str] = (*PFC_METRICS, ALIGNMENT)
 ) -> Figure:
     """Fig. 5: MUFM's metrics at the last GD step against λ/λ_W.
 
@@ -427,9 +430,7 @@ def fig5_lambda_tradeoff(
 # ----------------------------------------------------------------------------- extra
 
 
-def fig_paths(
-    df: pd.DataFrame, metrics: Sequence[str] = ("straightness", "energy_ratio")
-) -> Figure:
+def fig_paths(df: pd.DataFrame, metrics: Sequence[str] = (STRAIGHTNESS, ENERGY_RATIO)) -> Figure:
     """Straightness and energy ratio of the forward path ("beyond the paper") against
     epoch, one line per condition (mean over seeds, 95% band); dotted line at the ideal 1."""
     tr = train_rows(df)

@@ -34,13 +34,18 @@ from analysis.tidy import at_last_epoch, surrogate_rows, train_rows
 from pfc_sweeps.schema import (
     CURVES_FILE,
     DATA_MODEL,
+    EFFECTIVE_DEPTH,
+    ENERGY_RATIO,
     GEODESIC_ERR_METRICS,
     PFC1,
     PFC2,
     PFC3,
     PFC_METRICS,
     RUN_LAYER,
+    STRAIGHTNESS,
     SURROGATE_METRICS,
+    TEST_ACC,
+    TRAIN_ACC,
     atomic_write_bytes,
     empty_frame,
 )
@@ -58,7 +63,7 @@ __all__ = [
 MONOTONE_DIRECTION = {PFC1: "decreasing", PFC2: "decreasing", PFC3: "increasing"}
 """Direction of the PFC conjecture for each metric across depth."""
 
-_RUN_SCALARS = ("effective_depth", "straightness", "energy_ratio")
+_RUN_SCALARS = (EFFECTIVE_DEPTH, STRAIGHTNESS, ENERGY_RATIO)
 
 
 def is_monotone(values: Sequence[float], direction: str, tol: float = 0.02) -> bool | None:
@@ -140,8 +145,8 @@ def summarize_train(
             "loss": first["loss"],
             "seed": int(first["seed"]),
             "epoch": last,
-            "train_acc": _last_value(run, "train_acc"),
-            "test_acc": _last_value(run, "test_acc"),
+            TRAIN_ACC: _last_value(run, TRAIN_ACC),
+            TEST_ACC: _last_value(run, TEST_ACC),
         }
         for m in PFC_METRICS:
             seq = layers.loc[layers["metric"] == m].sort_values("layer")["value"]
@@ -222,13 +227,13 @@ def markdown_table(df: pd.DataFrame, headers: dict[str, str] | None = None) -> s
 
 
 _TRAIN_HEADERS = {
-    "train_acc": "train acc",
-    "test_acc": "test acc",
+    TRAIN_ACC: "train acc",
+    TEST_ACC: "test acc",
     f"{PFC1}_monotone": "PFC1 ↓ monotone",
     f"{PFC2}_monotone": "PFC2 ↓ monotone",
     f"{PFC3}_monotone": "PFC3 ↑ monotone",
-    "effective_depth": "eff. depth",
-    "energy_ratio": "energy ratio",
+    EFFECTIVE_DEPTH: "eff. depth",
+    ENERGY_RATIO: "energy ratio",
     f"geo_err_{PFC1}": "geodesic err PFC1",
     f"geo_err_{PFC2}": "geodesic err PFC2",
     f"geo_err_{PFC3}": "geodesic err PFC3",
@@ -238,7 +243,7 @@ _TRAIN_HEADERS = {
 def _train_section(train: pd.DataFrame, tol: float) -> list[str]:
     if train.empty:
         return []
-    depth = train["effective_depth"].map(lambda v: "not reached" if v < 0 else v)
+    depth = train[EFFECTIVE_DEPTH].map(lambda v: "not reached" if v < 0 else v)
     return [
         "## Training runs",
         "",
@@ -248,7 +253,7 @@ def _train_section(train: pd.DataFrame, tol: float) -> list[str]:
         "|observed - geodesic prediction at r_l|. Effective depth: first layer with NCC "
         "error <= epsilon, as recorded by the run (not reached: no layer does).",
         "",
-        markdown_table(train.assign(effective_depth=depth), _TRAIN_HEADERS),
+        markdown_table(train.assign(**{EFFECTIVE_DEPTH: depth}), _TRAIN_HEADERS),
         "",
     ]
 

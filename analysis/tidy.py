@@ -14,7 +14,18 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from pfc_sweeps.schema import DATA_MODEL, NET_MODEL, PFC1, PFC2, PFC3, SURROGATE_MODELS
+from pfc_sweeps.schema import (
+    ALIGNMENT,
+    DATA_MODEL,
+    EFFECTIVE_DEPTH,
+    ENERGY_RATIO,
+    NET_MODEL,
+    PFC1,
+    PFC2,
+    PFC3,
+    STRAIGHTNESS,
+    SURROGATE_MODELS,
+)
 
 __all__ = [
     "LOG_METRICS",
@@ -35,10 +46,10 @@ METRIC_LABELS = {
     PFC1: r"PFC1: $\mathrm{Tr}(\Sigma_W)/\mathrm{Tr}(\Sigma_B)$",
     PFC2: r"PFC2: $\Vert G/\Vert G\Vert_F - E\Vert_F$",
     PFC3: "PFC3: NCC accuracy",
-    "alignment": r"alignment $\Vert H/\Vert H\Vert_F - X/\Vert X\Vert_F\Vert_F$",
-    "straightness": "straightness",
-    "energy_ratio": "energy ratio",
-    "effective_depth": "effective depth",
+    ALIGNMENT: r"alignment $\Vert H/\Vert H\Vert_F - X/\Vert X\Vert_F\Vert_F$",
+    STRAIGHTNESS: "straightness",
+    ENERGY_RATIO: "energy ratio",
+    EFFECTIVE_DEPTH: "effective depth",
 }
 """Axis labels: the metrics named as the paper does (section III, "The three PFC metrics")."""
 

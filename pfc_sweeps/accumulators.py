@@ -34,7 +34,25 @@ from pfc_sweeps.metrics import (
     pfc_from_stats,
     relative_positions_from_lengths,
 )
-from pfc_sweeps.schema import GEODESIC_ERR_METRICS, PFC_METRICS
+from pfc_sweeps.schema import (
+    EFFECTIVE_DEPTH,
+    ENERGY_RATIO,
+    GEODESIC_ERR_METRICS,
+    NC1,
+    NC2_EQUIANGLE,
+    NC2_EQUINORM,
+    NC3,
+    NC4,
+    PFC1,
+    PFC2,
+    PFC3,
+    PFC_METRICS,
+    STRAIGHTNESS,
+    THM1_INNER,
+    TR_SB,
+    TR_SW,
+    TRANSPORT_COST,
+)
 
 __all__ = [
     "ClassSums",
@@ -137,7 +155,7 @@ class PathLengths:
     Norms of float32 chunks are float32 (sums of squares: no cancellation), summed in float64.
     """
 
-    names = ("straightness", "energy_ratio")
+    names = (STRAIGHTNESS, ENERGY_RATIO)
 
     def __init__(self, steps: int, device: torch.device) -> None:
         self.plen = torch.zeros(steps, dtype=F64, device=device)
@@ -166,9 +184,9 @@ class PathLengths:
         return relative_positions_from_lengths(self.plen)
 
     def compute(self) -> dict[str, Tensor]:
-        out = {"straightness": self.disp[0] / self.plen.sum()}
+        out = {STRAIGHTNESS: self.disp[0] / self.plen.sum()}
         if bool(self.disp[1] > 0):
-            out["energy_ratio"] = self.plen.shape[0] * self.psq.sum() / self.disp[1]
+            out[ENERGY_RATIO] = self.plen.shape[0] * self.psq.sum() / self.disp[1]
         return out
 
 
@@ -179,7 +197,7 @@ class WithinClass:
     """Tr Sigma_W, the NC1 projection Z^T Z and NCC hits of every layer: PFC1-3 (eq. 7-9),
     NC1, NC2, Tr Sigma_W, Tr Sigma_B (docs/metrics.md "Classic NC metrics")."""
 
-    names = ("pfc1", "pfc2", "pfc3", "tr_sw", "tr_sb", "nc1", "nc2_equinorm", "nc2_equiangle")
+    names = (PFC1, PFC2, PFC3, TR_SW, TR_SB, NC1, NC2_EQUINORM, NC2_EQUIANGLE)
 
     def __init__(self, n_layers: int, k: int, device: torch.device) -> None:
         self.trw = torch.zeros(n_layers, dtype=F64, device=device)
@@ -263,7 +281,7 @@ class GeodesicCurve:
 class Classifier:
     """NC3 (self-duality) and NC4 (classifier vs NCC disagreement) of the last layer (docs/metrics.md)."""
 
-    names = ("nc3", "nc4")
+    names = (NC3, NC4)
 
     def __init__(self, weight: Tensor, bias: Tensor | None, lm: LayerMeans) -> None:
         k = weight.shape[0]
@@ -283,7 +301,7 @@ class Classifier:
     def compute(self, n: int, lm: LayerMeans) -> dict[str, Tensor]:
         if not bool(torch.linalg.norm(self.w64) > 0):
             raise MetricInputError("classifier weight is all zeros: NC3 is undefined")
-        return {"nc3": nc3_from_stats(self.w64, lm.ht[-1]), "nc4": self.disagree.to(F64) / n}
+        return {NC3: nc3_from_stats(self.w64, lm.ht[-1]), NC4: self.disagree.to(F64) / n}
 
 
 # --------------------------------------------------------------------------------------------
@@ -292,20 +310,20 @@ class Classifier:
 class EffectiveDepth:
     """Smallest layer with NCC error 1 - PFC3 <= epsilon (docs/metrics.md; -1: none)."""
 
-    names = ("effective_depth",)
+    names = (EFFECTIVE_DEPTH,)
 
     def __init__(self, epsilon: float) -> None:
         self.epsilon = epsilon
 
     def compute(self, pfc3: list[float]) -> dict[str, float]:
-        return {"effective_depth": float(effective_depth([1.0 - v for v in pfc3], self.epsilon))}
+        return {EFFECTIVE_DEPTH: float(effective_depth([1.0 - v for v in pfc3], self.epsilon))}
 
 
 class Transport:
     """Theorem 1's sum_k <Htilde^0_k, Htilde^L_k> and Theorem 2's ||Htilde^L - Htilde^0||_F^2."""
 
-    names = ("thm1_inner", "transport_cost")
+    names = (THM1_INNER, TRANSPORT_COST)
 
     def compute(self, lm: LayerMeans) -> dict[str, Tensor]:
         h0, hl = lm.ht[0], lm.ht[-1]
-        return {"thm1_inner": (h0 * hl).sum(), "transport_cost": (hl - h0).square().sum()}
+        return {THM1_INNER: (h0 * hl).sum(), TRANSPORT_COST: (hl - h0).square().sum()}

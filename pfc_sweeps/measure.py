@@ -36,7 +36,7 @@ from .features import FeatureNet
 from .loggers import RunLogger
 from .metrics import effective_depth
 from .results import ResultsSink, print_summary
-from .schema import PFC_METRICS, RUN_LAYER
+from .schema import EFFECTIVE_DEPTH, LAST_LAYER_METRICS, PFC3, PFC_METRICS, RUN_LAYER
 from .tracker import CollapseTracker
 
 __all__ = ["collapse_table", "geodesic_ts", "print_final", "record_metrics", "run_measure"]
@@ -162,17 +162,17 @@ def _merge(tr: _Trackers) -> tuple[pd.DataFrame, pd.DataFrame]:
     for i, t in enumerate(tr.head):
         head = t.compute().table
         parts.append(head[head["layer"] >= 0].assign(layer=i, rel_pos=math.nan))
-    parts.append(table[table["metric"] != "effective_depth"])
+    parts.append(table[table["metric"] != EFFECTIVE_DEPTH])
     if tr.clf is not None:
         last = int(table["layer"].max())
         rel = table.loc[table["layer"] == last, "rel_pos"].iloc[0]
         nc = tr.clf.compute().table
-        parts.append(nc[nc["metric"].isin(["nc3", "nc4"])].assign(layer=last, rel_pos=rel))
+        parts.append(nc[nc["metric"].isin(LAST_LAYER_METRICS)].assign(layer=last, rel_pos=rel))
     out = pd.concat(parts, ignore_index=True)
-    pfc3 = out[out["metric"] == "pfc3"].sort_values("layer")["value"]
+    pfc3 = out[out["metric"] == PFC3].sort_values("layer")["value"]
     depth = effective_depth([1.0 - v for v in pfc3], tr.run.epsilon)
     row = pd.DataFrame(
-        [(RUN_LAYER, math.nan, "effective_depth", float(depth))], columns=list(out.columns)
+        [(RUN_LAYER, math.nan, EFFECTIVE_DEPTH, float(depth))], columns=list(out.columns)
     )
     out = pd.concat([out, row], ignore_index=True).astype(run.table.dtypes.to_dict())
     return out, run.curves

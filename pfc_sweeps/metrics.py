@@ -30,6 +30,18 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from pfc_sweeps.schema import (
+    NC1,
+    NC2_EQUIANGLE,
+    NC2_EQUINORM,
+    PFC1,
+    PFC2,
+    PFC3,
+    PFC_METRICS,
+    TR_SB,
+    TR_SW,
+)
+
 __all__ = [
     "DegenerateFeaturesError",
     "EmptyClassError",
@@ -394,11 +406,11 @@ def pfc_from_stats(n: int, trw_sum: Tensor, gram: Tensor, correct: Tensor) -> di
     etf = simplex_etf(k, device=gram.device)
     pfc2 = torch.linalg.matrix_norm(gram / gnorm[:, None, None] - etf)
     return {
-        "pfc1": tr_sw / tr_sb,
-        "pfc2": pfc2,
-        "pfc3": correct.to(F64) / n,
-        "tr_sw": tr_sw,
-        "tr_sb": tr_sb,
+        PFC1: tr_sw / tr_sb,
+        PFC2: pfc2,
+        PFC3: correct.to(F64) / n,
+        TR_SW: tr_sw,
+        TR_SB: tr_sb,
     }
 
 
@@ -427,7 +439,7 @@ def nc_from_stats(n: int, gram: Tensor, zz: Tensor) -> dict[str, Tensor]:
     cos = gram / (norms[:, None] * norms[None, :])
     off = ~torch.eye(k, dtype=torch.bool, device=gram.device)
     equiangle = (cos[off] + 1.0 / (k - 1)).abs().mean()
-    return {"nc1": nc1, "nc2_equinorm": equinorm, "nc2_equiangle": equiangle}
+    return {NC1: nc1, NC2_EQUINORM: equinorm, NC2_EQUIANGLE: equiangle}
 
 
 def geodesic_from_stats(
@@ -458,7 +470,7 @@ def geodesic_from_stats(
         except DegenerateFeaturesError as err:
             raise DegenerateFeaturesError(f"on the geodesic curve: {err}") from None
         parts.append(out)
-    return {key: torch.cat([p[key] for p in parts]) for key in ("pfc1", "pfc2", "pfc3")}
+    return {key: torch.cat([p[key] for p in parts]) for key in PFC_METRICS}
 
 
 # --------------------------------------------------------------------------------------------
@@ -510,7 +522,7 @@ def pfc_metrics(features: Tensor, labels: Tensor, num_classes: int) -> dict[str,
     st = _layer_stats(features, labels, num_classes)
     pfc = pfc_from_stats(n, st["trw"][None], st["gram"][None], st["correct"][None])
     nc = nc_from_stats(n, st["gram"], st["zz"])
-    out = {key: float(pfc[key][0]) for key in ("pfc1", "pfc2", "pfc3")}
+    out = {key: float(pfc[key][0]) for key in PFC_METRICS}
     out.update({key: float(v) for key, v in nc.items()})
     return out
 

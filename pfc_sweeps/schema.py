@@ -30,6 +30,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 __all__ = [
+    "ALIGNMENT",
     "CHECKPOINT_FILE",
     "COLUMNS",
     "CURVES_FILE",
@@ -37,15 +38,25 @@ __all__ = [
     "CURVE_KEY",
     "DATA_MODEL",
     "DONE_FILE",
+    "EFFECTIVE_DEPTH",
+    "ENERGY_RATIO",
     "EPOCH_METRICS",
     "ERROR_FILE",
     "FINGERPRINT_FILE",
     "GEODESIC_ERR_METRICS",
+    "GRAD_NORM",
     "LAST_LAYER_METRICS",
     "LAYER_METRICS",
     "LOCK_FILE",
+    "LR",
     "METADATA_KEY",
+    "NC1",
+    "NC2_EQUIANGLE",
+    "NC2_EQUINORM",
+    "NC3",
+    "NC4",
     "NET_MODEL",
+    "OBJECTIVE",
     "PATH_METRICS",
     "PFC1",
     "PFC2",
@@ -58,10 +69,19 @@ __all__ = [
     "RUN_LAYER",
     "SCHEMA_VERSION",
     "STATUSES",
+    "STRAIGHTNESS",
     "SURROGATE_METRICS",
     "SURROGATE_MODELS",
     "SWEEP_ERRORS_DIR",
     "TEMP_GLOB",
+    "TEST_ACC",
+    "TEST_LOSS",
+    "THM1_INNER",
+    "TRAIN_ACC",
+    "TRAIN_LOSS",
+    "TRANSPORT_COST",
+    "TR_SB",
+    "TR_SW",
     "atomic_write",
     "atomic_write_bytes",
     "conform",
@@ -97,19 +117,39 @@ STATUSES = ("running", "done", "diverged", "failed")
 #: The paper's three PFC metrics: Tr S_W / Tr S_B, the distance of the Gram to the simplex
 #: ETF, and the NCC accuracy (section III).
 PFC1, PFC2, PFC3 = "pfc1", "pfc2", "pfc3"
+#: Tr Sigma_W and Tr Sigma_B of a layer (PFC1 is their ratio).
+TR_SW, TR_SB = "tr_sw", "tr_sb"
+#: The classic neural-collapse metrics: NC1, NC2 (equal norms, equal angles), NC3, NC4.
+NC1, NC2_EQUINORM, NC2_EQUIANGLE = "nc1", "nc2_equinorm", "nc2_equiangle"
+NC3, NC4 = "nc3", "nc4"
+#: Run-level scalars of the forward path: the first layer with NCC error <= epsilon, the
+#: straightness and energy ratio of the path, Theorem 1's inner product, Theorem 2's cost.
+EFFECTIVE_DEPTH, STRAIGHTNESS, ENERGY_RATIO = "effective_depth", "straightness", "energy_ratio"
+THM1_INNER, TRANSPORT_COST = "thm1_inner", "transport_cost"
+#: Run-level scalars of a training epoch (LR: the learning rate the epoch trained with).
+TRAIN_LOSS, TRAIN_ACC, TEST_LOSS, TEST_ACC, LR = (
+    "train_loss",
+    "train_acc",
+    "test_loss",
+    "test_acc",
+    "lr",
+)
+#: Surrogate-solve scalars: ||H/||H||_F - X/||X||_F||_F, F(W, H) and the norm of its gradient.
+ALIGNMENT, OBJECTIVE, GRAD_NORM = "alignment", "objective", "grad_norm"
+
 PFC_METRICS = (PFC1, PFC2, PFC3)
 #: Per-layer metrics of a training epoch (every studied layer 0..L).
-LAYER_METRICS = (*PFC_METRICS, "nc1", "nc2_equinorm", "nc2_equiangle", "tr_sw", "tr_sb")
+LAYER_METRICS = (*PFC_METRICS, NC1, NC2_EQUINORM, NC2_EQUIANGLE, TR_SW, TR_SB)
 #: |observed - geodesic prediction at t = rel_pos|, per layer.
 GEODESIC_ERR_METRICS = tuple(f"geodesic_err_{m}" for m in PFC_METRICS)
 #: Metrics of the last layer only (they need the classifier).
-LAST_LAYER_METRICS = ("nc3", "nc4")
+LAST_LAYER_METRICS = (NC3, NC4)
 #: Run-level scalars of the forward path (``layer`` = RUN_LAYER).
-PATH_METRICS = ("effective_depth", "straightness", "energy_ratio", "thm1_inner", "transport_cost")
+PATH_METRICS = (EFFECTIVE_DEPTH, STRAIGHTNESS, ENERGY_RATIO, THM1_INNER, TRANSPORT_COST)
 #: Run-level scalars of every training epoch (``layer`` = RUN_LAYER).
-EPOCH_METRICS = ("train_loss", "train_acc", "test_loss", "test_acc", "lr")
+EPOCH_METRICS = (TRAIN_LOSS, TRAIN_ACC, TEST_LOSS, TEST_ACC, LR)
 #: Per (model, lam) metrics of a surrogate solve.
-SURROGATE_METRICS = (*PFC_METRICS, "alignment", "objective", "grad_norm")
+SURROGATE_METRICS = (*PFC_METRICS, ALIGNMENT, OBJECTIVE, GRAD_NORM)
 
 #: ``model`` label of a trained network's rows, of the data X, and of the surrogate models.
 NET_MODEL = "net"

@@ -50,8 +50,10 @@ from pfc_sweeps.schema import (
     LAST_LAYER_METRICS,
     LAYER_METRICS,
     PATH_METRICS,
+    PFC3,
     PFC_METRICS,
     RUN_LAYER,
+    TR_SW,
 )
 
 __all__ = ["PRECISIONS", "CollapseResult", "CollapseTracker", "TrackerStateError"]
@@ -418,12 +420,12 @@ def _collect(accs: dict, n: int, lm, epsilon: float, transport: bool) -> tuple[d
     layer_vals = accs["within"].compute(n, lm)  # (S,) each
     last_vals, run_vals, curves = {}, {}, {}
     if "geodesic" in accs:
-        geo = accs["geodesic"].compute(n, lm, layer_vals["tr_sw"] * n, layer_vals)
+        geo = accs["geodesic"].compute(n, lm, layer_vals[TR_SW] * n, layer_vals)
         curves = geo.pop("curves")
         layer_vals |= geo
     if "classifier" in accs:
         last_vals |= accs["classifier"].compute(n, lm)
-    run_vals |= acc.EffectiveDepth(epsilon).compute(layer_vals["pfc3"].cpu().tolist())
+    run_vals |= acc.EffectiveDepth(epsilon).compute(layer_vals[PFC3].cpu().tolist())
     if "path" in accs:
         run_vals |= accs["path"].compute()
     if transport:

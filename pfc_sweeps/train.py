@@ -35,7 +35,17 @@ from .errors import Diverged, PFCError
 from .loggers import RunLogger
 from .measure import Data, collapse_table, geodesic_ts, print_final, record_metrics
 from .results import ResultsSink
-from .schema import CHECKPOINT_FILE, RESULTS_FILE, RUN_LAYER, atomic_write
+from .schema import (
+    CHECKPOINT_FILE,
+    LR,
+    RESULTS_FILE,
+    RUN_LAYER,
+    TEST_ACC,
+    TEST_LOSS,
+    TRAIN_ACC,
+    TRAIN_LOSS,
+    atomic_write,
+)
 
 __all__ = ["Trainer", "evaluate", "loss_fn", "run_training"]
 
@@ -211,11 +221,11 @@ class Trainer:
             self.model, self.data, "test", self.cfg.loss.name, self.cfg.train.eval_batch_size
         )
         scalars = {
-            "train_loss": ("train", train_loss),
-            "train_acc": ("train", train_acc),
-            "test_loss": ("test", test_loss),
-            "test_acc": ("test", test_acc),
-            "lr": ("train", lr),
+            TRAIN_LOSS: ("train", train_loss),
+            TRAIN_ACC: ("train", train_acc),
+            TEST_LOSS: ("test", test_loss),
+            TEST_ACC: ("test", test_acc),
+            LR: ("train", lr),
         }
         return _scalar_rows(epoch, scalars)
 
@@ -270,13 +280,13 @@ def run_training(cfg: Config, out_dir: Path, sink: ResultsSink, logger: RunLogge
         t0 = time.perf_counter()
         rows = trainer.run_epoch(epoch)
         v = rows[rows["layer"] == RUN_LAYER].set_index("metric")["value"]
-        msg = f"loss={v['train_loss']:.4f} acc={v['train_acc']:.4f} test_acc={v['test_acc']:.4f}"
+        msg = f"loss={v[TRAIN_LOSS]:.4f} acc={v[TRAIN_ACC]:.4f} test_acc={v[TEST_ACC]:.4f}"
         if bar is not None:
             bar.set_postfix_str(msg)
             bar.update(1)
         else:
             log.info(
-                f"epoch {epoch}/{epochs} {msg} lr={v['lr']:.3g} ({time.perf_counter() - t0:.2f}s)"
+                f"epoch {epoch}/{epochs} {msg} lr={v[LR]:.3g} ({time.perf_counter() - t0:.2f}s)"
             )
     if bar is not None:
         bar.close()
