@@ -25,6 +25,7 @@ from collections.abc import Callable
 import torch
 
 from pfc_sweeps.metrics import pfc_metrics
+from pfc_sweeps.schema import NC1, PFC1, PFC3
 from pfc_sweeps.tracker import CollapseTracker
 
 
@@ -83,7 +84,7 @@ def naive_peer(feats: list[torch.Tensor], y: torch.Tensor, k: int) -> list[dict[
         pfc1 = torch.trace(sigma_w) / torch.trace(sigma_b)
         dist = torch.cdist(x, means)  # (N, K) NCC
         pfc3 = (dist.argmin(1) == y).double().mean()
-        out.append({"pfc1": float(pfc1), "nc1": float(nc1), "pfc3": float(pfc3)})
+        out.append({PFC1: float(pfc1), NC1: float(nc1), PFC3: float(pfc3)})
     return out
 
 
@@ -115,8 +116,8 @@ def part_a(args, device) -> None:
         args.repeat,
     )
     res = out["tracker"].compute().table
-    got = res[res.metric == "nc1"].sort_values("layer").value.tolist()
-    err = max(abs(a - b["nc1"]) / abs(b["nc1"]) for a, b in zip(got, out["naive"], strict=True))
+    got = res[res.metric == NC1].sort_values("layer").value.tolist()
+    err = max(abs(a - b[NC1]) / abs(b[NC1]) for a, b in zip(got, out["naive"], strict=True))
     # state memory at N and N/2 (must be equal)
     half = run_tracker([h[: n // 2] for h in feats], y[: n // 2], args.classes, args.batch)
     print(
@@ -262,7 +263,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     # sanity: the engine is exact on a tiny problem before timing anything
     feats, y = synthetic_layers(200, 8, 2, 4, device)
-    assert math.isfinite(pfc_metrics(feats[0], y, 4)["pfc1"])
+    assert math.isfinite(pfc_metrics(feats[0], y, 4)[PFC1])
     for part in args.parts:
         {"a": part_a, "b": part_b, "c": part_c}[part](args, device)
 

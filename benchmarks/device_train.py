@@ -19,6 +19,7 @@ import torch
 from pfc_sweeps.accel import Accelerator, prepare_model
 from pfc_sweeps.config import TRAIN_PRECISIONS, TrainConfig
 from pfc_sweeps.models import build_model
+from pfc_sweeps.schema import PFC3
 from pfc_sweeps.tracker import CollapseTracker
 
 
@@ -48,7 +49,7 @@ def metric_pass(model, x, y, batch: int) -> float:
         if not tr.needs_second_pass:
             break
     table = tr.compute().table
-    return float(table[(table.metric == "pfc3") & (table.layer == table.layer.max())].value.iloc[0])
+    return float(table[(table.metric == PFC3) & (table.layer == table.layer.max())].value.iloc[0])
 
 
 def main(argv: list[str] | None = None) -> None:

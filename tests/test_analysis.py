@@ -34,15 +34,28 @@ from analysis.figures import FigureDataError
 from analysis.summary import is_monotone, summarize_surrogate, summarize_train
 from analysis.tidy import ci95
 from pfc_sweeps.schema import (
+    ALIGNMENT,
     COLUMNS,
     CURVE_COLUMNS,
     CURVE_KEY,
     CURVES_FILE,
+    EFFECTIVE_DEPTH,
+    ENERGY_RATIO,
+    GEODESIC_ERR_METRICS,
+    GRAD_NORM,
+    LR,
+    NC1,
+    OBJECTIVE,
     PFC1,
     PFC2,
     PFC3,
+    PFC_METRICS,
     RESULT_KEY,
     RESULTS_FILE,
+    STRAIGHTNESS,
+    TEST_ACC,
+    TRAIN_ACC,
+    TRAIN_LOSS,
     write_table,
 )
 
@@ -122,7 +135,7 @@ def train_frame(
                         split="train",
                         layer=k,
                         rel_pos=rel[k],
-                        metric=f"geodesic_err_{m}",
+                        metric=GEODESIC_ERR_METRICS[PFC_METRICS.index(m)],
                         value=0.01 * k,
                     )
                 )
@@ -133,17 +146,17 @@ def train_frame(
                     split="train",
                     layer=k,
                     rel_pos=rel[k],
-                    metric="nc1",
+                    metric=NC1,
                     value=1.0 / (k + 1),
                 )
             )
         for m, v in [
-            ("effective_depth", 2.0),
-            ("straightness", 0.8 + 0.05 * e),
-            ("energy_ratio", 1.5 - 0.1 * e),
-            ("train_loss", 1.0 / (e + 1)),
-            ("train_acc", 0.9 + 0.01 * e),
-            ("lr", 0.01),
+            (EFFECTIVE_DEPTH, 2.0),
+            (STRAIGHTNESS, 0.8 + 0.05 * e),
+            (ENERGY_RATIO, 1.5 - 0.1 * e),
+            (TRAIN_LOSS, 1.0 / (e + 1)),
+            (TRAIN_ACC, 0.9 + 0.01 * e),
+            (LR, 0.01),
         ]:
             rows.append(dict(epoch=e, split="train", layer=-1, rel_pos=np.nan, metric=m, value=v))
         rows.append(
@@ -152,7 +165,7 @@ def train_frame(
                 split="test",
                 layer=-1,
                 rel_pos=np.nan,
-                metric="test_acc",
+                metric=TEST_ACC,
                 value=0.8 + 0.01 * e,
             )
         )
@@ -189,30 +202,30 @@ def mufm_value(metric: str, lam: float, model: str) -> float:
             PFC1: 2.0,
             PFC2: 0.6,
             PFC3: 0.7,
-            "alignment": 0.0,
-            "objective": 0.0,
-            "grad_norm": 0.0,
+            ALIGNMENT: 0.0,
+            OBJECTIVE: 0.0,
+            GRAD_NORM: 0.0,
         }[metric]
     if model == "ufm":
         return {
             PFC1: 1e-4,
             PFC2: 1e-3,
             PFC3: 1.0,
-            "alignment": 1.2,
-            "objective": 0.1,
-            "grad_norm": 1e-6,
+            ALIGNMENT: 1.2,
+            OBJECTIVE: 0.1,
+            GRAD_NORM: 1e-6,
         }[metric]
     return {
         PFC1: 0.1 + 50 * lam,
         PFC2: 0.05 + 10 * lam,
         PFC3: 1.0 - 5 * lam,
-        "alignment": 1.0 / (1 + 100 * lam),
-        "objective": 0.2,
-        "grad_norm": 1e-5,
+        ALIGNMENT: 1.0 / (1 + 100 * lam),
+        OBJECTIVE: 0.2,
+        GRAD_NORM: 1e-5,
     }[metric]
 
 
-SUR_METRICS = (PFC1, PFC2, PFC3, "alignment", "objective", "grad_norm")
+SUR_METRICS = (PFC1, PFC2, PFC3, ALIGNMENT, OBJECTIVE, GRAD_NORM)
 
 
 def surrogate_frame(
@@ -583,12 +596,12 @@ def test_fig5_same_curve_from_grid_and_per_lambda_jobs(layout):
     axes = fig.axes[:4]
     assert len(axes) == 4
     ratios = np.array(LAMS) / 0.005
-    for ax, m in zip(axes, (PFC1, PFC2, PFC3, "alignment"), strict=True):
+    for ax, m in zip(axes, (PFC1, PFC2, PFC3, ALIGNMENT), strict=True):
         lines = _data_lines(ax)
         curve = lines[0]
         np.testing.assert_allclose(curve.get_xdata(), ratios)
         np.testing.assert_allclose(curve.get_ydata(), [mufm_value(m, lam, "mufm") for lam in LAMS])
-        if m != "alignment":  # dashed data reference
+        if m != ALIGNMENT:  # dashed data reference
             assert len(lines) == 2
             np.testing.assert_allclose(lines[1].get_ydata(), mufm_value(m, 0, "data"))
         else:
@@ -620,10 +633,10 @@ def test_fig_paths_one_line_per_condition():
         ]
     )
     fig = figures.fig_paths(df)
-    for ax, m in zip(fig.axes[:2], ("straightness", "energy_ratio"), strict=True):
+    for ax, m in zip(fig.axes[:2], (STRAIGHTNESS, ENERGY_RATIO), strict=True):
         lines = _data_lines(ax)
         assert len(lines) == 3  # digits, gaussian (2 seeds -> 1 mean line), reference at 1
-        want = [0.8, 0.85, 0.9] if m == "straightness" else [1.5, 1.4, 1.3]
+        want = [0.8, 0.85, 0.9] if m == STRAIGHTNESS else [1.5, 1.4, 1.3]
         np.testing.assert_allclose(lines[0].get_ydata(), want)
         np.testing.assert_allclose(lines[2].get_ydata(), [1.0, 1.0])
 
@@ -692,10 +705,10 @@ def test_summary_monotonicity_flags():
     assert flag("pfc3down", PFC3) == "no"
     assert flag("pfc3down", PFC1) == "yes"
     # final accuracies, effective depth, straightness, geodesic error (mean of 0.01*l, l=0..3)
-    assert tab.loc["mono", "train_acc"] == pytest.approx(0.92)
-    assert tab.loc["mono", "test_acc"] == pytest.approx(0.82)
-    assert tab.loc["mono", "effective_depth"] == 2
-    assert tab.loc["mono", "straightness"] == pytest.approx(0.9)
+    assert tab.loc["mono", TRAIN_ACC] == pytest.approx(0.92)
+    assert tab.loc["mono", TEST_ACC] == pytest.approx(0.82)
+    assert tab.loc["mono", EFFECTIVE_DEPTH] == 2
+    assert tab.loc["mono", STRAIGHTNESS] == pytest.approx(0.9)
     assert tab.loc["mono", f"geo_err_{PFC2}"] == pytest.approx(0.015)
 
     text = summary.render_summary(df)
@@ -711,7 +724,7 @@ def test_summary_monotonicity_flags():
 
 def test_geodesic_error_from_curve_when_err_rows_missing():
     df = train_frame("a")
-    df = df.loc[~df["metric"].str.startswith("geodesic_err_")]
+    df = df.loc[~df["metric"].isin(GEODESIC_ERR_METRICS)]
     tab = summarize_train(df, curves=train_curves("a")).set_index("run_id")
     # independent: |observed - linear interpolation of the straight curve at r_l|
     prof = pfc_profile(4, 2)[PFC2]
@@ -728,7 +741,7 @@ def test_summarize_surrogate_one_row_per_run_model_lambda():
     assert len(tab) == 2 * len(LAMS)
     row = tab.loc[(tab["model"] == "mufm") & (tab["lam"] == 0.005)].iloc[0]
     assert row[PFC1] == pytest.approx(mufm_value(PFC1, 0.005, "mufm"))  # last step, not 123
-    assert row["data_pfc1"] == pytest.approx(2.0)
+    assert row[f"data_{PFC1}"] == pytest.approx(2.0)
     assert row["lam_ratio"] == pytest.approx(1.0)
 
 
@@ -824,7 +837,7 @@ def test_seed_clashes_flag_runs_averaged_as_seeds():
 
 def test_figures_cli_when_no_figure_is_supported(tmp_path, capsys):
     df = train_frame("a")
-    write_job(tmp_path / "s" / "0", df.loc[df["metric"].isin(["lr", "train_acc"])])
+    write_job(tmp_path / "s" / "0", df.loc[df["metric"].isin([LR, TRAIN_ACC])])
     assert figures.main([str(tmp_path / "s"), "-o", str(tmp_path / "figs")]) == 1
     assert "supports none" in capsys.readouterr().err
     text = (tmp_path / "figs" / "summary.md").read_text()

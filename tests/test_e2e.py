@@ -16,10 +16,13 @@ from conftest import REPO, launch
 from analysis import figures
 from analysis.aggregate import read_aggregate
 from pfc_sweeps.schema import (
+    ALIGNMENT,
     CURVES_FILE,
     PFC1,
     PFC2,
     RESULTS_FILE,
+    TEST_ACC,
+    TRAIN_ACC,
     read_curves,
     read_results,
 )
@@ -105,15 +108,15 @@ def test_sweeps_to_figures_and_summary(tmp_path):
     assert "5 runs: 2 training, 3 surrogate." in text
     for row in _summary_rows(text, "Training runs"):
         df = tables[row["run_id"]]
-        assert row["train acc"] == f"{_last(df, 'train_acc'):.4g}"
-        assert row["test acc"] == f"{_last(df, 'test_acc'):.4g}"
+        assert row["train acc"] == f"{_last(df, TRAIN_ACC):.4g}"
+        assert row["test acc"] == f"{_last(df, TEST_ACC):.4g}"
         assert row["epoch"] == "2"
     sur = _summary_rows(text, "Surrogate runs")
     assert sorted(float(r["λ"]) for r in sur) == list(LAMS)
     for row in sur:
         df = tables[row["run_id"]]
         assert row[PFC1] == format(_last(df, PFC1, model="mufm"), ".4g")
-        assert row["alignment"] == f"{_last(df, 'alignment', model='mufm'):.4g}"
+        assert row[ALIGNMENT] == f"{_last(df, ALIGNMENT, model='mufm'):.4g}"
         assert row[f"data_{PFC2}"] == format(_last(df, PFC2, model="data"), ".4g")
         assert row["step"] == "200"
 

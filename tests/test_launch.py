@@ -13,7 +13,7 @@ import pytest
 import torch
 from conftest import REPO, launch
 
-from pfc_sweeps.schema import read_results
+from pfc_sweeps.schema import ALIGNMENT, LR, PFC1, PFC2, PFC3, TRAIN_ACC, read_results
 
 TINY = [
     "logger=none",
@@ -39,7 +39,7 @@ def test_default_train_rows_match_an_independent_computation(tmp_path):
     assert meta["status"] == "done" and (out / "done").exists()
     assert meta["config"]["dataset"]["name"] == "digits"
     assert sorted(df["epoch"].unique()) == [1, 2, 3]
-    per_layer = df[(df.metric == "pfc1") & (df.epoch == 3)].sort_values("layer")
+    per_layer = df[(df.metric == PFC1) & (df.epoch == 3)].sort_values("layer")
     assert list(per_layer["layer"]) == [0, 1, 2, 3]
     assert per_layer["rel_pos"].iloc[0] == 0 and per_layer["rel_pos"].iloc[-1] == pytest.approx(1)
 
@@ -63,10 +63,10 @@ def test_default_train_rows_match_an_independent_computation(tmp_path):
         dist = ((h[:, None, :] - means[None]) ** 2).sum(-1)
         ncc = (dist.argmin(1) == y).mean()
         row = df[(df.epoch == 3) & (df.layer == layer)].set_index("metric")["value"]
-        assert row["pfc1"] == pytest.approx(sw / sb, rel=1e-5)
-        assert row["pfc3"] == pytest.approx(ncc, abs=1e-12)
+        assert row[PFC1] == pytest.approx(sw / sb, rel=1e-5)
+        assert row[PFC3] == pytest.approx(ncc, abs=1e-12)
     # train accuracy is a fraction, the lr follows the schedule (decay at 1/3 and 2/3)
-    lr = df[df.metric == "lr"].sort_values("epoch")["value"].tolist()
+    lr = df[df.metric == LR].sort_values("epoch")["value"].tolist()
     assert lr == pytest.approx([0.01, 0.001, 0.0001])
 
 
@@ -192,9 +192,9 @@ def test_default_run_shows_progressive_collapse(tmp_path):
     assert time.perf_counter() - t0 < 120
     df, _ = read_results(out)
     last = df[df.epoch == df.epoch.max()]
-    assert last.set_index("metric").loc["train_acc", "value"] == 1.0
+    assert last.set_index("metric").loc[TRAIN_ACC, "value"] == 1.0
     per_layer = last[last.layer >= 0].pivot_table(index="layer", columns="metric", values="value")
-    pfc1, pfc3 = per_layer["pfc1"].to_numpy(), per_layer["pfc3"].to_numpy()
+    pfc1, pfc3 = per_layer[PFC1].to_numpy(), per_layer[PFC3].to_numpy()
     assert (np.diff(pfc1) <= 0.02 * pfc1[:-1]).all(), pfc1  # decreasing within 2%
     assert (np.diff(pfc3) >= -0.02 * pfc3[:-1]).all(), pfc3  # increasing within 2%
     assert pfc1[-1] < 0.5 * pfc1[0]
@@ -213,9 +213,9 @@ def test_paper_fig4_acceptance(tmp_path):
     assert p.returncode == 0, p.stderr
     w = _last(out).pivot_table(index="model", columns="metric", values="value")
     ufm, mufm, data = w.loc["ufm"], w.loc["mufm"], w.loc["data"]
-    assert ufm.pfc1 < 1e-2 and ufm.pfc2 < 1e-2 and ufm.pfc3 == 1
-    assert ufm.pfc1 < mufm.pfc1 < data.pfc1 and ufm.pfc2 < mufm.pfc2 < data.pfc2
-    assert mufm.pfc3 >= data.pfc3
+    assert ufm[PFC1] < 1e-2 and ufm[PFC2] < 1e-2 and ufm[PFC3] == 1
+    assert ufm[PFC1] < mufm[PFC1] < data[PFC1] and ufm[PFC2] < mufm[PFC2] < data[PFC2]
+    assert mufm[PFC3] >= data[PFC3]
 
 
 @pytest.mark.slow
@@ -230,7 +230,7 @@ def test_paper_fig5_acceptance(tmp_path):
     assert (
         len(w) == 40 and w.index[0] == pytest.approx(0.0005) and w.index[-1] == pytest.approx(0.02)
     )
-    for metric, sign in [("pfc1", 1), ("pfc2", 1), ("alignment", -1)]:
+    for metric, sign in [(PFC1, 1), (PFC2, 1), (ALIGNMENT, -1)]:
         v = w[metric].to_numpy()
         assert (sign * np.diff(v) / np.abs(v[:-1]) > -0.01).all(), (metric, v)
         assert sign * (v[-1] - v[0]) > 0

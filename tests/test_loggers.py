@@ -22,11 +22,21 @@ from conftest import REPO, launch
 from wandb_reader import read_runs, records, wandb_files
 
 from pfc_sweeps.loggers import rows_to_keys, run_tags, train_summary, wandb_config
-from pfc_sweeps.schema import RUN_ID_FILE, read_curves, read_results
+from pfc_sweeps.schema import (
+    NC3,
+    PFC1,
+    PFC2,
+    PFC3,
+    RUN_ID_FILE,
+    TEST_ACC,
+    TRAIN_ACC,
+    read_curves,
+    read_results,
+)
 from pfc_sweeps.wandb_charts import wide_results
 
 SMALL = ["train.epochs=4", "arch.width=32", "arch.blocks=3", "train.geodesic_points=11"]
-PFC = ("pfc1", "pfc2", "pfc3")
+PFC = (PFC1, PFC2, PFC3)
 
 
 def _rows(records_):
@@ -69,34 +79,34 @@ def _missing_rows(df: pd.DataFrame, run) -> list[tuple[int, str]]:
 def test_train_rows_become_metric_sections_and_scalars():
     rows = _rows(
         [
-            (0, "pfc1", 1.5, "net", math.nan),
-            (3, "pfc1", 0.5, "net", math.nan),
-            (10, "nc3", 0.25, "net", math.nan),
-            (-1, "train_acc", 1.0, "net", math.nan),
+            (0, PFC1, 1.5, "net", math.nan),
+            (3, PFC1, 0.5, "net", math.nan),
+            (10, NC3, 0.25, "net", math.nan),
+            (-1, TRAIN_ACC, 1.0, "net", math.nan),
         ]
     )
     assert rows_to_keys(rows) == {
-        "pfc1/layer_00": 1.5,
-        "pfc1/layer_03": 0.5,
-        "nc3/layer_10": 0.25,
-        "train_acc": 1.0,
+        f"{PFC1}/layer_00": 1.5,
+        f"{PFC1}/layer_03": 0.5,
+        f"{NC3}/layer_10": 0.25,
+        TRAIN_ACC: 1.0,
     }
 
 
 def test_surrogate_keys_are_metric_then_model_and_lambda_only_for_a_grid():
     grid = _rows(
         [
-            (-1, "pfc1", 3.0, "mufm", 0.001),
-            (-1, "pfc1", 4.0, "mufm", 0.002),
-            (-1, "pfc1", 20.0, "data", math.nan),
+            (-1, PFC1, 3.0, "mufm", 0.001),
+            (-1, PFC1, 4.0, "mufm", 0.002),
+            (-1, PFC1, 20.0, "data", math.nan),
         ]
     )
     assert rows_to_keys(grid) == {
-        "pfc1/mufm/lam=0.001": 3.0,
-        "pfc1/mufm/lam=0.002": 4.0,
-        "pfc1/data": 20.0,
+        f"{PFC1}/mufm/lam=0.001": 3.0,
+        f"{PFC1}/mufm/lam=0.002": 4.0,
+        f"{PFC1}/data": 20.0,
     }
-    assert rows_to_keys(_rows([(-1, "pfc1", 3.0, "mufm", 0.001)])) == {"pfc1/mufm": 3.0}
+    assert rows_to_keys(_rows([(-1, PFC1, 3.0, "mufm", 0.001)])) == {f"{PFC1}/mufm": 3.0}
 
 
 def test_config_keeps_only_the_groups_of_the_task_and_tags_name_the_setting():
@@ -133,7 +143,7 @@ def test_wide_results_table_holds_every_row():
         for layer in range(3):
             for m in PFC:
                 recs.append((epoch, "train", layer, layer / 2, m, rng.random(), "net", math.nan))
-        recs.append((epoch, "test", -1, math.nan, "test_acc", rng.random(), "net", math.nan))
+        recs.append((epoch, "test", -1, math.nan, TEST_ACC, rng.random(), "net", math.nan))
     cols = ["epoch", "split", "layer", "rel_pos", "metric", "value", "model", "lam"]
     df = pd.DataFrame(recs, columns=cols)
     wide = wide_results(df)
@@ -147,22 +157,22 @@ def test_wide_results_table_holds_every_row():
 
 def test_train_summary_first_last_ratio_and_flags():
     recs = []
-    vals = {"pfc1": [2.0, 1.0, 0.5], "pfc2": [0.8, 0.9, 0.4], "pfc3": [0.5, 0.7, 0.9]}
+    vals = {PFC1: [2.0, 1.0, 0.5], PFC2: [0.8, 0.9, 0.4], PFC3: [0.5, 0.7, 0.9]}
     for m, v in vals.items():
         for layer, x in enumerate(v):
             recs.append((3, layer, layer / 2, m, x))
             recs.append((1, layer, layer / 2, m, 9.0))  # an earlier epoch: ignored
-    recs += [(3, -1, math.nan, "train_acc", 0.75), (3, -1, math.nan, "test_acc", 0.5)]
+    recs += [(3, -1, math.nan, TRAIN_ACC, 0.75), (3, -1, math.nan, TEST_ACC, 0.5)]
     df = pd.DataFrame(recs, columns=["epoch", "layer", "rel_pos", "metric", "value"])
     df = df.assign(
         run_id="r", task="train", dataset="digits", arch="digits", loss="ce", seed=0,
         split="train", model="net", lam=math.nan, lam_w=math.nan,
     )  # fmt: skip
     s = train_summary(df)
-    assert (s["pfc1_first"], s["pfc1_last"], s["pfc1_ratio"]) == (2.0, 0.5, 0.25)
-    assert s["pfc3_ratio"] == pytest.approx(0.9 / 0.5, abs=1e-15)
-    assert s["pfc1_monotone"] is True and s["pfc2_monotone"] is False
-    assert (s["train_acc"], s["test_acc"]) == (0.75, 0.5)
+    assert (s[f"{PFC1}_first"], s[f"{PFC1}_last"], s[f"{PFC1}_ratio"]) == (2.0, 0.5, 0.25)
+    assert s[f"{PFC3}_ratio"] == pytest.approx(0.9 / 0.5, abs=1e-15)
+    assert s[f"{PFC1}_monotone"] is True and s[f"{PFC2}_monotone"] is False
+    assert (s[TRAIN_ACC], s[TEST_ACC]) == (0.75, 0.5)
 
 
 def test_reader_follows_records_split_over_blocks(tmp_path):
@@ -237,22 +247,22 @@ def test_digits_run_layout_in_the_offline_file(tmp_path):
     assert not any(k == "lam" or k.startswith("lam/") for k in run.config)
     assert run.tags == ["task:train", "dataset:digits", "arch:digits", "loss:ce"]
     last = df.loc[df["epoch"] == 4]
-    acc = last.loc[last["metric"] == "test_acc", "value"].item()
-    assert run.summary["test_acc"] == acc
-    pfc1 = last.loc[last["metric"] == "pfc1"].set_index("layer")["value"]
-    assert run.summary["pfc1_ratio"] == pytest.approx(pfc1[layers[-1]] / pfc1[0], rel=1e-12)
-    assert isinstance(run.summary["pfc3_monotone"], bool)
+    acc = last.loc[last["metric"] == TEST_ACC, "value"].item()
+    assert run.summary[TEST_ACC] == acc
+    pfc1 = last.loc[last["metric"] == PFC1].set_index("layer")["value"]
+    assert run.summary[f"{PFC1}_ratio"] == pytest.approx(pfc1[layers[-1]] / pfc1[0], rel=1e-12)
+    assert isinstance(run.summary[f"{PFC3}_monotone"], bool)
 
 
 def _check_depth_profile(out: Path, run, df: pd.DataFrame, curves: pd.DataFrame) -> None:
     """The pfc2 depth-profile chart's table: observed layers and the geodesic curve."""
     files_dir = next(out.rglob("offline-run-*")) / "files"
-    table = run.summary["Custom Chart Tables/depth_profile/pfc2_table"]
+    table = run.summary[f"Custom Chart Tables/depth_profile/{PFC2}_table"]
     data = json.loads((files_dir / table["path"]).read_text())
     got = pd.DataFrame(data["data"], columns=data["columns"])
     last = df.loc[df["epoch"] == df["epoch"].max()]
-    obs = last.loc[(last["metric"] == "pfc2") & (last["layer"] >= 0)].sort_values("layer")
-    geo = curves.loc[(curves["epoch"] == curves["epoch"].max()) & (curves["metric"] == "pfc2")]
+    obs = last.loc[(last["metric"] == PFC2) & (last["layer"] >= 0)].sort_values("layer")
+    geo = curves.loc[(curves["epoch"] == curves["epoch"].max()) & (curves["metric"] == PFC2)]
     geo = geo.sort_values("t")
     mine = got.loc[got["lineKey"] == "observed (layers)"]
     assert np.allclose(mine["step"], obs["rel_pos"], atol=1e-12)

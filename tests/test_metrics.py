@@ -22,6 +22,7 @@ from pfc_sweeps.metrics import (
     thm1_inner,
     transport_cost,
 )
+from pfc_sweeps.schema import NC1, NC2_EQUIANGLE, NC2_EQUINORM, PFC1, PFC2, PFC3, TR_SB, TR_SW
 
 RTOL = 1e-8
 
@@ -68,14 +69,14 @@ def brute_metrics(h, y, k):
         if a != b
     ]
     return {
-        "pfc1": np.trace(sw) / np.trace(sb),
-        "pfc2": np.linalg.norm(gram / np.linalg.norm(gram) - e),
-        "pfc3": float((brute_ncc(h, y, k) == y).mean()),
-        "nc1": np.trace(sw @ np.linalg.pinv(sb)) / k,
-        "nc2_equinorm": norms.std(ddof=1) / norms.mean(),
-        "nc2_equiangle": float(np.mean([abs(c + 1 / (k - 1)) for c in cos])),
-        "tr_sw": np.trace(sw),
-        "tr_sb": np.trace(sb),
+        PFC1: np.trace(sw) / np.trace(sb),
+        PFC2: np.linalg.norm(gram / np.linalg.norm(gram) - e),
+        PFC3: float((brute_ncc(h, y, k) == y).mean()),
+        NC1: np.trace(sw @ np.linalg.pinv(sb)) / k,
+        NC2_EQUINORM: norms.std(ddof=1) / norms.mean(),
+        NC2_EQUIANGLE: float(np.mean([abs(c + 1 / (k - 1)) for c in cos])),
+        TR_SW: np.trace(sw),
+        TR_SB: np.trace(sb),
     }
 
 
@@ -107,7 +108,7 @@ def assert_close(got: dict, want: dict, keys=None, rtol=RTOL, atol=1e-12):
 def test_pfc_metrics_matches_brute_force(seed, n, d, k, unbalanced):
     h, y = make_data(seed, n=n, d=d, k=k, unbalanced=unbalanced)
     got = pfc_metrics(h, y, k)
-    assert set(got) == {"pfc1", "pfc2", "pfc3", "nc1", "nc2_equinorm", "nc2_equiangle"}
+    assert set(got) == {PFC1, PFC2, PFC3, NC1, NC2_EQUINORM, NC2_EQUIANGLE}
     assert_close(got, brute_metrics(h.numpy(), y.numpy(), k))
     assert all(isinstance(v, float) for v in got.values())
 
@@ -125,7 +126,7 @@ def test_pfc_metrics_accepts_any_integer_labels(dtype):
     want = pfc_metrics(h, y, 3)
     assert_close(pfc_metrics(h, y.to(dtype), 3), want, rtol=1e-14)
     curve = geodesic_curve(h, h * 2 + 1, y.to(dtype), 3, [0.0, 1.0])
-    assert float(curve["pfc1"][0]) == pytest.approx(want["pfc1"], rel=1e-12)
+    assert float(curve[PFC1][0]) == pytest.approx(want[PFC1], rel=1e-12)
 
 
 def test_pfc_metrics_d_smaller_than_k_minus_1_nc1_uses_pinv():
@@ -149,7 +150,7 @@ def test_pfc1_invariant_to_translation_rotation_scale():
     out = pfc_metrics(moved, y, 5)
     # PFC2/PFC3/NC are invariant too; PFC1 is the one the issue pins down
     assert_close(out, base, rtol=1e-9)
-    assert pfc_metrics(h * 0.01, y, 5)["pfc1"] == pytest.approx(base["pfc1"], rel=1e-10)
+    assert pfc_metrics(h * 0.01, y, 5)[PFC1] == pytest.approx(base[PFC1], rel=1e-10)
 
 
 def simplex_means(k, d, seed, scale):
@@ -173,20 +174,20 @@ def test_pfc2_zero_for_simplex_etf(k, d, scale):
         noise[y == c] -= noise[y == c].mean(axis=0)
     h = torch.tensor(means[y] + 0.1 * scale * noise)
     out = pfc_metrics(h, torch.tensor(y), k)
-    assert out["pfc2"] == pytest.approx(0.0, abs=1e-7)
-    assert out["nc2_equinorm"] == pytest.approx(0.0, abs=1e-7)
-    assert out["nc2_equiangle"] == pytest.approx(0.0, abs=1e-7)
+    assert out[PFC2] == pytest.approx(0.0, abs=1e-7)
+    assert out[NC2_EQUINORM] == pytest.approx(0.0, abs=1e-7)
+    assert out[NC2_EQUIANGLE] == pytest.approx(0.0, abs=1e-7)
 
 
 def test_pfc2_is_positive_off_the_etf():
     h, y = make_data(8, n=200, d=6, k=4)
-    assert pfc_metrics(h, y, 4)["pfc2"] > 1e-3
+    assert pfc_metrics(h, y, 4)[PFC2] > 1e-3
 
 
 def test_pfc3_one_for_well_separated_clusters():
     h, y = make_data(9, n=300, d=5, k=6, sep=100.0)
     h = h.clone()
-    assert pfc_metrics(h, y, 6)["pfc3"] == 1.0
+    assert pfc_metrics(h, y, 6)[PFC3] == 1.0
 
 
 def test_pfc1_zero_when_samples_equal_class_means():
@@ -194,9 +195,9 @@ def test_pfc1_zero_when_samples_equal_class_means():
     means = np.random.default_rng(3).normal(size=(k, d)) + 10.0
     y = np.random.default_rng(4).permutation(np.concatenate([np.arange(k)] * 7 + [[0, 1, 1]]))
     out = pfc_metrics(torch.tensor(means[y]), torch.tensor(y), k)
-    assert out["pfc1"] == pytest.approx(0.0, abs=1e-14)
-    assert out["nc1"] == pytest.approx(0.0, abs=1e-12)
-    assert out["pfc3"] == 1.0
+    assert out[PFC1] == pytest.approx(0.0, abs=1e-14)
+    assert out[NC1] == pytest.approx(0.0, abs=1e-12)
+    assert out[PFC3] == 1.0
 
 
 # ------------------------------------------------------------------------------------------
@@ -213,15 +214,15 @@ def test_geodesic_curve_matches_interpolated_features(seed):
     )
     ts = torch.tensor([0.0, 0.13, 0.4, 0.5, 0.77, 0.9, 1.0])
     curve = geodesic_curve(h0, hl, y, k, ts)
-    assert set(curve) == {"pfc1", "pfc2", "pfc3"}
+    assert set(curve) == {PFC1, PFC2, PFC3}
     for j, t in enumerate(ts.tolist()):
         want = brute_metrics(((1 - t) * h0 + t * hl).numpy(), y.numpy(), k)
-        for key in ("pfc1", "pfc2", "pfc3"):
+        for key in (PFC1, PFC2, PFC3):
             assert float(curve[key][j]) == pytest.approx(want[key], rel=RTOL, abs=1e-12), (t, key)
     # endpoints are the layer metrics (same code path: equal to rounding)
     for j, h in ((0, h0), (-1, hl)):
         layer = pfc_metrics(h, y, k)
-        for key in ("pfc1", "pfc2", "pfc3"):
+        for key in (PFC1, PFC2, PFC3):
             assert float(curve[key][j]) == pytest.approx(layer[key], rel=1e-12, abs=1e-15)
 
 
@@ -235,8 +236,8 @@ def test_geodesic_pfc3_not_monotone_is_still_exact():
     for j, t in enumerate(ts.tolist()):
         if abs(t - 0.5) < 1e-12:
             continue  # (1-t) h0 + t hL is constant at t=0.5: degenerate
-        want = brute_metrics(((1 - t) * h0 + t * hl).numpy(), y.numpy(), k)["pfc3"]
-        assert float(curve["pfc3"][j]) == pytest.approx(want, abs=1e-12)
+        want = brute_metrics(((1 - t) * h0 + t * hl).numpy(), y.numpy(), k)[PFC3]
+        assert float(curve[PFC3][j]) == pytest.approx(want, abs=1e-12)
 
 
 @pytest.mark.parametrize("high", [2, 5, 1000])
@@ -284,7 +285,7 @@ def test_geodesic_pruning_of_decided_samples_is_exact(monkeypatch):
     assert torch.equal(M.ncc_correct_from_scores(scores, y, keep), want)
     # and all of it equals brute force on the interpolated features
     for j, t in enumerate(ts.tolist()):
-        acc = brute_metrics(((1 - t) * h0 + t * hl).numpy(), y.numpy(), k)["pfc3"]
+        acc = brute_metrics(((1 - t) * h0 + t * hl).numpy(), y.numpy(), k)[PFC3]
         assert int(pruned[j]) == round(acc * 400)
 
 

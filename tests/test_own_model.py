@@ -22,7 +22,16 @@ from pfc_sweeps.data import load_dataset
 from pfc_sweeps.schema import (
     CHECKPOINT_FILE,
     EPOCH_METRICS,
+    GEODESIC_ERR_METRICS,
+    NC1,
+    NC3,
+    NC4,
+    PFC1,
+    PFC2,
+    PFC3,
     PFC_METRICS,
+    TR_SB,
+    TR_SW,
     read_curves,
     read_results,
 )
@@ -74,22 +83,22 @@ def test_user_model_metrics_equal_brute_force_on_hooked_features(mixer_job):
         ref = brute_metrics(h, y, 10)
         got = last[last.layer == layer].set_index("metric")["value"]
         # float32 features take the tracker's fast path: 1e-5 relative (docs/precision.md)
-        for m in ("pfc1", "pfc2", "nc1", "tr_sw", "tr_sb"):
+        for m in (PFC1, PFC2, NC1, TR_SW, TR_SB):
             assert got[m] == pytest.approx(ref[m], rel=1e-5), (layer, m)
-        assert got["pfc3"] == ref["pfc3"], layer  # counts: exact (no near-ties here)
+        assert got[PFC3] == ref[PFC3], layer  # counts: exact (no near-ties here)
     # layers 0 (64) and 1 (4x8x8) precede the trailing run of width-32 layers 2..5
-    rel = last[last.metric == "pfc1"].set_index("layer")["rel_pos"]
+    rel = last[last.metric == PFC1].set_index("layer")["rel_pos"]
     assert rel[[0, 1]].isna().all() and rel[2] == 0 and rel[5] == 1
     assert np.all(np.diff(rel[[2, 3, 4, 5]].to_numpy()) > 0)
     # NC4 on the classifier's input (not blocks.2's output): argmax W h + b vs NCC of h
     w, b = (p.detach().double().numpy() for p in (model.head.weight, model.head.bias))
     nc4 = np.mean((head_in @ w.T + b).argmax(1) != brute_ncc(head_in, y, 10))
-    got_nc4 = last[(last.metric == "nc4")]
+    got_nc4 = last[(last.metric == NC4)]
     assert list(got_nc4.layer) == [5] and got_nc4.value.iloc[0] == pytest.approx(nc4, abs=1e-12)
     # path quantities only over the run; the curves exist
-    assert set(last.loc[last.layer.isin([0, 1]), "metric"]).isdisjoint({"geodesic_err_pfc1"})
+    assert set(last.loc[last.layer.isin([0, 1]), "metric"]).isdisjoint({GEODESIC_ERR_METRICS[0]})
     curves = read_curves(mixer_job)
-    assert ((curves.epoch == 3) & (curves.metric == "pfc2")).sum() == 5
+    assert ((curves.epoch == 3) & (curves.metric == PFC2)).sum() == 5
 
 
 def _metric_rows(df: pd.DataFrame, epoch: int) -> pd.DataFrame:
@@ -107,7 +116,7 @@ def test_measure_own_checkpoint_equals_last_epoch(mixer_job, tmp_path):
     assert meta["status"] == "done" and set(got.epoch) == {3} and set(got.split) == {"train"}
     a, b = _metric_rows(got, 3), _metric_rows(want, 3)
     pd.testing.assert_frame_equal(a, b, check_exact=False, rtol=0, atol=1e-12)
-    assert set(a.metric) >= {*PFC_METRICS, "nc1", "nc3", "nc4"}
+    assert set(a.metric) >= {*PFC_METRICS, NC1, NC3, NC4}
     ca, cb = (read_curves(d).drop(columns=RUN_COLS) for d in (out, mixer_job))
     cb = cb[cb.epoch == 3].reset_index(drop=True)
     assert len(ca) == 15
@@ -151,11 +160,11 @@ def test_resnet18_on_cifar10_files(tmp_path, no_md5):
     )
     df, meta = read_results(out)
     assert meta["status"] == "done" and set(df.arch) == {"resnet18"}
-    pfc = df[df.metric == "pfc1"].set_index("layer")["rel_pos"]
+    pfc = df[df.metric == PFC1].set_index("layer")["rel_pos"]
     # layer 0 = layer3's output (256x8x8), layers 1-2 = layer4.0, layer4.1 (512x4x4)
     assert list(pfc.index) == [0, 1, 2] and math.isnan(pfc[0]) and list(pfc[[1, 2]]) == [0, 1]
-    assert (read_curves(out).metric == "pfc1").sum() == 5
-    assert df[df.metric.isin(["nc3", "nc4"])].layer.tolist() == [2, 2]
+    assert (read_curves(out).metric == PFC1).sum() == 5
+    assert df[df.metric.isin([NC3, NC4])].layer.tolist() == [2, 2]
 
 
 def _folder_data(root) -> list[str]:
@@ -188,7 +197,7 @@ def test_streaming_equals_in_memory_on_a_500_sample_subset(folder_root, tmp_path
     run_in_process(mem, *args)
     run_in_process(stream, *args, "train.data_gb=0")
     a, b = _frame(mem), _frame(stream)
-    assert len(a[(a.metric == "pfc1") & (a.epoch == 2) & a.t.isna()]) == 6
+    assert len(a[(a.metric == PFC1) & (a.epoch == 2) & a.t.isna()]) == 6
     assert set(a.dataset) == {"module"}
     pd.testing.assert_frame_equal(a, b, check_exact=True)  # exactly the same rows
 

@@ -11,7 +11,7 @@ from omegaconf import open_dict
 
 from pfc_sweeps import tasks
 from pfc_sweeps.config import register_configs
-from pfc_sweeps.schema import read_results
+from pfc_sweeps.schema import PFC1, read_results
 
 register_configs()
 
@@ -45,7 +45,7 @@ def test_paper_dataset_preset_trains_on_tiny_files(tmp_path, no_md5, name):
     assert set(df["dataset"]) == {name} and set(df["arch"]) == {name}
     # Table I: the number of studied layers (blocks of the last stage + its input)
     blocks = {"mnist": 10, "fashion_mnist": 4, "cifar10": 4, "stl10": 5, "cifar100": 4}[name]
-    layers = sorted(df.loc[(df.metric == "pfc1") & (df.epoch == 2), "layer"])
+    layers = sorted(df.loc[(df.metric == PFC1) & (df.epoch == 2), "layer"])
     assert layers == list(range(blocks + 1))
     lr = meta["config"]["optim"]["lr"]
     assert lr == (0.005 if name == "mnist" else 0.01)

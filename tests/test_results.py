@@ -12,7 +12,7 @@ import pytest
 
 from pfc_sweeps import results
 from pfc_sweeps.results import ResultsSink
-from pfc_sweeps.schema import COLUMNS, SCHEMA_VERSION, is_done, read_results
+from pfc_sweeps.schema import COLUMNS, PFC1, SCHEMA_VERSION, TEST_ACC, is_done, read_results
 
 META = dict(
     run_id="r1", sweep_id="s1", task="train", dataset="digits", arch="digits", loss="ce",
@@ -26,7 +26,7 @@ def _rows(epoch: int, layers: int = 3) -> list[dict]:
             "epoch": epoch,
             "layer": l,
             "rel_pos": l / (layers - 1),
-            "metric": "pfc1",
+            "metric": PFC1,
             "value": 1.0 / (l + 1),
         }
         for l in range(layers)
@@ -36,7 +36,7 @@ def _rows(epoch: int, layers: int = 3) -> list[dict]:
 def test_schema_types_and_metadata(tmp_path):
     sink = ResultsSink(tmp_path, META, {"a": 1, "nested": {"b": [1, 2]}})
     sink.add(_rows(1))
-    sink.add([{"epoch": 1, "layer": -1, "metric": "test_acc", "value": 0.5, "split": "test"}])
+    sink.add([{"epoch": 1, "layer": -1, "metric": TEST_ACC, "value": 0.5, "split": "test"}])
     sink.finish("done")
     schema = pq.read_schema(tmp_path / "metrics.parquet")
     assert schema.names == list(COLUMNS)
@@ -49,11 +49,11 @@ def test_schema_types_and_metadata(tmp_path):
     }
     assert len(df) == 4
     assert set(df["run_id"]) == {"r1"} and set(df["seed"]) == {3}
-    assert df.loc[df.metric == "test_acc", "split"].item() == "test"
-    assert (df.loc[df.metric == "pfc1", "split"] == "train").all()
+    assert df.loc[df.metric == TEST_ACC, "split"].item() == "test"
+    assert (df.loc[df.metric == PFC1, "split"] == "train").all()
     assert (df["model"] == "net").all()
-    assert np.isnan(df.loc[df.metric == "test_acc", "rel_pos"]).all()
-    np.testing.assert_allclose(df.loc[df.metric == "pfc1", "value"], [1, 1 / 2, 1 / 3])
+    assert np.isnan(df.loc[df.metric == TEST_ACC, "rel_pos"]).all()
+    np.testing.assert_allclose(df.loc[df.metric == PFC1, "value"], [1, 1 / 2, 1 / 3])
     assert is_done(tmp_path)
 
 
@@ -91,10 +91,10 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path, monkeypatch):
 @pytest.mark.parametrize(
     ("rows", "match"),
     [
-        ([{"epoch": 1, "layer": 0, "metric": "pfc1", "value": float("nan")}], "non-finite"),
-        ([{"epoch": 1, "layer": 0, "metric": "pfc1", "value": float("inf")}], "non-finite"),
-        ([{"epoch": 1, "layer": 0, "metric": "pfc1"}], "lack columns"),
-        ([{"epoch": 1, "layer": 0, "metric": "pfc1", "value": 1.0, "colour": "red"}], "unknown"),
+        ([{"epoch": 1, "layer": 0, "metric": PFC1, "value": float("nan")}], "non-finite"),
+        ([{"epoch": 1, "layer": 0, "metric": PFC1, "value": float("inf")}], "non-finite"),
+        ([{"epoch": 1, "layer": 0, "metric": PFC1}], "lack columns"),
+        ([{"epoch": 1, "layer": 0, "metric": PFC1, "value": 1.0, "colour": "red"}], "unknown"),
     ],
 )
 def test_bad_rows_are_rejected(tmp_path, rows, match):
@@ -112,7 +112,7 @@ def test_meta_must_be_complete(tmp_path):
 def test_surrogate_rows_carry_model_and_lam(tmp_path):
     sink = ResultsSink(tmp_path, {**META, "task": "mufm", "lam": 0.001, "lam_w": 0.005}, {})
     df = pd.DataFrame(
-        {"epoch": [10, 10], "layer": [-1, -1], "metric": ["pfc1", "pfc1"], "value": [0.1, 0.2],
+        {"epoch": [10, 10], "layer": [-1, -1], "metric": [PFC1, PFC1], "value": [0.1, 0.2],
          "model": ["mufm", "ufm"], "lam": [0.002, 0.004]}
     )  # fmt: skip
     sink.add(df)

@@ -15,6 +15,9 @@ import pytest
 import torch
 
 from pfc_sweeps.schema import (
+    ALIGNMENT,
+    GRAD_NORM,
+    OBJECTIVE,
     PFC1,
     PFC2,
     PFC3,
@@ -162,7 +165,7 @@ def test_gd_converges_to_closed_form(method, model, lam, lam_w):
     gW, gH = gradients(W[None], H[None], anchor, Y, lam, lam_w, "mse")
     assert gW.norm() < 1e-9 and gH.norm() < 1e-9
     torch.testing.assert_close(W, closed_form_w(H, Y, lam_w), rtol=0, atol=1e-9)
-    assert final(r.table, model, "grad_norm") < 1e-9
+    assert final(r.table, model, GRAD_NORM) < 1e-9
 
 
 def test_alignment_formula():
@@ -204,11 +207,11 @@ def test_objective_decreases(loss, model):
     X, labels, _ = tiny()
     r = solve_batched(X, labels, 3, [0.01], 0.01, models=model, loss=loss, steps=2000,
                       log_every=100)  # fmt: skip
-    obj = r.table[r.table.metric == "objective"].sort_values("epoch").value.to_numpy()
+    obj = r.table[r.table.metric == OBJECTIVE].sort_values("epoch").value.to_numpy()
     assert len(obj) == 21
     assert np.all(np.diff(obj) <= 1e-12 * np.abs(obj[:-1]))
     assert obj[-1] < 0.5 * obj[0]
-    gn = r.table[r.table.metric == "grad_norm"].sort_values("epoch").value.to_numpy()
+    gn = r.table[r.table.metric == GRAD_NORM].sort_values("epoch").value.to_numpy()
     assert gn[-1] < 0.1 * gn[0]
 
 
@@ -312,7 +315,7 @@ def test_seed0_diverges_without_guard_and_converges_with_it():
     assert all(0 < g < 1000 for g in r.guarded_steps), r.guarded_steps
     assert np.isfinite(r.table.value).all()
     for m in ("mufm", "ufm"):
-        t = r.table[(r.table.model == m) & (r.table.metric == "objective")].sort_values("epoch")
+        t = r.table[(r.table.model == m) & (r.table.metric == OBJECTIVE)].sort_values("epoch")
         late = t[t.epoch >= 1000].value.to_numpy()
         assert np.all(np.diff(late) <= 0) and late[-1] < 0.1 * t.value.iloc[0]
 
@@ -402,9 +405,9 @@ def test_table_schema_metrics_and_callback():
         obj = objective(Wv[None], Hv[None], anchor, Y, lam, 0.02, "mse")
         obj.sum().backward()
         gnorm = torch.sqrt(Wv.grad.square().sum() + Hv.grad.square().sum()).item()
-        assert math.isclose(final(t, m, "objective", lam), obj.item(), rel_tol=1e-12)
-        assert math.isclose(final(t, m, "grad_norm", lam), gnorm, rel_tol=1e-9)
-        assert math.isclose(final(t, m, "alignment", lam), alignment(r.H[i][None], X).item())
+        assert math.isclose(final(t, m, OBJECTIVE, lam), obj.item(), rel_tol=1e-12)
+        assert math.isclose(final(t, m, GRAD_NORM, lam), gnorm, rel_tol=1e-9)
+        assert math.isclose(final(t, m, ALIGNMENT, lam), alignment(r.H[i][None], X).item())
     ref_x = brute_pfc(X.T, labels, 3)
     for k in (PFC1, PFC2, PFC3):
         assert math.isclose(final(t, "data", k), ref_x[k], rel_tol=1e-9)
@@ -541,7 +544,7 @@ def test_paper_fig5_acceptance():
     last = t[(t.model == "mufm") & (t.epoch == 50_000)]
     wide = last.pivot_table(index="lam", columns="metric", values="value").sort_index()
     assert len(wide) == 40
-    for metric, sign in ((PFC1, 1), (PFC2, 1), ("alignment", -1)):
+    for metric, sign in ((PFC1, 1), (PFC2, 1), (ALIGNMENT, -1)):
         v = sign * wide[metric].to_numpy()
         # monotone in lam, allowing noise below 1%: no step goes back by 1% or more
         assert np.all(np.diff(v) > -0.01 * np.abs(v[:-1])), metric

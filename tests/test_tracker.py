@@ -13,7 +13,25 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pfc_sweeps.metrics import DegenerateFeaturesError, EmptyClassError, MetricInputError
-from pfc_sweeps.schema import PFC_METRICS
+from pfc_sweeps.schema import (
+    EFFECTIVE_DEPTH,
+    ENERGY_RATIO,
+    GEODESIC_ERR_METRICS,
+    NC1,
+    NC2_EQUIANGLE,
+    NC2_EQUINORM,
+    NC3,
+    NC4,
+    PFC1,
+    PFC2,
+    PFC3,
+    PFC_METRICS,
+    STRAIGHTNESS,
+    THM1_INNER,
+    TR_SB,
+    TR_SW,
+    TRANSPORT_COST,
+)
 from pfc_sweeps.tracker import CollapseResult, CollapseTracker, TrackerStateError
 
 RTOL = 1e-8
@@ -36,14 +54,14 @@ def bf_layer(h, y, k):
     cos = ht.T @ ht / np.outer(norms, norms)
     off = ~np.eye(k, dtype=bool)
     return {
-        "pfc1": np.trace(sw) / np.trace(sb),
-        "pfc2": np.linalg.norm(gram / np.linalg.norm(gram) - e),
-        "pfc3": float((dist.argmin(axis=1) == y).mean()),
-        "nc1": np.trace(sw @ np.linalg.pinv(sb)) / k,
-        "nc2_equinorm": np.std(norms, ddof=1) / np.mean(norms),
-        "nc2_equiangle": np.mean(np.abs(cos[off] + 1 / (k - 1))),
-        "tr_sw": np.trace(sw),
-        "tr_sb": np.trace(sb),
+        PFC1: np.trace(sw) / np.trace(sb),
+        PFC2: np.linalg.norm(gram / np.linalg.norm(gram) - e),
+        PFC3: float((dist.argmin(axis=1) == y).mean()),
+        NC1: np.trace(sw @ np.linalg.pinv(sb)) / k,
+        NC2_EQUINORM: np.std(norms, ddof=1) / np.mean(norms),
+        NC2_EQUIANGLE: np.mean(np.abs(cos[off] + 1 / (k - 1))),
+        TR_SW: np.trace(sw),
+        TR_SB: np.trace(sb),
         "_ncc": dist.argmin(axis=1),
         "_ht": ht,
     }
@@ -130,51 +148,53 @@ def test_tracker_matches_brute_force(cache_bytes):
     bfs = [bf_layer(h, yn, k) for h in hn]
     for layer, bf in enumerate(bfs):
         for key in (
-            "pfc1",
-            "pfc2",
-            "pfc3",
-            "nc1",
-            "nc2_equinorm",
-            "nc2_equiangle",
-            "tr_sw",
-            "tr_sb",
+            PFC1,
+            PFC2,
+            PFC3,
+            NC1,
+            NC2_EQUINORM,
+            NC2_EQUIANGLE,
+            TR_SW,
+            TR_SB,
         ):
             assert tab[(layer, key)] == pytest.approx(bf[key], rel=RTOL, abs=1e-13), (layer, key)
         # geodesic prediction error: brute force builds the interpolated features at t = r_l
         at = bf_layer((1 - r[layer]) * hn[0] + r[layer] * hn[-1], yn, k)
-        for key in ("pfc1", "pfc2", "pfc3"):
+        for key, err in zip(PFC_METRICS, GEODESIC_ERR_METRICS, strict=True):
             want = abs(bf[key] - at[key])
-            assert tab[(layer, f"geodesic_err_{key}")] == pytest.approx(want, rel=1e-6, abs=1e-9)
-    assert tab[(0, "geodesic_err_pfc1")] < 1e-12 and tab[(big_l, "geodesic_err_pfc2")] < 1e-12
+            assert tab[(layer, err)] == pytest.approx(want, rel=1e-6, abs=1e-9)
+    assert (
+        tab[(0, GEODESIC_ERR_METRICS[0])] < 1e-12 and tab[(big_l, GEODESIC_ERR_METRICS[1])] < 1e-12
+    )
 
     # curves
     for t in ts.tolist():
         at = bf_layer((1 - t) * hn[0] + t * hn[-1], yn, k)
         rows = res.curves[res.curves.t == t].set_index("metric")["value"]
-        for key in ("pfc1", "pfc2", "pfc3"):
+        for key in (PFC1, PFC2, PFC3):
             assert rows[key] == pytest.approx(at[key], rel=RTOL, abs=1e-13), (t, key)
 
     # last layer: NC3, NC4
     ht = bfs[-1]["_ht"]
     wn = w.numpy()
     nc3 = np.linalg.norm(wn.T / np.linalg.norm(wn) - ht / np.linalg.norm(ht)) ** 2
-    assert tab[(big_l, "nc3")] == pytest.approx(nc3, rel=RTOL)
+    assert tab[(big_l, NC3)] == pytest.approx(nc3, rel=RTOL)
     clf = np.array([np.argmax(wn @ hn[-1][i] + b.numpy()) for i in range(n)])
-    assert tab[(big_l, "nc4")] == pytest.approx(float(np.mean(clf != bfs[-1]["_ncc"])), abs=1e-15)
+    assert tab[(big_l, NC4)] == pytest.approx(float(np.mean(clf != bfs[-1]["_ncc"])), abs=1e-15)
 
     # run level
-    errs = [1 - bf["pfc3"] for bf in bfs]
+    errs = [1 - bf[PFC3] for bf in bfs]
     hit = [i for i, e in enumerate(errs) if e <= 0.2]
-    assert tab[(-1, "effective_depth")] == (hit[0] if hit else -1)
+    assert tab[(-1, EFFECTIVE_DEPTH)] == (hit[0] if hit else -1)
     disp = [np.linalg.norm(hn[-1][i] - hn[0][i]) for i in range(n)]
-    assert tab[(-1, "straightness")] == pytest.approx(sum(disp) / sum(steps), rel=RTOL)
+    assert tab[(-1, STRAIGHTNESS)] == pytest.approx(sum(disp) / sum(steps), rel=RTOL)
     sq = sum(np.sum((hn[j + 1] - hn[j]) ** 2) for j in range(big_l))
-    assert tab[(-1, "energy_ratio")] == pytest.approx(
+    assert tab[(-1, ENERGY_RATIO)] == pytest.approx(
         big_l * sq / np.sum((hn[-1] - hn[0]) ** 2), rel=RTOL
     )
     ht0 = bfs[0]["_ht"]
-    assert tab[(-1, "thm1_inner")] == pytest.approx(np.trace(ht0.T @ ht), rel=RTOL)
-    assert tab[(-1, "transport_cost")] == pytest.approx(np.linalg.norm(ht - ht0) ** 2, rel=RTOL)
+    assert tab[(-1, THM1_INNER)] == pytest.approx(np.trace(ht0.T @ ht), rel=RTOL)
+    assert tab[(-1, TRANSPORT_COST)] == pytest.approx(np.linalg.norm(ht - ht0) ** 2, rel=RTOL)
 
 
 def test_result_schema_and_rows():
@@ -192,27 +212,27 @@ def test_result_schema_and_rows():
     ]
     assert pd.api.types.is_string_dtype(dtypes["metric"])
     per_layer = {
-        "pfc1",
-        "pfc2",
-        "pfc3",
-        "nc1",
-        "nc2_equinorm",
-        "nc2_equiangle",
-        "tr_sw",
-        "tr_sb",
-        "geodesic_err_pfc1",
-        "geodesic_err_pfc2",
-        "geodesic_err_pfc3",
+        PFC1,
+        PFC2,
+        PFC3,
+        NC1,
+        NC2_EQUINORM,
+        NC2_EQUIANGLE,
+        TR_SW,
+        TR_SB,
+        GEODESIC_ERR_METRICS[0],
+        GEODESIC_ERR_METRICS[1],
+        GEODESIC_ERR_METRICS[2],
     }
     for layer in range(3):
         names = set(res.table[res.table.layer == layer].metric)
-        assert names == per_layer | ({"nc3", "nc4"} if layer == 2 else set())
+        assert names == per_layer | ({NC3, NC4} if layer == 2 else set())
     assert set(res.table[res.table.layer == -1].metric) == {
-        "effective_depth",
-        "straightness",
-        "energy_ratio",
-        "thm1_inner",
-        "transport_cost",
+        EFFECTIVE_DEPTH,
+        STRAIGHTNESS,
+        ENERGY_RATIO,
+        THM1_INNER,
+        TRANSPORT_COST,
     }
     assert list(res.curves.columns) == ["t", "metric", "value"] and len(res.curves) == 9
     # the curves are their own table (t, metric, value): 3 t x pfc1-3, never table rows
@@ -227,10 +247,10 @@ def test_no_geodesic_no_classifier_and_mixed_dims():
     tab = lookup(res.table)
     for layer, h in enumerate(hs):
         bf = bf_layer(h.numpy(), y.numpy(), 3)
-        assert tab[(layer, "pfc1")] == pytest.approx(bf["pfc1"], rel=RTOL)
+        assert tab[(layer, PFC1)] == pytest.approx(bf[PFC1], rel=RTOL)
     # path quantities need one dimension: rel_pos is NaN, run-level path rows absent
     assert res.table[res.table.layer >= 0].rel_pos.isna().all()
-    assert set(res.table[res.table.layer == -1].metric) == {"effective_depth"}
+    assert set(res.table[res.table.layer == -1].metric) == {EFFECTIVE_DEPTH}
     assert res.curves.empty
     assert not res.table.metric.str.startswith("geodesic").any()
 
@@ -241,11 +261,11 @@ def test_single_layer_with_classifier():
     res = run_tracker(hs, y, 3, classifier_weight=w, cache_bytes=0)
     tab = lookup(res.table)
     bf = bf_layer(hs[0].numpy(), y.numpy(), 3)
-    for key in ("pfc1", "pfc2", "pfc3", "nc1"):
+    for key in (PFC1, PFC2, PFC3, NC1):
         assert tab[(0, key)] == pytest.approx(bf[key], rel=RTOL)
     clf = (hs[0].numpy() @ w.numpy().T).argmax(axis=1)  # bias None counts as 0
-    assert tab[(0, "nc4")] == pytest.approx(float(np.mean(clf != bf["_ncc"])), abs=1e-15)
-    assert set(res.table[res.table.layer == -1].metric) == {"effective_depth"}
+    assert tab[(0, NC4)] == pytest.approx(float(np.mean(clf != bf["_ncc"])), abs=1e-15)
+    assert set(res.table[res.table.layer == -1].metric) == {EFFECTIVE_DEPTH}
     assert res.table.rel_pos.isna().all()
 
 
@@ -504,20 +524,20 @@ def np_layer(h, y, k, w=None, b=None):
     cos = gram / np.outer(norms, norms)
     off = ~np.eye(k, dtype=bool)
     out = {
-        "pfc1": np.trace(sw) / np.trace(sb),
-        "pfc2": np.linalg.norm(gram / np.linalg.norm(gram) - e),
-        "pfc3": float((dist.argmin(1) == y).mean()),
-        "nc1": np.trace(sw @ np.linalg.pinv(sb)) / k,
-        "nc2_equinorm": np.std(norms, ddof=1) / np.mean(norms),
-        "nc2_equiangle": np.mean(np.abs(cos[off] + 1 / (k - 1))),
+        PFC1: np.trace(sw) / np.trace(sb),
+        PFC2: np.linalg.norm(gram / np.linalg.norm(gram) - e),
+        PFC3: float((dist.argmin(1) == y).mean()),
+        NC1: np.trace(sw @ np.linalg.pinv(sb)) / k,
+        NC2_EQUINORM: np.std(norms, ddof=1) / np.mean(norms),
+        NC2_EQUIANGLE: np.mean(np.abs(cos[off] + 1 / (k - 1))),
         "_ties": ties,
     }
     if w is not None:
         w = np.asarray(w, dtype=np.float64)
-        out["nc3"] = np.linalg.norm(w / np.linalg.norm(w) - ht / np.linalg.norm(ht)) ** 2
+        out[NC3] = np.linalg.norm(w / np.linalg.norm(w) - ht / np.linalg.norm(ht)) ** 2
         logits = h @ w.T + (0 if b is None else np.asarray(b, dtype=np.float64))
         top = np.sort(logits, axis=1)
-        out["nc4"] = float((logits.argmax(1) != dist.argmin(1)).mean())
+        out[NC4] = float((logits.argmax(1) != dist.argmin(1)).mean())
         lscale = np.abs(logits).max(1)
         out["_ties"] += int(((top[:, -1] - top[:, -2]) <= TIE_RTOL * lscale).sum())
     return out
@@ -535,16 +555,16 @@ def assert_fast_close(res, hs, y, k, ts, w=None, b=None):
             if key.startswith("_"):
                 continue
             got = tab[(layer, key)]
-            if key in ("pfc3", "nc4"):
+            if key in (PFC3, NC4):
                 assert abs(got - v) * n <= want["_ties"], (layer, key, got, v)
             else:
                 assert got == pytest.approx(v, rel=FAST_RTOL), (layer, key)
     for t in ts:
         want = np_layer((1 - t) * hn[0] + t * hn[-1], yn, k)
         rows = res.curves[np.isclose(res.curves.t, t)].set_index("metric")["value"]
-        assert rows["pfc1"] == pytest.approx(want["pfc1"], rel=FAST_RTOL), t
-        assert rows["pfc2"] == pytest.approx(want["pfc2"], rel=FAST_RTOL), t
-        assert abs(rows["pfc3"] - want["pfc3"]) * n <= want["_ties"], t
+        assert rows[PFC1] == pytest.approx(want[PFC1], rel=FAST_RTOL), t
+        assert rows[PFC2] == pytest.approx(want[PFC2], rel=FAST_RTOL), t
+        assert abs(rows[PFC3] - want[PFC3]) * n <= want["_ties"], t
 
 
 class DigitsNet(torch.nn.Module):
@@ -599,7 +619,7 @@ def test_fast_path_matches_float64_brute_force_on_trained_digits(trained_digits,
     assert_fast_close(res, hs, y, 10, ts, w.numpy(), b.numpy())
     # the path and run-level quantities too
     exact = run_tracker([h.double() for h in hs], y, 10, splits=(500,), **kw)
-    for key in ("straightness", "energy_ratio", "thm1_inner", "transport_cost"):
+    for key in (STRAIGHTNESS, ENERGY_RATIO, THM1_INNER, TRANSPORT_COST):
         got, want = lookup(res.table)[(-1, key)], lookup(exact.table)[(-1, key)]
         assert got == pytest.approx(want, rel=FAST_RTOL), key
 
@@ -619,7 +639,7 @@ def test_fast_path_on_a_near_collapsed_layer(dtype):
     ts = [0.0, 0.5, 1.0]
     w = torch.randn(k, d, generator=gen)
     res = run_tracker(hs, y, k, splits=(700, 2000), geodesic_ts=ts, classifier_weight=w)
-    pfc1 = lookup(res.table)[(2, "pfc1")]
+    pfc1 = lookup(res.table)[(2, PFC1)]
     assert 3e-4 < pfc1 < 3e-3  # near-collapsed indeed
     # brute force on the features as given (bf16 values are exact in float64)
     assert_fast_close(res, [h.float() for h in hs], y, k, ts, w.numpy())
