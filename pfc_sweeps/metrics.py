@@ -392,7 +392,7 @@ def pfc_from_stats(n: int, trw_sum: Tensor, gram: Tensor, correct: Tensor) -> di
     """PFC1-3 (docs/metrics.md; paper eq. 7-9), batched over a leading axis.
 
     n samples, trw_sum (T,) = sum_i ||h_i - m_{y_i}||^2, gram (T, K, K), correct (T,).
-    Returns tensors (T,) keyed pfc1, pfc2, pfc3, tr_sw, tr_sb.
+    Returns tensors (T,) keyed by the schema names PFC1, PFC2, PFC3, TR_SW, TR_SB.
     Raises DegenerateFeaturesError where Tr Sigma_B = 0 (all class means equal).
     """
     k = gram.shape[-1]
@@ -513,7 +513,7 @@ def pfc_metrics(features: Tensor, labels: Tensor, num_classes: int) -> dict[str,
     """PFC1-3 and NC1/NC2 of one layer (docs/metrics.md; paper eq. 7-9).
 
     features (N, d) any float dtype/device, labels (N,) ints in [0, K). Exact, float64, streamed
-    over row chunks, no d x d matrix. Keys: pfc1, pfc2, pfc3, nc1, nc2_equinorm, nc2_equiangle.
+    over row chunks, no d x d matrix. Keys: PFC1-3, NC1, NC2_*.
     Raises MetricInputError (bad shapes, labels out of range, NaN/inf), EmptyClassError,
     DegenerateFeaturesError (all class means equal).
     """
@@ -570,7 +570,7 @@ def geodesic_curve(
 
     Exact quadratics in sufficient statistics; the interpolated features are never built.
     h0, hL (N, d), labels (N,), ts (T,) (any real t; [0, 1] is the geodesic).
-    Returns float64 CPU tensors (T,) keyed pfc1, pfc2, pfc3.
+    Returns float64 CPU tensors (T,) keyed by schema.PFC_METRICS.
     """
     check_num_classes(num_classes)
     _check_pair(h0, hl)
