@@ -6,7 +6,7 @@ Pass-1 accumulators see the features chunk by chunk and layer by layer; pass-2 a
 see the float64 :class:`~pfc_sweeps.kernels.Pass2Chunk` of a precision kernel, which needs
 the final class means. A new metric is one class here and its name in the schema.
 
-Formulas: SPEC.md "Notation" and paper eq. 7-9 / 17-19, via :mod:`pfc_sweeps.metrics`.
+Formulas: docs/metrics.md "Notation" and paper eq. 7-9 / 17-19, via :mod:`pfc_sweeps.metrics`.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ FLUSH_ROWS_PER_CLASS = 64
 # pass 1
 # --------------------------------------------------------------------------------------------
 class ClassSums:
-    """Counts (K,) and class sums (K, d_l) of every layer -> the class means (SPEC "Notation").
+    """Counts (K,) and class sums (K, d_l) of every layer -> the class means (docs/metrics.md "Notation").
 
     float64 work chunks are summed in float64. float32 chunks are centred at a per-layer
     reference (the mean of the first chunk), summed in float32 and flushed into float64
@@ -133,7 +133,7 @@ class ClassSums:
 
 class PathLengths:
     """sum_i ||h^{l+1}_i - h^l_i|| and its square per step, and of ||h^L_i - h^0_i||
-    (SPEC "Depth coordinate"): relative positions r_l, straightness, energy ratio.
+    (docs/metrics.md "Depth coordinate"): relative positions r_l, straightness, energy ratio.
     Norms of float32 chunks are float32 (sums of squares: no cancellation), summed in float64.
     """
 
@@ -177,7 +177,7 @@ class PathLengths:
 # --------------------------------------------------------------------------------------------
 class WithinClass:
     """Tr Sigma_W, the NC1 projection Z^T Z and NCC hits of every layer: PFC1-3 (eq. 7-9),
-    NC1, NC2, Tr Sigma_W, Tr Sigma_B (SPEC "Classic NC metrics")."""
+    NC1, NC2, Tr Sigma_W, Tr Sigma_B (docs/metrics.md "Classic NC metrics")."""
 
     names = ("pfc1", "pfc2", "pfc3", "tr_sw", "tr_sb", "nc1", "nc2_equinorm", "nc2_equiangle")
 
@@ -214,7 +214,7 @@ class WithinClass:
 
 
 class GeodesicCurve:
-    """PFC1-3 of h(t) = (1-t) h0 + t hL at ts and at every r_l (SPEC "Geodesic-curve
+    """PFC1-3 of h(t) = (1-t) h0 + t hL at ts and at every r_l (docs/metrics.md "Geodesic-curve
     prediction", Fig. 3): the cross term B and the NCC hits along the curve."""
 
     names = GEODESIC_ERR_METRICS
@@ -261,7 +261,7 @@ class GeodesicCurve:
 
 
 class Classifier:
-    """NC3 (self-duality) and NC4 (classifier vs NCC disagreement) of the last layer (SPEC)."""
+    """NC3 (self-duality) and NC4 (classifier vs NCC disagreement) of the last layer (docs/metrics.md)."""
 
     names = ("nc3", "nc4")
 
@@ -290,7 +290,7 @@ class Classifier:
 # from the other accumulators' results only
 # --------------------------------------------------------------------------------------------
 class EffectiveDepth:
-    """Smallest layer with NCC error 1 - PFC3 <= epsilon (SPEC; -1: none)."""
+    """Smallest layer with NCC error 1 - PFC3 <= epsilon (docs/metrics.md; -1: none)."""
 
     names = ("effective_depth",)
 
