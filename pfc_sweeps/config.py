@@ -288,12 +288,13 @@ def _unknown_keys(cfg: DictConfig) -> None:
             raise ConfigError(f"{key} is not a config key{hint}")
 
 
-def check_override_keys(overrides: list[str], groups: set[str]) -> None:
-    """Raise ConfigError for a command-line ``key=value`` whose key the schema does not know.
+def check_override_keys(overrides: list[str], groups: dict[str, list[str]]) -> None:
+    """Raise a one-line ConfigError for a command-line override Hydra would reject verbosely.
 
-    Run before Hydra composes the config, so that ``train.epoch=5`` is one line with the
-    nearest valid key (Hydra's own message is several lines and suggests ``+train.epoch``).
-    ``hydra.*`` keys and config groups (``dataset=mnist``) are left to Hydra.
+    Run before Hydra composes the config: an unknown key (``train.epoch=5``, with the nearest
+    valid key), an option a config group does not have (``dataset=nosuch``, with the options
+    in ``groups``) and a value of the wrong type (``seed=x``). ``hydra.*`` keys are left to
+    Hydra, and so are sweep values (``-m seed=0,1``), which Hydra checks job by job.
     """
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import OverrideParseException
@@ -303,14 +304,43 @@ def check_override_keys(overrides: list[str], groups: set[str]) -> None:
         parsed = OverridesParser.create().parse_overrides(overrides)
     except OverrideParseException:
         return  # Hydra reports its own grammar errors
+    typed = OmegaConf.structured(Config)
     for o in parsed:
         key = o.key_or_group
-        if key.split(".")[0].split("/")[0] == "hydra" or "@" in key or key in groups:
+        if key.split(".")[0].split("/")[0] == "hydra" or "@" in key:
+            continue
+        if key in groups:
+            _check_group_option(key, o, groups[key])
             continue
         if key not in known and not any(key.startswith(k + ".") for k in _free_nodes()):
             close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.6)
             hint = f"; did you mean {close[0]}?" if close else ""
             raise ConfigError(f"{key} is not a config key{hint}")
+        if not o.is_sweep_override() and not o.is_delete():
+            _check_type(typed, key, o.value())
+
+
+def _check_group_option(group: str, override: Any, options: list[str]) -> None:
+    """``dataset=nosuch``: the option must be one of the group's YAML files."""
+    if override.is_sweep_override() or override.is_delete():
+        return
+    value = override.value()
+    if isinstance(value, str) and value not in options:
+        raise ConfigError(
+            f"{group}={value} is not an option of the {group} group; "
+            f"available: {', '.join(sorted(options))}"
+        )
+
+
+def _check_type(typed: DictConfig, key: str, value: Any) -> None:
+    """``seed=x``: the value must fit the schema's type for ``key``."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        OmegaConf.update(typed, key, value, merge=True, force_add=False)
+    except OmegaConfBaseException as e:
+        kind = getattr(e, "msg", str(e)).splitlines()[0]
+        raise ConfigError(f"{key}={value!r} is invalid: {kind}") from None
 
 
 def _free_nodes() -> list[str]:

@@ -160,14 +160,32 @@ def test_unknown_keys_are_errors_with_the_nearest_key(overrides, hint):
     with pytest.raises(ConfigError, match=hint.replace("?", r"\?")):
         validate(_compose(*overrides))
     with pytest.raises(ConfigError, match=hint.replace("?", r"\?")):
-        check_override_keys([o.lstrip("+") for o in overrides], {"dataset", "task"})
+        check_override_keys([o.lstrip("+") for o in overrides], GROUPS)
+
+
+GROUPS = {"dataset": ["digits", "mnist"], "task": ["train"], "experiment": ["paper_fig4"]}
 
 
 def test_command_line_check_leaves_groups_hydra_and_known_keys_alone():
     check_override_keys(
         ["dataset=mnist", "hydra.run.dir=x", "hydra/launcher=local", "seed=1,2", "~seed",
-         "train.epochs=3", "+experiment=paper_fig4"], {"dataset", "experiment"},
+         "train.epochs=3", "+experiment=paper_fig4", "optim.lr=1e-3"], GROUPS,
     )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("dataset=nosuch", "dataset=nosuch is not an option of the dataset group; available: digits, mnist"),
+        ("seed=x", "seed='x' is invalid"),
+        ("lam.lam=abc", "lam.lam='abc' is invalid"),
+        ("train.epochs=2.5", "train.epochs=2.5 is invalid"),
+    ],
+)  # fmt: skip
+def test_command_line_check_bad_options_and_types_are_one_line(override, message):
+    with pytest.raises(ConfigError) as err:
+        check_override_keys([override], GROUPS)
+    assert str(err.value).startswith(message) and "\n" not in str(err.value)
 
 
 def _float_keys() -> list[str]:

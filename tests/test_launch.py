@@ -234,3 +234,16 @@ def test_paper_fig5_acceptance(tmp_path):
         v = w[metric].to_numpy()
         assert (sign * np.diff(v) / np.abs(v[:-1]) > -0.01).all(), (metric, v)
         assert sign * (v[-1] - v[0]) > 0
+
+
+def test_surrogate_objective_explosion_ends_diverged(tmp_path):
+    """Issue 9: `task=mufm surrogate.lr=100` ended `done` with an objective of 1.7e34."""
+    out = tmp_path / "sdiv"
+    p = launch("task=mufm", "surrogate.lr=100", "surrogate.steps=300", "logger=none",
+               f"hydra.run.dir={out}")  # fmt: skip
+    assert p.returncode != 0
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and "diverged" in lines[0] and "surrogate.lr" in lines[0], p.stderr
+    _, meta = read_results(out)
+    assert meta["status"] == "diverged"
+    assert not (out / "done").exists()

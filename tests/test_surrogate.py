@@ -549,3 +549,25 @@ def test_paper_fig5_acceptance():
         # monotone in lam, allowing noise below 1%: no step goes back by 1% or more
         assert np.all(np.diff(v) > -0.01 * np.abs(v[:-1])), metric
         assert v[-1] > v[0], metric
+
+
+def test_objective_growing_without_bound_is_divergence():
+    """lr=100 with the guard: every value stays finite for a while, but the objective explodes.
+    The solve must stop as diverged (not end 'done'), naming the start value F(W_0, H_0),
+    which is checked here against a float64 numpy brute force of paper eq. 13 (MSE)."""
+    K, d, n, lam, lam_w = 5, 20, 100, 0.001, 0.005
+    X, labels = make_gaussian_data(K, d, n, 0)
+    with pytest.raises(SurrogateDivergedError, match="objective grew") as info:
+        solve_batched(X, labels, K, [lam], lam_w=lam_w, lr=100.0, steps=300, log_every=None)
+    assert info.value.step <= 300
+    gen = torch.Generator().manual_seed(0)
+    W0 = torch.randn(K, d, generator=gen, dtype=torch.float64).numpy()
+    H0 = torch.randn(d, K * n, generator=gen, dtype=torch.float64).numpy()
+    Y = np.kron(np.eye(K), np.ones((1, n)))
+    N = K * n
+    f0 = (
+        np.sum((W0 @ H0 - Y) ** 2) / (2 * N)
+        + lam_w / (2 * K) * np.sum(W0**2)
+        + lam / (2 * N) * np.sum((H0 - X.numpy()) ** 2)
+    )
+    assert f"objective grew from {f0:.3g}" in str(info.value)
