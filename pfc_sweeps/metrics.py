@@ -513,7 +513,7 @@ def pfc_metrics(features: Tensor, labels: Tensor, num_classes: int) -> dict[str,
     """PFC1-3 and NC1/NC2 of one layer (docs/metrics.md; paper eq. 7-9).
 
     features (N, d) any float dtype/device, labels (N,) ints in [0, K). Exact, float64, streamed
-    over row chunks, no d x d matrix. Keys: the schema names PFC1-3, NC1, NC2_EQUINORM, NC2_EQUIANGLE.
+    over row chunks, no d x d matrix. Keys: schema PFC1-3, NC1, NC2_EQUINORM, NC2_EQUIANGLE.
     Raises MetricInputError (bad shapes, labels out of range, NaN/inf), EmptyClassError,
     DegenerateFeaturesError (all class means equal).
     """
