@@ -163,14 +163,12 @@ class _full_precision:
 
 
 class CollapseTracker:
-    """Streaming PFC/NC metrics of all layers; see the module docstring for the protocol.
+    """Streaming PFC/NC metrics of all layers (the protocol: module docstring).
 
-    num_classes: K >= 2. geodesic_ts: t values in [0, 1] for the geodesic curves (None: no
-    curves and no geodesic_err_* rows; requires all layers to have the same dimension).
-    cache_bytes: budget for caching the features of one pass (0 disables; two passes then).
-    epsilon: NCC-error threshold of the effective depth. classifier_weight (K, d_L) and optional
-    classifier_bias (K,): enable NC3/NC4 of the last layer. precision: one of PRECISIONS.
-    """
+    num_classes: K >= 2. geodesic_ts: t in [0, 1] of the geodesic curves (None: no curves, no
+    geodesic_err_*; else all layers share one dimension). cache_bytes: budget for caching one
+    pass's features (0: two passes). epsilon: NCC-error threshold of the effective depth.
+    classifier_weight (K, d_L), classifier_bias (K,): NC3/NC4. precision: one of PRECISIONS."""
 
     def __init__(
         self,
