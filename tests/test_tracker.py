@@ -17,6 +17,7 @@ from pfc_sweeps.schema import (
     EFFECTIVE_DEPTH,
     ENERGY_RATIO,
     GEODESIC_ERR_METRICS,
+    LAYER_METRICS,
     NC1,
     NC2_EQUIANGLE,
     NC2_EQUINORM,
@@ -147,16 +148,7 @@ def test_tracker_matches_brute_force(cache_bytes):
 
     bfs = [bf_layer(h, yn, k) for h in hn]
     for layer, bf in enumerate(bfs):
-        for key in (
-            PFC1,
-            PFC2,
-            PFC3,
-            NC1,
-            NC2_EQUINORM,
-            NC2_EQUIANGLE,
-            TR_SW,
-            TR_SB,
-        ):
+        for key in LAYER_METRICS:
             assert tab[(layer, key)] == pytest.approx(bf[key], rel=RTOL, abs=1e-13), (layer, key)
         # geodesic prediction error: brute force builds the interpolated features at t = r_l
         at = bf_layer((1 - r[layer]) * hn[0] + r[layer] * hn[-1], yn, k)
@@ -211,19 +203,7 @@ def test_result_schema_and_rows():
         "float64",
     ]
     assert pd.api.types.is_string_dtype(dtypes["metric"])
-    per_layer = {
-        PFC1,
-        PFC2,
-        PFC3,
-        NC1,
-        NC2_EQUINORM,
-        NC2_EQUIANGLE,
-        TR_SW,
-        TR_SB,
-        GEODESIC_ERR_METRICS[0],
-        GEODESIC_ERR_METRICS[1],
-        GEODESIC_ERR_METRICS[2],
-    }
+    per_layer = {*LAYER_METRICS, *GEODESIC_ERR_METRICS}
     for layer in range(3):
         names = set(res.table[res.table.layer == layer].metric)
         assert names == per_layer | ({NC3, NC4} if layer == 2 else set())
