@@ -106,7 +106,7 @@ class ClassSums:
         else:
             target.addmm_(one_hot64(y, self.k).to(src.dtype).T, src)
 
-    def end_batch(self, y: Tensor) -> None:
+    def end_chunk(self, y: Tensor) -> None:
         self.counts += torch.bincount(y, minlength=self.k)
         self._since += y.shape[0]
         if self.part and self._since >= self._flush_rows:
@@ -158,35 +158,42 @@ class PathLengths:
     names = (STRAIGHTNESS, ENERGY_RATIO)
 
     def __init__(self, steps: int, device: torch.device) -> None:
-        self.plen = torch.zeros(steps, dtype=F64, device=device)
-        self.psq = torch.zeros(steps, dtype=F64, device=device)
-        self.disp = torch.zeros(2, dtype=F64, device=device)
+        self.steps = steps
+        self.sums = torch.zeros(2, steps + 1, dtype=F64, device=device)  # [sum, sum sq]
+        self._norms: Tensor | None = None  # (steps + 1, b): step norms, then the displacement
         self._x0 = self._prev = None
+
+    @property
+    def plen(self) -> Tensor:
+        return self.sums[0, : self.steps]
 
     def update(self, i: int, x: Tensor, y: Tensor, ws: Workspace) -> None:
         """Layer i's chunk; the chunks of layer 0 and of layer i-1 must still be alive."""
         if i == 0:
             self._x0 = self._prev = x
+            self._norms = torch.empty(self.steps + 1, x.shape[0], dtype=x.dtype, device=x.device)
             return
-        step = torch.linalg.vector_norm(torch.sub(self._prev, x, out=ws.get("d", x.shape)), dim=1)
-        step = step.to(F64)  # (b,)
-        self.plen[i - 1] += step.sum()
-        self.psq[i - 1] += step.square().sum()
+        diff = ws.get("d", x.shape)  # (b, d)
+        torch.linalg.vector_norm(torch.sub(self._prev, x, out=diff), dim=1, out=self._norms[i - 1])
         self._prev = x
-        if i == self.plen.shape[0]:
-            disp = torch.linalg.vector_norm(torch.sub(self._x0, x, out=ws.get("d", x.shape)), dim=1)
-            disp = disp.to(F64)
-            self.disp += torch.stack([disp.sum(), disp.square().sum()])
+        if i == self.steps:
+            torch.sub(self._x0, x, out=diff)
+            torch.linalg.vector_norm(diff, dim=1, out=self._norms[i])
             self._x0 = self._prev = None
+
+    def end_chunk(self, y: Tensor) -> None:
+        n64 = self._norms.to(F64)  # (steps + 1, b)
+        self.sums += torch.stack([n64.sum(1), n64.square().sum(1)])
 
     def positions(self) -> Tensor:
         """(L+1,) relative depth r_l."""
         return relative_positions_from_lengths(self.plen)
 
     def compute(self) -> dict[str, Tensor]:
-        out = {STRAIGHTNESS: self.disp[0] / self.plen.sum()}
-        if bool(self.disp[1] > 0):
-            out[ENERGY_RATIO] = self.plen.shape[0] * self.psq.sum() / self.disp[1]
+        (plen, psq), (disp, disp_sq) = self.sums[:, : self.steps], self.sums[:, self.steps]
+        out = {STRAIGHTNESS: disp / plen.sum()}
+        if bool(disp_sq > 0):
+            out[ENERGY_RATIO] = self.steps * psq.sum() / disp_sq
         return out
 
 
@@ -206,8 +213,8 @@ class WithinClass:
 
     def update(self, c: Pass2Chunk) -> None:
         self.trw += c.rr
-        self.zz += torch.bmm(c.z.transpose(1, 2), c.z)
-        self.correct += (c.pred == c.y).sum(dim=1)
+        self.zz += torch.bmm(c.z, c.z.transpose(1, 2))  # (S, K, b) @ (S, b, K)
+        self.correct += c.ncc_correct()
 
     def check_finite(self) -> None:
         if not bool(torch.isfinite(self.trw).all() & torch.isfinite(self.zz).all()):
@@ -252,9 +259,9 @@ class GeodesicCurve:
     def update(self, c: Pass2Chunk) -> None:
         k, last = self.k, c.own.shape[0] - 1
         self.cross += c.cross
-        mixed = c.extra[0][:, :k] + c.extra[last][:, :k]  # u0 HtL^T + uL Ht0^T
+        mixed = c.extra[0][:k] + c.extra[last][:k]  # (K, b) u0 HtL^T + uL Ht0^T
         self.correct += geodesic_ncc_correct(
-            self.smat, self.bern, c.own[0], mixed, c.own[last], c.y
+            self.smat, self.bern, c.own[0].T, mixed.T, c.own[last].T, c.y
         )
 
     def compute(self, n: int, lm: LayerMeans, trw: Tensor, per_layer: dict) -> dict[str, Any]:
@@ -295,8 +302,8 @@ class Classifier:
 
     def update(self, c: Pass2Chunk) -> None:
         last = c.own.shape[0] - 1
-        logits = c.extra[last][:, -self.k :] + self.shift
-        self.disagree += (logits.argmax(dim=1) != c.pred[last]).sum()
+        logits = c.extra[last][-self.k :].T + self.shift  # (b, K)
+        self.disagree += (logits.argmax(dim=1) != c.ncc_pred(last)).sum()
 
     def compute(self, n: int, lm: LayerMeans) -> dict[str, Tensor]:
         if not bool(torch.linalg.norm(self.w64) > 0):

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from pfc_sweeps.metrics import F64, cross_within
+from pfc_sweeps.metrics import F64, cross_within, ncc_correct_from_scores
 
 __all__ = ["ExactKernel", "FastKernel", "LayerMeans", "Pass2Chunk", "Workspace", "work_dtype"]
 
@@ -90,10 +90,11 @@ class LayerMeans:
 
 @dataclass
 class Pass2Chunk:
-    """Pass-2 statistics of one row chunk, all layers, float64 (S layers, b rows, K classes).
+    """Pass-2 statistics of one block of rows, all layers, float64, class-major (S layers,
+    b rows, K classes; the K axis before the row axis, so reductions over classes are fast).
 
-    own (S, b, K) = <h - g, m_c - g>; z (S, b, K) = <h - m_y, m_c - g> (rows of Z, NC1);
-    rr (S,) = sum_i ||h_i - m_{y_i}||^2; extra[i] (b, e_i) = <h - g, extra rows of layer i>;
+    own (S, K, b) = <h - g, m_c - g>; z (S, K, b) = <h - m_y, m_c - g> (NC1's Z^T);
+    rr (S,) = sum_i ||h_i - m_{y_i}||^2; extra[i] (e_i, b) = <h - g, extra rows of layer i>;
     cross = sum_i <h0_i - m0_{y_i}, hL_i - mL_{y_i}> (geodesic only, else None).
     """
 
@@ -105,15 +106,21 @@ class Pass2Chunk:
     cross: Tensor | None
     gdiag: Tensor  # (S, K) diag G = ||m_c - g||^2
 
-    @property
-    def pred(self) -> Tensor:
-        """NCC prediction (S, b): argmin_c ||h - m_c||^2 (ties -> lowest class index)."""
-        if self._pred is None:
-            self._pred = (self.gdiag[:, None, :] - 2.0 * self.own).argmin(dim=2)
-        return self._pred
+    def ncc_scores(self) -> Tensor:
+        """(K, S, b) ||h - m_c||^2 - ||h - g||^2 = G_cc - 2 <h - g, m_c - g> (fresh tensor)."""
+        return torch.addcmul(
+            self.gdiag.T[:, :, None], self.own.transpose(0, 1), self.own.new_tensor(-2.0)
+        )
 
-    def __post_init__(self) -> None:
-        self._pred: Tensor | None = None
+    def ncc_correct(self) -> Tensor:
+        """(S,) int64: rows whose nearest class mean is their own class, per layer (ties ->
+        lowest class index, as argmin)."""
+        return ncc_correct_from_scores(self.ncc_scores(), self.y)
+
+    def ncc_pred(self, layer: int) -> Tensor:
+        """(b,) NCC prediction of one layer: argmin_c ||h - m_c||^2 (ties -> lowest index)."""
+        own = self.own[layer].T  # (b, K)
+        return (self.gdiag[layer] - 2.0 * own).argmin(dim=1)
 
 
 class ExactKernel:
@@ -126,27 +133,34 @@ class ExactKernel:
         self.rhs = [r.contiguous() for r in lm.rhs]  # (K + e, d)
 
     def pass2(self, layers: list[Tensor], y: Tensor) -> Pass2Chunk:
-        lm, k, last = self.lm, self.lm.gram.shape[-1], len(layers) - 1
-        own = torch.empty(len(layers), y.shape[0], k, dtype=F64, device=y.device)
-        uu, extra, ends = [], {}, []
-        for i, h in enumerate(layers):
-            u = self.ws.get("x0" if i == 0 else "a", h.shape).copy_(h).sub_(lm.g[i])  # (b, d)
-            flat = u.view(-1)
-            uu.append(torch.dot(flat, flat))
-            proj = (self.rhs[i] @ u.T).T  # (b, K + e); (K + e, d) @ (d, b) is the fast layout
-            own[i] = proj[:, :k]
-            if proj.shape[1] > k:
-                extra[i] = proj[:, k:]
-            if i in (0, last):
-                ends.append(u)
-        gy = lm.gram.index_select(1, y)  # (S, b, K) rows G[y_i]
-        col = y.view(1, -1, 1).expand(len(layers), -1, 1)
-        rr = torch.stack(uu) - 2.0 * own.gather(2, col).sum((1, 2)) + gy.gather(2, col).sum((1, 2))
-        cross = None
-        if self.geodesic:
-            c01, c10 = extra[0][:, :k], extra[last][:, :k]
-            cross = cross_within(ends[0], ends[-1], c01, c10, lm.x01, y)
-        return Pass2Chunk(y, own, own - gy, rr, extra, cross, lm.gdiag)
+        """One block of rows (all layers), in chunks of at most ``ws.rows`` rows."""
+        lm, k, last, n_s = self.lm, self.lm.gram.shape[-1], len(layers) - 1, len(layers)
+        projs: list[list[Tensor]] = [[] for _ in layers]  # per layer, per chunk (b, K + e)
+        uu = torch.zeros(n_s, dtype=F64, device=y.device)
+        cross = torch.zeros((), dtype=F64, device=y.device) if self.geodesic else None
+        for s in range(0, y.shape[0], self.ws.rows):
+            yc, ends = y[s : s + self.ws.rows], []
+            for i, h in enumerate(layers):
+                hc = h[s : s + self.ws.rows]
+                u = self.ws.get("x0" if i == 0 else "a", hc.shape).copy_(hc).sub_(lm.g[i])
+                flat = u.view(-1)  # (b d,)
+                uu[i] += torch.dot(flat, flat)
+                projs[i].append((self.rhs[i] @ u.T).T)  # (b, K + e); the fast layout
+                if i in (0, last):
+                    ends.append(u)
+            if cross is not None:
+                c01, c10 = projs[0][-1][:, k : 2 * k], projs[last][-1][:, k : 2 * k]
+                cross += cross_within(ends[0], ends[-1], c01, c10, lm.x01, yc)
+        proj = [torch.cat(p) if len(p) > 1 else p[0] for p in projs]  # (B, K + e) each
+        own = torch.stack([p[:, :k] for p in proj])  # (S, B, K)
+        extra = {i: p[:, k:] for i, p in enumerate(proj) if p.shape[1] > k}
+        gy = lm.gram.index_select(1, y)  # (S, B, K) rows G[y_i]
+        col = y.view(1, -1, 1).expand(n_s, -1, 1)
+        rr = uu - 2.0 * own.gather(2, col).sum((1, 2)) + gy.gather(2, col).sum((1, 2))
+        extra = {i: e.T for i, e in extra.items()}  # (e_i, B)
+        return Pass2Chunk(
+            y, own.transpose(1, 2), (own - gy).transpose(1, 2), rr, extra, cross, lm.gdiag
+        )
 
 
 class FastKernel:
@@ -168,36 +182,53 @@ class FastKernel:
             dz.append(delta @ ht.T)  # (K, K)
             dn2.append(delta.square().sum(1))  # (K,)
             deltas.append(delta)
-        self.shift_own = torch.stack([s[:, :k] for s in shift])  # (S, K, K)
-        self.shift_extra = {i: s[:, k:] for i, s in enumerate(shift) if s.shape[1] > k}
-        self.dz = torch.stack(dz)  # (S, K, K)
+        self.width = max(r.shape[0] for r in self.rhs32)  # rows of the widest rhs
+        # shifts indexed [.., column c, row class y] so that index_select(-1, y) is class-major
+        self.shift_own = torch.stack([s[:, :k].T for s in shift]).contiguous()  # (S, K, K)
+        self.shift_extra = {
+            i: s[:, k:].T.contiguous() for i, s in enumerate(shift) if s.shape[1] > k
+        }
+        self.dz = torch.stack(dz).transpose(1, 2).contiguous()  # (S, K, K)
         self.dn2 = torch.stack(dn2)  # (S, K)
         self.dd = (deltas[0] * deltas[-1]).sum(1)  # (K,) <delta0_c, deltaL_c> (geodesic)
 
-    def pass2(self, layers: list[Tensor], y: Tensor) -> Pass2Chunk:
-        k, last, n_s, b = self.k, len(layers) - 1, len(layers), y.shape[0]
-        q32 = torch.empty(n_s, k, b, dtype=F32, device=y.device)  # (S, K, b) Ht r^T
-        sq = torch.empty(n_s, b, dtype=F32, device=y.device)  # (S, b) ||r||^2 rows
-        extra, ends = {}, []
+    def _chunk(self, layers: list[Tensor], y: Tensor, s: int) -> tuple[Tensor, ...]:
+        """One chunk, rows s..: q (S, width, b) = rhs r^T, ||r|| (S, b)[, <r0, rL> (b,)]."""
+        n_s, e = len(layers), min(s + self.ws.rows, y.shape[0])
+        yc = y[s:e]
+        q32 = torch.empty(n_s, self.width, e - s, dtype=F32, device=y.device)
+        sq = torch.empty(n_s, e - s, dtype=F32, device=y.device)
+        r0 = r = None
         for i, h in enumerate(layers):
-            r = self.ws.get("x0" if i == 0 else "a", h.shape)  # (b, d) float32
-            torch.index_select(self.ref32[i], 0, y, out=r)
-            torch.sub(h, r, out=r)  # h - m'_y (one rounding)
+            r = self.ws.get("x0" if i == 0 else "a", (e - s, h.shape[1]))  # (b, d) float32
+            torch.index_select(self.ref32[i], 0, yc, out=r)
+            torch.sub(h[s:e], r, out=r)  # h - m'_y (one rounding)
             torch.linalg.vector_norm(r, dim=1, out=sq[i])
-            if self.rhs32[i].shape[0] == k:  # (K, d) @ (d, b): the fast layout on CPU
-                torch.mm(self.rhs32[i], r.T, out=q32[i])
-            else:
-                q = self.rhs32[i] @ r.T  # (K + e, b)
-                q32[i] = q[:k]
-                extra[i] = q[k:].T.to(F64) + self.shift_extra[i].index_select(0, y)
-            if i in (0, last):
-                ends.append(r)
-        q = q32.transpose(1, 2).to(F64)  # (S, b, K)
-        own = q + self.shift_own[:, y]
-        z = q + self.dz[:, y]
-        rr = sq.to(F64).square().sum(1) - self.dn2[:, y].sum(1)  # (S,)
+            rhs = self.rhs32[i]  # (K + e, d) @ (d, b): the fast layout on CPU
+            torch.mm(rhs, r.T, out=q32[i, : rhs.shape[0]])
+            r0 = r if i == 0 else r0
+        if self.geodesic:
+            return q32, sq, torch.linalg.vecdot(r0, r, dim=1)  # (b,)
+        return q32, sq
+
+    def pass2(self, layers: list[Tensor], y: Tensor) -> Pass2Chunk:
+        """One block of rows (all layers): the (b, d) work in chunks of ``ws.rows`` rows,
+        the float64 statistics once per block."""
+        k = self.k
+        parts = [self._chunk(layers, y, s) for s in range(0, y.shape[0], self.ws.rows)]
+        q32, sq, *dots = (
+            torch.cat(p, dim=-1) if len(parts) > 1 else p[0] for p in zip(*parts, strict=True)
+        )
+        q = q32.to(F64)  # (S, width, B); only the first K + e_i rows of layer i are set
+        qk = q[:, :k]
+        own = qk + self.shift_own.index_select(2, y)  # (S, K, B) <h - g, m_c - g>
+        z = qk + self.dz.index_select(2, y)  # (S, K, B) <h - m_y, m_c - g>
+        rr = sq.to(F64).square().sum(1) - self.dn2.index_select(1, y).sum(1)  # (S,)
+        extra = {
+            i: q[i, k : k + sh.shape[0]] + sh.index_select(1, y)  # (e_i, B)
+            for i, sh in self.shift_extra.items()
+        }
         cross = None
         if self.geodesic:  # sum <r0, rL> - sum_i <delta0_y, deltaL_y>
-            dots = torch.linalg.vecdot(ends[0], ends[-1], dim=1).to(F64)  # (b,)
-            cross = dots.sum() - self.dd.index_select(0, y).sum()
+            cross = dots[0].to(F64).sum() - self.dd.index_select(0, y).sum()
         return Pass2Chunk(y, own, z, rr, extra, cross, self.lm.gdiag)

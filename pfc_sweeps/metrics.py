@@ -76,9 +76,12 @@ __all__ = [
 F64 = torch.float64
 # Rows per chunk are chosen so that a work chunk holds at most this many elements:
 # _CHUNK_ELEMENTS = 2**24 (128 MiB in float64) on accelerators; on CPU also at most
-# _CPU_CHUNK_ELEMENTS = 2**17 (1 MiB, cache resident: elementwise ops are memory bound there).
+# _CPU_CHUNK_BYTES = 1 MiB (cache resident: elementwise ops are memory bound there).
 _CHUNK_ELEMENTS = 2**24
-_CPU_CHUNK_ELEMENTS = 2**17
+_CPU_CHUNK_BYTES = 2**20
+# per-row statistics (rows x layers x classes) are processed in blocks of this many elements
+# on CPU (8 MiB in float64): per-op overhead is paid per block, not per chunk
+_CPU_BLOCK_ELEMENTS = 2**20
 # Elements of one (K, T, b) block of geodesic NCC scores (32 MiB in float64).
 _GEO_SCORE_ELEMENTS = 2**22
 
@@ -153,14 +156,22 @@ def _check_inputs(features: Tensor, labels: Tensor, num_classes: int) -> Tensor:
     return labels
 
 
-def rows_per_chunk(d: int, device: torch.device | str | None = None) -> int:
+def rows_per_chunk(d: int, device: torch.device | str | None = None, itemsize: int = 8) -> int:
     """Rows per work chunk: ``_CHUNK_ELEMENTS`` // d, on CPU at most
-    ``_CPU_CHUNK_ELEMENTS`` // d (L2-cache sized)."""
+    ``_CPU_CHUNK_BYTES`` // (itemsize d) (L2-cache sized)."""
     dev = torch.device(device) if device is not None else torch.device("cpu")
     budget = _CHUNK_ELEMENTS
     if dev.type == "cpu":
-        budget = min(budget, _CPU_CHUNK_ELEMENTS)
+        budget = min(budget, _CPU_CHUNK_BYTES // itemsize)
     return max(1, budget // max(d, 1))
+
+
+def block_elements(device: torch.device | str | None = None) -> int:
+    """Element budget of one block of per-row statistics (rows x layers x classes, float64)
+    that the streaming tracker's accumulators see at once: ``_CHUNK_ELEMENTS`` on
+    accelerators, ``_CPU_BLOCK_ELEMENTS`` on CPU."""
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    return _CPU_BLOCK_ELEMENTS if dev.type == "cpu" else _CHUNK_ELEMENTS
 
 
 def _chunks(n: int, d: int, device=None) -> list[slice]:

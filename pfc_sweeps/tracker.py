@@ -41,6 +41,7 @@ from pfc_sweeps.metrics import (
     F64,
     MetricInputError,
     _check_classifier,
+    block_elements,
     check_counts,
     check_num_classes,
     rows_per_chunk,
@@ -244,7 +245,8 @@ class CollapseTracker:
             _check_classifier(self._weight, self._dims[-1], k, self._bias)
         self._dtype = work_dtype(layers[0].dtype, self.precision)
         dmax = max(self._dims)
-        self._ws = Workspace(rows_per_chunk(dmax, dev), dmax, dev, self._dtype)
+        rows = rows_per_chunk(dmax, dev, self._dtype.itemsize)
+        self._ws = Workspace(rows, dmax, dev, self._dtype)
         self._oob = torch.zeros((), dtype=torch.int64, device=dev)
         self._accs: dict[str, object] = {"sums": acc.ClassSums(k, self._dims, dev, self._dtype)}
         if self._path:
@@ -355,16 +357,18 @@ class CollapseTracker:
                 x = ws.load("x0" if i == 0 else "ab"[i % 2], chunks[c])  # (b, d) work dtype
                 for a in pass1:
                     a.update(i, x, y, ws)
-            self._accs["sums"].end_batch(y)
+            for a in pass1:
+                a.end_chunk(y)
 
     def _pass2_batch(self, layers: list[Tensor], labels: Tensor) -> None:
-        rows = self._ws.rows
+        """Blocks of rows: the kernel chunks the (b, d) work; accumulators see whole blocks."""
+        rows = self._block_rows
         splits = [h.split(rows) for h in layers]
         for c, y in enumerate(labels.split(rows)):
-            chunk = self._kernel.pass2([chunks[c] for chunks in splits], y)
+            block = self._kernel.pass2([chunks[c] for chunks in splits], y)
             self._counts2 += torch.bincount(y, minlength=self.num_classes)
             for a in self._pass2:
-                a.update(chunk)
+                a.update(block)
 
     def _check_oob(self) -> None:
         bad = int(self._oob)
@@ -383,6 +387,8 @@ class CollapseTracker:
         self._r = self._accs["path"].positions() if self._path else None
         kernel = ExactKernel if self._dtype == F64 else FastKernel
         self._kernel = kernel(lm, self._ws, geodesic)
+        width = max(r.shape[0] for r in lm.rhs)  # (S, rows, K + e) float64 per block
+        self._block_rows = max(1, block_elements(self._device) // (len(self._dims) * width))
         n_layers, k, dev = len(self._dims), self.num_classes, self._device
         self._counts2 = torch.zeros(k, dtype=F64, device=dev)
         self._accs["within"] = acc.WithinClass(n_layers, k, dev)

@@ -303,6 +303,34 @@ def test_cached_equals_two_pass_and_flags():
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("cache", [0, 2**30])
+def test_small_chunks_and_blocks_match_one_chunk(monkeypatch, dtype, cache):
+    """Work chunks of a few rows and blocks of a few chunks (uneven tails, several of each per
+    batch) give the same statistics as one chunk per batch, on both precision paths."""
+    import pfc_sweeps.metrics as M
+
+    hs, y = make_layers(21, n=97, d=6, k=4, layers=5)
+    hs = [h.to(dtype) for h in hs]
+    kw = {
+        "geodesic_ts": torch.linspace(0, 1, 9),
+        "classifier_weight": torch.randn(
+            4, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(3)
+        ),
+        "cache_bytes": cache,
+    }
+    whole = run_tracker(hs, y, 4, splits=(40,), **kw)
+    # 6 elements per row: 3 rows per chunk (2 in float64 pass 1); 5 layers x width 12 per row
+    monkeypatch.setattr(M, "_CPU_CHUNK_BYTES", 3 * 6 * dtype.itemsize)
+    monkeypatch.setattr(M, "_CPU_BLOCK_ELEMENTS", 7 * 5 * 12)
+    tracker = CollapseTracker(4, **kw)
+    feed(tracker, hs, y, (40,))
+    if tracker.needs_second_pass:
+        feed(tracker, hs, y, (40,))
+    assert tracker._ws.rows == 3 and tracker._block_rows == 7
+    assert_same(tracker.compute(), whole, rtol=1e-12 if dtype == torch.float64 else 1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_inputs_are_not_modified(dtype):
     hs, y = make_layers(16, n=70, d=5, k=3, layers=4)
     hs = [h.to(dtype) for h in hs]
