@@ -7,7 +7,8 @@ geodesic curves (:func:`pfc_sweeps.measure.collapse_table`). Rows go to the job'
 :class:`~pfc_sweeps.results.ResultsSink` and logger.
 
 A checkpoint (model, optimiser, scheduler, RNG states and all rows so far) is written
-atomically after every epoch; rerunning the same command in the same directory resumes
+atomically after every epoch, by a background thread while the next epoch runs
+(:class:`~pfc_sweeps.checkpoint.CheckpointWriter`); rerunning the same command in the same directory resumes
 from it and, on CPU with a fixed seed, produces exactly the rows of an uninterrupted run.
 The batches are drawn by index from one seeded generator whether the data are in memory
 or streamed (``train.data_gb``), so both paths see the same batches.
@@ -30,6 +31,7 @@ from torch import Tensor, nn
 
 from .accel import Accelerator, prepare_model
 from .build import build_data, build_net, resolve_device
+from .checkpoint import CheckpointWriter
 from .config import Config
 from .errors import Diverged, PFCError
 from .loggers import RunLogger
@@ -44,7 +46,6 @@ from .schema import (
     TEST_LOSS,
     TRAIN_ACC,
     TRAIN_LOSS,
-    atomic_write,
 )
 
 __all__ = ["Trainer", "evaluate", "loss_fn", "run_training"]
@@ -142,6 +143,7 @@ class Trainer:
         self.ts = geodesic_ts(tr)
         self.cache_bytes = int(tr.cache_gb * 2**30)
         self.ckpt_path = out_dir / CHECKPOINT_FILE
+        self.writer = CheckpointWriter()  # writes each epoch's checkpoint in the background
         self.start_epoch = 1
         self.last_table: pd.DataFrame | None = None
         if self.ckpt_path.exists():
@@ -185,7 +187,11 @@ class Trainer:
             "rows": _rows_to_bytes(self.sink.frame()),
             "curves": _rows_to_bytes(self.sink.curves_frame()),
         }
-        atomic_write(self.ckpt_path, lambda f: torch.save(state, f))
+        self.writer.save(self.ckpt_path, state)
+
+    def close(self) -> None:
+        """Wait until the last checkpoint is on disk (re-raising a failed write)."""
+        self.writer.close()
 
     # ------------------------------------------------------------------ one epoch
     def _train_epoch(self) -> tuple[float, float]:
@@ -276,19 +282,21 @@ def run_training(cfg: Config, out_dir: Path, sink: ResultsSink, logger: RunLogge
     epochs = cfg.train.epochs
     trainer = Trainer(cfg, out_dir, sink, logger)
     bar = _progress(cfg, trainer.start_epoch)
-    for epoch in range(trainer.start_epoch, epochs + 1):
-        t0 = time.perf_counter()
-        rows = trainer.run_epoch(epoch)
-        v = rows[rows["layer"] == RUN_LAYER].set_index("metric")["value"]
-        msg = f"loss={v[TRAIN_LOSS]:.4f} acc={v[TRAIN_ACC]:.4f} test_acc={v[TEST_ACC]:.4f}"
+    try:
+        for epoch in range(trainer.start_epoch, epochs + 1):
+            t0 = time.perf_counter()
+            rows = trainer.run_epoch(epoch)
+            v = rows[rows["layer"] == RUN_LAYER].set_index("metric")["value"]
+            msg = f"loss={v[TRAIN_LOSS]:.4f} acc={v[TRAIN_ACC]:.4f} test_acc={v[TEST_ACC]:.4f}"
+            if bar is not None:
+                bar.set_postfix_str(msg)
+                bar.update(1)
+            else:
+                dt = time.perf_counter() - t0
+                log.info(f"epoch {epoch}/{epochs} {msg} lr={v[LR]:.3g} ({dt:.2f}s)")
+    finally:
+        trainer.close()  # the last checkpoint is on disk before the job is marked done
         if bar is not None:
-            bar.set_postfix_str(msg)
-            bar.update(1)
-        else:
-            log.info(
-                f"epoch {epoch}/{epochs} {msg} lr={v[LR]:.3g} ({time.perf_counter() - t0:.2f}s)"
-            )
-    if bar is not None:
-        bar.close()
+            bar.close()
     if trainer.last_table is not None:
         print_final(trainer.last_table, sink.path)
