@@ -8,7 +8,9 @@
     width 1000 with 10 blocks (pfc_sweeps.models.build_model), cached (one forward) and
     two-pass (two forwards). Goals: <= 1.15x (cached), <= 2.15x (two-pass).
 
-The float32 features take the tracker's fast path (docs/precision.md).
+The float32 features take the tracker's fast path (docs/precision.md). Times are the best
+of --repeat interleaved rounds; ratios are the median over rounds of the ratio of two times
+taken back to back in one round (robust to a shared machine's drift and spikes).
 
 Usage: python benchmarks/bench_metrics.py [--scale 0.1] [--parts abc] [--device cpu|cuda]
 --scale multiplies N (d, L, K stay at the paper's MNIST values unless --dim/--layers are given).
@@ -19,6 +21,7 @@ from __future__ import annotations
 import argparse
 import gc
 import math
+import statistics
 import time
 from collections.abc import Callable
 
@@ -34,21 +37,35 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed(fns: dict[str, Callable[[], object]], device: torch.device, repeat: int) -> dict:
-    """Best wall time of each function over `repeat` rounds, run round-robin (interleaved,
-    so that load drift on a shared machine hits every variant alike), after one warm-up."""
-    best = dict.fromkeys(fns, math.inf)
+class Timings(dict):
+    """Best wall time per variant (the dict), plus every round's times for paired ratios."""
+
+    def __init__(self, rounds: list[dict[str, float]]) -> None:
+        super().__init__({k: min(r[k] for r in rounds) for k in rounds[0]})
+        self.rounds = rounds
+
+    def ratio(self, num: str, den: str) -> float:
+        """Median over rounds of num / den, both timed in the same round (back to back): robust
+        to the drift and spikes of a shared machine, unlike a ratio of two minima."""
+        return statistics.median(r[num] / r[den] for r in self.rounds)
+
+
+def timed(fns: dict[str, Callable[[], object]], device: torch.device, repeat: int) -> Timings:
+    """Wall time of each function in `repeat` rounds, run round-robin (interleaved, so that
+    load drift on a shared machine hits every variant alike), after one warm-up round."""
+    rounds = []
     for rnd in range(repeat + 1):
+        times = {}
         for name, fn in fns.items():
             gc.collect()
             sync(device)
             t0 = time.perf_counter()
             fn()
             sync(device)
-            dt = time.perf_counter() - t0
-            if rnd > 0 or repeat == 0:
-                best[name] = min(best[name], dt)
-    return best
+            times[name] = time.perf_counter() - t0
+        if rnd > 0 or repeat == 0:
+            rounds.append(times)
+    return Timings(rounds)
 
 
 def synthetic_layers(n: int, d: int, layers: int, k: int, device, seed: int = 0, sep=0.3):
@@ -113,7 +130,7 @@ def part_a(args, device) -> None:
             ),
         },
         device,
-        args.repeat,
+        min(args.repeat, 2),  # a 10x+ ratio: two rounds of the slow peer suffice
     )
     res = out["tracker"].compute().table
     got = res[res.metric == NC1].sort_values("layer").value.tolist()
@@ -123,7 +140,7 @@ def part_a(args, device) -> None:
     print(
         f"(a) N={n} d={args.dim} layers={args.layers} K={args.classes} batch={args.batch}: "
         f"naive {t['naive']:.3f}s, tracker (two passes, no cache) {t['tracker']:.3f}s -> "
-        f"speedup {t['naive'] / t['tracker']:.1f}x (goal >= 10x); max rel. diff of NC1 vs "
+        f"speedup {t.ratio('naive', 'tracker'):.1f}x (goal >= 10x); max rel. diff of NC1 vs "
         f"naive {err:.1e}"
     )
     print(
@@ -149,7 +166,7 @@ def part_b(args, device) -> None:
             )
         t = timed(fns, device, args.repeat)
         rows = [
-            f"{m}: {t[m]:.3f}s -> {t[m + '+geo']:.3f}s = {t[m + '+geo'] / t[m]:.3f}x"
+            f"{m}: {t[m]:.3f}s -> {t[m + '+geo']:.3f}s = {t.ratio(m + '+geo', m):.3f}x"
             for m in ("two-pass", "cached")
         ]
         print(
@@ -227,7 +244,7 @@ def part_c(args, device) -> None:
         device,
         args.repeat,
     )
-    r = {k: v / t["bare"] for k, v in t.items()}
+    r = {k: t.ratio(k, "bare") for k in t}
     print(
         f"(c) FC ResNet width 1000, 10 blocks, N={n}, batch={batch}, all metrics incl. NC3/NC4: "
         f"bare forward "
@@ -244,7 +261,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--layers", type=int, default=11, help="number of feature layers (L + 1)")
     p.add_argument("--classes", type=int, default=10)
     p.add_argument("--batch", type=int, default=1000)
-    p.add_argument("--repeat", type=int, default=3, help="best of this many interleaved rounds")
+    p.add_argument(
+        "--repeat", type=int, default=7, help="interleaved rounds (times: best; ratios: median)"
+    )
     p.add_argument("--parts", default="abc", help="subset of 'abc'")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")

@@ -334,26 +334,26 @@ _GEO_REL_MARGIN = 1e-9
 _GEO_DISC_SLACK = 1e-3
 
 
-def _geodesic_decided(
-    bern: Tensor, p0: Tensor, cross: Tensor, pl: Tensor, labels: Tensor
-) -> tuple[Tensor, Tensor]:
+def _geodesic_decided(bern: Tensor, lhs: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
     """Samples whose NCC decision is the same at every t in [0, 1]: (always_right, always_wrong).
 
     s_c(t) = (1-t)^2 A_c + t(1-t) B_c + t^2 C_c; for c != y, q = s_c - s_y has coefficients
     (a, b, c) and q = (sqrt(a) (1-t) - sqrt(c) t)^2 + (b + 2 sqrt(ac)) t(1-t), so a, c > 0 and
     b > -2 sqrt(ac) make q > 0 on [0, 1] (class c never wins); the mirror makes q < 0 on [0, 1]
     (c always beats y). Margins keep these decisions far from rounding and from ties.
+    lhs (K, 3, b) holds p0, cross, pl class-major (the class axis first: fast reductions).
     """
-    coef = torch.stack([bern[0] - 2.0 * p0, bern[1] - 2.0 * cross, bern[2] - 2.0 * pl])  # (3,b,K)
-    own = coef.gather(2, labels.view(1, -1, 1).expand(3, -1, 1))  # (3, b, 1)
-    qa, qb, qc = (coef - own).unbind(0)  # (b, K) each; zero in column y
-    scale = coef.abs().amax(dim=(0, 2), keepdim=False)[:, None]  # (b, 1)
+    coef = torch.addcmul(bern.T[:, :, None], lhs, lhs.new_tensor(-2.0))  # (K, 3, b) A, B, C
+    col = labels.view(1, 1, -1)
+    own = coef.gather(0, col.expand(1, 3, -1))  # (1, 3, b)
+    scale = coef.abs().amax(dim=(0, 1))  # (b,)
+    qa, qb, qc = (coef - own).unbind(1)  # (K, b) each; zero in row y
     m = _GEO_REL_MARGIN * scale
-    root = 2.0 * (1.0 - _GEO_DISC_SLACK) * (qa * qc).clamp_min(0).sqrt()
+    root = (qa * qc).clamp_min_(0).sqrt_().mul_(2.0 * (1.0 - _GEO_DISC_SLACK))
     pos = (qa > m) & (qc > m) & (qb > -root)
     neg = (qa < -m) & (qc < -m) & (qb < root)
-    is_y = torch.zeros_like(pos).scatter_(1, labels.view(-1, 1), True)
-    return (pos | is_y).all(dim=1), (neg & ~is_y).any(dim=1)
+    row_y = labels.view(1, -1)
+    return pos.scatter_(0, row_y, True).all(dim=0), neg.scatter_(0, row_y, False).any(dim=0)
 
 
 def geodesic_ncc_correct(
@@ -369,33 +369,34 @@ def geodesic_ncc_correct(
 
     With u = h0 - g0, v = hL - gL: <h(t) - g(t), m_c(t) - g(t)> =
     (1-t)^2 <u, Ht0_c> + t(1-t) (<u, HtL_c> + <v, Ht0_c>) + t^2 <v, HtL_c>, so
-    p0 = u Ht0^T, cross = u HtL^T + v Ht0^T, pl = v HtL^T (each (B, K)) give the scores
-    ||m_c(t) - g(t)||^2 - 2 <...> exactly (docs/metrics.md "Geodesic-curve prediction").
+    p0 = u Ht0^T, cross = u HtL^T + v Ht0^T, pl = v HtL^T (each (B, K); transposed views of
+    class-major (K, B) tensors are fastest) give the scores ||m_c(t) - g(t)||^2 - 2 <...>
+    exactly (docs/metrics.md "Geodesic-curve prediction").
     score_matrix (K, T, 4) from :func:`geodesic_score_matrix`, bern (3, K) from
     :func:`geodesic_bernstein_diag`. Samples whose decision provably does not depend on t
     (:func:`_geodesic_decided`) are counted directly; the rest are evaluated at every t.
     Returns (T,) int64 counts.
     """
     k, t_count, _ = score_matrix.shape
-    right, wrong = _geodesic_decided(bern, p0, cross, pl, labels)
-    out = right.sum().expand(t_count).clone()  # (T,) int64
-    rest = (~(right | wrong)).nonzero().flatten()
-    if labels.device.type == "cpu" and rest.numel() < labels.numel():
-        p0, cross, pl, labels = (x.index_select(0, rest) for x in (p0, cross, pl, labels))
-    else:  # accelerators: no data-dependent shapes; decided rows are masked out below
-        rest = None
     b = labels.shape[0]
+    lhs = torch.empty(k, 4, b, dtype=p0.dtype, device=p0.device)  # (K, 4, B) class-major
+    for j, x in enumerate((p0, cross, pl)):
+        lhs[:, j].copy_(x.T)
+    right, wrong = _geodesic_decided(bern, lhs[:, :3], labels)
+    lhs[:, 3] = 1.0
+    out = right.sum().expand(t_count).clone()  # (T,) int64
+    undecided = ~(right | wrong)
+    if labels.device.type == "cpu":  # data-dependent shapes are cheap here
+        rest = undecided.nonzero().flatten()
+        if rest.numel() < b:
+            lhs, labels, b = lhs.index_select(2, rest), labels.index_select(0, rest), rest.numel()
+        undecided = None
     rows = max(1, budget // max(t_count * k, 1))
     for s in range(0, b, rows):
         e = min(s + rows, b)
-        ones = torch.ones(k, 1, e - s, dtype=p0.dtype, device=p0.device)
-        lhs = torch.cat([torch.stack([p0[s:e].T, cross[s:e].T, pl[s:e].T], dim=1), ones], 1)
-        scores = torch.bmm(score_matrix, lhs)  # (K, T, b): (K, T, 4) @ (K, 4, b)
-        if rest is None and b:  # only undecided rows count here
-            undecided = ~(right[s:e] | wrong[s:e])
-            out += ncc_correct_from_scores(scores, labels[s:e], undecided)
-        elif b:
-            out += ncc_correct_from_scores(scores, labels[s:e])
+        scores = torch.bmm(score_matrix, lhs[:, :, s:e])  # (K, T, b): (K, T, 4) @ (K, 4, b)
+        mask = undecided[s:e] if undecided is not None else None  # accelerators: mask rows
+        out += ncc_correct_from_scores(scores, labels[s:e], mask)
     return out
 
 

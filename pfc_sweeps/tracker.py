@@ -31,6 +31,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import pandas as pd
 import torch
 from torch import Tensor
@@ -459,9 +460,12 @@ def _table(rel: list[float], layer_vals: dict, last_vals: dict, run_vals: dict) 
 
 
 def _curves(ts: list[float], curves: dict[str, Tensor]) -> pd.DataFrame:
-    rows = []
-    for key in PFC_METRICS if curves else ():
-        rows += [(t, key, v) for t, v in zip(ts, curves[key].cpu().tolist(), strict=True)]
-    return pd.DataFrame(rows, columns=["t", "metric", "value"]).astype(
-        {"t": "float64", "metric": str, "value": "float64"}
-    )
+    keys = [k for k in PFC_METRICS if k in curves]
+    values = torch.cat([curves[k].to(F64) for k in keys]).cpu().numpy() if keys else []
+    return pd.DataFrame(
+        {
+            "t": np.tile(np.asarray(ts, dtype=np.float64), len(keys)),
+            "metric": np.array([k for k in keys for _ in ts], dtype=object).astype(str),
+            "value": np.asarray(values, dtype=np.float64),
+        }
+    ).astype({"metric": str})

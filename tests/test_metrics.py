@@ -267,7 +267,7 @@ def test_geodesic_pruning_of_decided_samples_is_exact(monkeypatch):
     bern = M.geodesic_bernstein_diag(gram0, x01, graml)
     u, v = h0 - g0, hl - gl
     p0, pl, cross = u @ ht0.T, v @ htl.T, u @ htl.T + v @ ht0.T
-    right, wrong = M._geodesic_decided(bern, p0, cross, pl, y)
+    right, wrong = M._geodesic_decided(bern, torch.stack([p0.T, cross.T, pl.T], 1), y)
     assert right.any() and wrong.any() and (~(right | wrong)).any()
     pruned = M.geodesic_ncc_correct(smat, bern, p0, cross, pl, y)
     none = (torch.zeros_like(right), torch.zeros_like(right))
