@@ -1,6 +1,9 @@
-"""Per-chunk kernels of the streaming tracker, in two precisions (see docs/precision.md).
+"""Pass-2 kernels of the streaming tracker, in two precisions (see docs/precision.md).
 
-The tracker feeds every row chunk of every layer through one of two kernels:
+The tracker feeds blocks of rows (all layers at once) through one of two kernels. A kernel
+does the large (b, d) work in chunks of rows that stay cache resident, and returns the small
+per-row statistics of the whole block, so the accumulators pay their per-call overhead once
+per block, not once per chunk:
 
 * :class:`ExactKernel` (float64 features, or ``precision="float64"``): every operation in
   float64, as the one-shot functions of :mod:`pfc_sweeps.metrics` -- the oracle path;

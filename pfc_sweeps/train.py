@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .accel import Accelerator, prepare_model
+from .allocator import retain_freed_memory
 from .build import build_data, build_net, resolve_device
 from .checkpoint import CheckpointWriter
 from .config import Config
@@ -130,6 +131,8 @@ class Trainer:
         tr = cfg.train
         self.cfg, self.sink, self.logger = cfg, sink, logger
         self.device = resolve_device(tr.device)
+        if self.device.type == "cpu":  # the metric pass's feature cache reuses its pages
+            retain_freed_memory()
         if tr.num_threads:
             torch.set_num_threads(tr.num_threads)
         torch.manual_seed(cfg.seed)

@@ -41,3 +41,38 @@ def test_device_train_runs_and_reports(tmp_path):
     assert sum(line.startswith("epoch ") for line in lines) == 2
     assert lines[-1].startswith("SUMMARY mnist-recipe N=300 bf16: epoch ")
     assert "metric pass" in lines[-1] and "peak GPU memory" in lines[-1]
+
+
+def _run(script: str, *args: str, cwd: Path) -> str:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    out = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / script), *args],
+        capture_output=True, text=True, env=env, timeout=600, cwd=cwd,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def test_bench_metrics_smoke_ratios_match_its_times(tmp_path):
+    """A tiny run of every part; each printed ratio of best times is consistent with the
+    printed times (so the table is computed from what was measured)."""
+    import re
+
+    out = _run("bench_metrics.py", "--scale", "0.005", "--dim", "24", "--layers", "4",
+               "--repeat", "2", "--device", "cpu", cwd=tmp_path)  # fmt: skip
+    lines = {line[:3]: line for line in out.splitlines() if line.startswith("(")}
+    assert set(lines) == {"(a)", "(b)", "(c)"}
+    a = re.search(r"naive ([\d.]+)s, .* ([\d.]+)s -> speedup ([\d.]+)x", lines["(a)"])
+    assert abs(float(a[1]) / float(a[2]) - float(a[3])) <= 0.06 * float(a[3]) + 0.05
+    c = re.search(
+        r"bare forward ([\d.]+)s; cached ([\d.]+)s = ([\d.]+)x \(([\d.]+)x\)", lines["(c)"]
+    )
+    assert abs(float(c[2]) / float(c[1]) - float(c[3])) < 0.02 + 0.01 * float(c[3])
+    assert "independent of N" in out
+
+
+def test_bench_train_smoke_reports_the_floor(tmp_path):
+    out = _run("bench_train.py", "--scale", "0.003", "--rounds", "1", "--width", "16",
+               "--blocks", "2", cwd=tmp_path)  # fmt: skip
+    for key in ("ours / baseline", "ours+metrics / baseline", "floor:", "checkpoint write"):
+        assert key in out, out
