@@ -3,7 +3,7 @@
 (a) CollapseTracker vs the naive peer method (store all features of all layers, build the
     d x d Sigma_W and Sigma_B in float64, pinv), MNIST-scale synthetic features
     N=60000, d=1000, L+1=11 layers, K=10. Goal: >= 10x faster; tracker state independent of N.
-(b) Geodesic curves at 101 values of t vs no curves. Goal: <= 1.05x.
+(b) Geodesic curves at 101 values of t vs no curves (4x --repeat rounds). Goal: <= 1.05x.
 (c) The metrics pass vs a bare model.eval() forward pass over the same data, FC ResNet of
     width 1000 with 10 blocks (pfc_sweeps.models.build_model), cached (one forward) and
     two-pass (two forwards). Goals: <= 1.15x (cached), <= 2.15x (two-pass).
@@ -172,7 +172,7 @@ def part_b(args, device) -> None:
             fns[mode + "+geo"] = lambda c=cache, f=feats, y=y: run_tracker(
                 f, y, args.classes, args.batch, ts=ts, cache_bytes=c
             )
-        t = timed(fns, device, args.repeat)
+        t = timed(fns, device, 4 * args.repeat)  # short runs: 4x the rounds
         rows = [
             f"{m}: {t[m]:.3f}s -> {t[m + '+geo']:.3f}s = {t.ratio(m + '+geo', m):.3f}x "
             f"({t.paired(m + '+geo', m):.3f}x)"
