@@ -1,9 +1,10 @@
 """One small accumulator per statistic; :class:`~pfc_sweeps.tracker.CollapseTracker` composes them.
 
-Each accumulator has ``update`` (one row chunk, state O(L K d + K T), independent of N) and
-``compute`` (its metrics, as tensors keyed by the names of :mod:`pfc_sweeps.schema`).
+Each accumulator has ``update`` (one row chunk in pass 1, one block of rows in pass 2;
+state O(L K d + K T), independent of N) and ``compute`` (its metrics, as tensors keyed by
+the names of :mod:`pfc_sweeps.schema`).
 Pass-1 accumulators see the features chunk by chunk and layer by layer; pass-2 accumulators
-see the float64 :class:`~pfc_sweeps.kernels.Pass2Chunk` of a precision kernel, which needs
+see the float64 :class:`~pfc_sweeps.kernels.Pass2Block` of a precision kernel, which needs
 the final class means. A new metric is one class here and its name in the schema.
 
 Formulas: docs/metrics.md "Notation" and paper eq. 7-9 / 17-19, via :mod:`pfc_sweeps.metrics`.
@@ -16,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from pfc_sweeps.kernels import F32, LayerMeans, Pass2Chunk, Workspace
+from pfc_sweeps.kernels import F32, LayerMeans, Pass2Block, Workspace
 from pfc_sweeps.metrics import (
     F64,
     DegenerateFeaturesError,
@@ -211,7 +212,7 @@ class WithinClass:
         self.zz = torch.zeros(n_layers, k, k, dtype=F64, device=device)
         self.correct = torch.zeros(n_layers, dtype=torch.int64, device=device)
 
-    def update(self, c: Pass2Chunk) -> None:
+    def update(self, c: Pass2Block) -> None:
         self.trw += c.rr
         self.zz += torch.bmm(c.z, c.z.transpose(1, 2))  # (S, K, b) @ (S, b, K)
         self.correct += c.ncc_correct()
@@ -256,7 +257,7 @@ class GeodesicCurve:
         self.correct = torch.zeros(self.ts_all.numel(), dtype=torch.int64, device=r.device)
         self.k = g0.shape[0]
 
-    def update(self, c: Pass2Chunk) -> None:
+    def update(self, c: Pass2Block) -> None:
         k, last = self.k, c.own.shape[0] - 1
         self.cross += c.cross
         mixed = c.extra[0][:k] + c.extra[last][:k]  # (K, b) u0 HtL^T + uL Ht0^T
@@ -300,7 +301,7 @@ class Classifier:
         self.disagree = torch.zeros((), dtype=torch.int64, device=self.w64.device)
         self.k = k
 
-    def update(self, c: Pass2Chunk) -> None:
+    def update(self, c: Pass2Block) -> None:
         last = c.own.shape[0] - 1
         logits = c.extra[last][-self.k :].T + self.shift  # (b, K)
         self.disagree += (logits.argmax(dim=1) != c.ncc_pred(last)).sum()

@@ -16,7 +16,7 @@ per block, not once per chunk:
   is relative to the within-class spread, not to ``||h||``. The rounding of ``m'_c`` itself
   is undone exactly in float64 (sums over a class of h - m_c vanish).
 
-Both kernels produce the same :class:`Pass2Chunk`; the accumulators of
+Both kernels produce the same :class:`Pass2Block`; the accumulators of
 :mod:`pfc_sweeps.accumulators` never see the precision.
 """
 
@@ -29,7 +29,7 @@ from torch import Tensor
 
 from pfc_sweeps.metrics import F64, cross_within, ncc_correct_from_scores
 
-__all__ = ["ExactKernel", "FastKernel", "LayerMeans", "Pass2Chunk", "Workspace", "work_dtype"]
+__all__ = ["ExactKernel", "FastKernel", "LayerMeans", "Pass2Block", "Workspace", "work_dtype"]
 
 F32 = torch.float32
 
@@ -92,7 +92,7 @@ class LayerMeans:
 
 
 @dataclass
-class Pass2Chunk:
+class Pass2Block:
     """Pass-2 statistics of one block of rows, all layers, float64, class-major (S layers,
     b rows, K classes; the K axis before the row axis, so reductions over classes are fast).
 
@@ -135,7 +135,7 @@ class ExactKernel:
         self.lm, self.ws, self.geodesic = lm, ws, geodesic
         self.rhs = [r.contiguous() for r in lm.rhs]  # (K + e, d)
 
-    def pass2(self, layers: list[Tensor], y: Tensor) -> Pass2Chunk:
+    def pass2(self, layers: list[Tensor], y: Tensor) -> Pass2Block:
         """One block of rows (all layers), in chunks of at most ``ws.rows`` rows."""
         lm, k, last, n_s = self.lm, self.lm.gram.shape[-1], len(layers) - 1, len(layers)
         projs: list[list[Tensor]] = [[] for _ in layers]  # per layer, per chunk (b, K + e)
@@ -156,12 +156,11 @@ class ExactKernel:
                 cross += cross_within(ends[0], ends[-1], c01, c10, lm.x01, yc)
         proj = [torch.cat(p) if len(p) > 1 else p[0] for p in projs]  # (B, K + e) each
         own = torch.stack([p[:, :k] for p in proj])  # (S, B, K)
-        extra = {i: p[:, k:] for i, p in enumerate(proj) if p.shape[1] > k}
+        extra = {i: p[:, k:].T for i, p in enumerate(proj) if p.shape[1] > k}  # (e_i, B)
         gy = lm.gram.index_select(1, y)  # (S, B, K) rows G[y_i]
         col = y.view(1, -1, 1).expand(n_s, -1, 1)
         rr = uu - 2.0 * own.gather(2, col).sum((1, 2)) + gy.gather(2, col).sum((1, 2))
-        extra = {i: e.T for i, e in extra.items()}  # (e_i, B)
-        return Pass2Chunk(
+        return Pass2Block(
             y, own.transpose(1, 2), (own - gy).transpose(1, 2), rr, extra, cross, lm.gdiag
         )
 
@@ -214,7 +213,7 @@ class FastKernel:
             return q32, sq, torch.linalg.vecdot(r0, r, dim=1)  # (b,)
         return q32, sq
 
-    def pass2(self, layers: list[Tensor], y: Tensor) -> Pass2Chunk:
+    def pass2(self, layers: list[Tensor], y: Tensor) -> Pass2Block:
         """One block of rows (all layers): the (b, d) work in chunks of ``ws.rows`` rows,
         the float64 statistics once per block."""
         k = self.k
@@ -234,4 +233,4 @@ class FastKernel:
         cross = None
         if self.geodesic:  # sum <r0, rL> - sum_i <delta0_y, deltaL_y>
             cross = dots[0].to(F64).sum() - self.dd.index_select(0, y).sum()
-        return Pass2Chunk(y, own, z, rr, extra, cross, self.lm.gdiag)
+        return Pass2Block(y, own, z, rr, extra, cross, self.lm.gdiag)

@@ -465,7 +465,7 @@ def _curves(ts: list[float], curves: dict[str, Tensor]) -> pd.DataFrame:
     return pd.DataFrame(
         {
             "t": np.tile(np.asarray(ts, dtype=np.float64), len(keys)),
-            "metric": np.array([k for k in keys for _ in ts], dtype=object).astype(str),
+            "metric": [k for k in keys for _ in ts],
             "value": np.asarray(values, dtype=np.float64),
         }
     ).astype({"metric": str})
