@@ -287,8 +287,12 @@ def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def read_table(path: str | os.PathLike[str]) -> tuple[pd.DataFrame, dict[str, Any]]:
-    """A parquet file written by :func:`write_table`, and its metadata dict."""
-    table = pq.read_table(path)
+    """A parquet file written by :func:`write_table`, and its metadata dict.
+
+    One file only: a directory is an ``OSError``, never read as a dataset that would merge
+    whatever parquet files it holds (or give an empty table while a job creates its directory).
+    """
+    table = pq.ParquetFile(path).read()
     return table.to_pandas(), _decode(table.schema.metadata)
 
 

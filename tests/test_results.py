@@ -57,6 +57,23 @@ def test_schema_types_and_metadata(tmp_path):
     assert is_done(tmp_path)
 
 
+def test_a_directory_is_never_read_as_a_dataset(tmp_path):
+    """read_table reads one file: a directory (even one holding a job's table, or one that a
+    job has just created) is an OSError, not a merge of its parquet files or an empty table."""
+    from pfc_sweeps.schema import read_table
+
+    sink = ResultsSink(tmp_path / "job", META, {})
+    sink.add(_rows(1))
+    sink.finish("done")
+    (tmp_path / "empty").mkdir()
+    for d in (tmp_path / "job", tmp_path / "empty"):
+        with pytest.raises(OSError, match="directory"):
+            read_table(d)
+    with pytest.raises(FileNotFoundError):  # an empty job dir: no table yet
+        read_results(tmp_path / "empty")
+    assert len(read_results(tmp_path / "job")[0]) == 3
+
+
 def test_done_is_written_last_and_only_on_success(tmp_path):
     sink = ResultsSink(tmp_path, META, {})
     sink.add(_rows(1))
