@@ -4,7 +4,8 @@ step through :class:`Accelerator`; the metric pass is unaffected (the tracker tu
 and TF32 off inside itself, see docs/precision.md).
 
 - ``train.precision``: ``fp32`` (default), ``bf16`` (CPU and CUDA) or ``fp16`` (CUDA only,
-  with a gradient scaler) through :func:`torch.autocast`;
+  with a gradient scaler, whose loss scale is saved in the checkpoint) through
+  :func:`torch.autocast`;
 - ``train.channels_last``: the conv nets' weights and input batches in NHWC memory format;
 - ``train.tf32``: TF32 float32 matmuls and convolutions (Ampere and later GPUs);
 - ``train.compile``: ``torch.compile`` of the training forward pass (the module and its
@@ -86,3 +87,12 @@ class Accelerator:
             self.scaler.scale(loss).backward()
             self.scaler.step(opt)
             self.scaler.update()
+
+    def state_dict(self) -> dict[str, Any]:
+        """The gradient scaler's state (its loss scale and growth tracker); {} without one."""
+        return {"scaler": self.scaler.state_dict()} if self.scaler is not None else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` (a checkpoint without a scaler state leaves it fresh)."""
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])

@@ -163,6 +163,7 @@ class Trainer:
         self.model.load_state_dict(state["model"])
         self.opt.load_state_dict(state["optim"])
         self.sched.load_state_dict(state["sched"])
+        self.accel.load_state_dict(state.get("accel", {}))  # fp16: the loss scale
         self.shuffle.set_state(state["shuffle"])
         _set_rng_state(state["rng"])
         self.sink.load_rows(
@@ -185,6 +186,7 @@ class Trainer:
             "model": self.model.state_dict(),
             "optim": self.opt.state_dict(),
             "sched": self.sched.state_dict(),
+            "accel": self.accel.state_dict(),
             "shuffle": self.shuffle.get_state(),
             "rng": _rng_state(),
             "rows": _rows_to_bytes(self.sink.frame()),

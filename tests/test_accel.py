@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+import math
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +16,7 @@ from pfc_sweeps.config import Config, ConfigError, TrainConfig, validate
 from pfc_sweeps.models import build_model
 
 CPU = torch.device("cpu")
+REPO = Path(__file__).resolve().parents[1]
 
 
 def opts(**kw) -> TrainConfig:
@@ -148,3 +151,57 @@ def test_compile_keeps_state_dict_and_results():
     got = train_steps(model, Accelerator(opts(), CPU))
     want = train_steps(ref, Accelerator(opts(), CPU))
     assert got == pytest.approx(want, rel=1e-5)
+
+
+def _scaled(init_scale: float = 2.0**10) -> Accelerator:
+    """An fp32 Accelerator with a CPU gradient scaler (fp16 itself needs CUDA)."""
+    acc = Accelerator(opts(), CPU)
+    acc.scaler = torch.amp.GradScaler("cpu", init_scale=init_scale, growth_interval=1000)
+    return acc
+
+
+def test_scaler_state_round_trips():
+    """The loss scale after an overflow (halved) and the growth tracker survive state_dict;
+    a fresh scaler would start again at init_scale."""
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    acc = _scaled()
+    x = torch.randn(4, 3)
+    acc.step(model(x).sum() * math.inf, opt)  # inf gradients: step skipped, scale halved
+    acc.step(model(x).sum(), opt)  # a good step: growth tracker 1
+    state = acc.state_dict()
+    assert state["scaler"]["scale"] == 2.0**9 and state["scaler"]["_growth_tracker"] == 1
+    back = _scaled()
+    back.load_state_dict(state)
+    assert back.scaler.get_scale() == 2.0**9 and back.scaler.state_dict() == state["scaler"]
+    fresh = _scaled()
+    fresh.load_state_dict({})  # a checkpoint from before the scaler was saved
+    assert fresh.scaler.get_scale() == 2.0**10
+    assert Accelerator(opts(), CPU).state_dict() == {}  # no scaler: nothing to save
+
+
+def test_trainer_checkpoint_keeps_the_loss_scale(tmp_path, monkeypatch):
+    """A resumed fp16 job continues with the loss scale it had, not the initial one."""
+    from hydra import compose, initialize_config_dir
+
+    from pfc_sweeps import train as train_mod
+    from pfc_sweeps.config import register_configs
+    from pfc_sweeps.loggers import NullLogger
+    from pfc_sweeps.results import ResultsSink
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = validate(compose("config", ["train.epochs=2", "arch.width=16", "arch.blocks=2"]))
+    monkeypatch.setattr(train_mod, "Accelerator", lambda tr, dev: _scaled())
+    meta = dict(run_id="r", sweep_id="s", task="train", dataset="digits", arch="digits",
+                loss="ce", seed=0, lam=math.nan, lam_w=math.nan)  # fmt: skip
+
+    def trainer():
+        return train_mod.Trainer(cfg, tmp_path, ResultsSink(tmp_path, meta, {}), NullLogger())
+
+    first = trainer()
+    first.accel.scaler.load_state_dict({**first.accel.scaler.state_dict(), "scale": 123.0})
+    first._save(1)
+    first.close()
+    second = trainer()
+    assert second.start_epoch == 2 and second.accel.scaler.get_scale() == 123.0
