@@ -292,7 +292,8 @@ def read_table(path: str | os.PathLike[str]) -> tuple[pd.DataFrame, dict[str, An
     One file only: a directory is an ``OSError``, never read as a dataset that would merge
     whatever parquet files it holds (or give an empty table while a job creates its directory).
     """
-    table = pq.ParquetFile(path).read()
+    with pq.ParquetFile(path) as f:  # closed here, not whenever it is garbage collected
+        table = f.read()
     return table.to_pandas(), _decode(table.schema.metadata)
 
 

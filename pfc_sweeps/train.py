@@ -300,8 +300,8 @@ def run_training(cfg: Config, out_dir: Path, sink: ResultsSink, logger: RunLogge
                 dt = time.perf_counter() - t0
                 log.info(f"epoch {epoch}/{epochs} {msg} lr={v[LR]:.3g} ({dt:.2f}s)")
     finally:
-        trainer.close()  # the last checkpoint is on disk before the job is marked done
         if bar is not None:
             bar.close()
+        trainer.close()  # the last checkpoint is on disk before the job is marked done
     if trainer.last_table is not None:
         print_final(trainer.last_table, sink.path)
