@@ -377,9 +377,15 @@ def test_acceptance2_one_process_per_job_dir(tmp_path, reference):
     out = tmp_path / "job"
     first = _start(out)
     _wait_for_checkpoint(out, first)
-    t0 = time.time()
-    second = _start(out, "seed=1")
-    _, err = second.communicate(timeout=60)
+    # hold the first job (and its lock) still: otherwise it may finish its few fast epochs
+    # and release the dir before the second process gets there
+    first.send_signal(signal.SIGSTOP)
+    try:
+        t0 = time.time()
+        second = _start(out, "seed=1")
+        _, err = second.communicate(timeout=60)
+    finally:
+        first.send_signal(signal.SIGCONT)
     assert second.returncode != 0 and time.time() - t0 < 10
     assert _lines(err) == [_lines(err)[0]] and f"{out} is in use by another job" in err, err
     assert f"pid {first.pid}" in err
