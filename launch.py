@@ -4,7 +4,7 @@ import sys
 from pathlib import Path
 
 if __name__ == "__main__":
-    from pfc_sweeps.cli import precheck
+    from pfc_sweeps.jobs.cli import precheck
 
     precheck(sys.argv[1:], Path(__file__).parent / "conf")
 
@@ -12,7 +12,7 @@ import hydra
 from omegaconf import DictConfig
 
 from pfc_sweeps.config import register_configs
-from pfc_sweeps.tasks import main as run_task
+from pfc_sweeps.jobs.dispatch import main as run_task
 
 register_configs()
 

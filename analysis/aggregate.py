@@ -5,7 +5,7 @@ the results (and curves) of the finished jobs, drops the rows a requeued job rec
 (:func:`drop_duplicate_rows`) and keeps every run's config. The result can be written to one
 parquet file (:func:`write_aggregate`, with its curves next to it) whose metadata holds
 ``{"aggregate": {"runs": [...], "jobs": [...], ...}}``, so that a later :func:`load` gets it
-all back. Columns, metadata key, reader and writer are those of :mod:`pfc_sweeps.schema`.
+all back. Columns, metadata key, reader and writer are those of :mod:`pfc_sweeps.results.schema`.
 
 Command line::
 
@@ -34,7 +34,7 @@ from analysis.discovery import (
     inspect_job,
     normalize_table,
 )
-from pfc_sweeps.schema import (
+from pfc_sweeps.results.schema import (
     COLUMNS,
     CURVE_COLUMNS,
     CURVE_KEY,
@@ -72,10 +72,10 @@ class NoResultsError(ValueError):
 class Aggregate:
     """The gathered results.
 
-    table:  the tidy results table (:data:`~pfc_sweeps.schema.COLUMNS`), duplicates dropped.
+    table:  the tidy results table (:data:`~pfc_sweeps.results.schema.COLUMNS`), duplicates dropped.
     runs:   one row per run_id: run_id, job_dir, status, sweep_id, task, config (JSON string).
     jobs:   every job folder found, finished or not.
-    curves: the geodesic curves (:data:`~pfc_sweeps.schema.CURVE_COLUMNS`) of those runs.
+    curves: the geodesic curves (:data:`~pfc_sweeps.results.schema.CURVE_COLUMNS`) of those runs.
     """
 
     table: pd.DataFrame
@@ -127,7 +127,7 @@ def drop_duplicate_rows(
 ) -> tuple[pd.DataFrame, int, int]:
     """Drop repeated measurements (same ``key`` columns), keeping the last one written.
 
-    ``key``: :data:`~pfc_sweeps.schema.RESULT_KEY` for results (a per-layer row re-recorded
+    ``key``: :data:`~pfc_sweeps.results.schema.RESULT_KEY` for results (a per-layer row re-recorded
     with another measured rel_pos is still a duplicate), ``CURVE_KEY`` for curves. Returns
     (table, rows dropped, dropped rows whose value differed from the kept one).
     """

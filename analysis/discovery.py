@@ -1,7 +1,7 @@
 """Find job folders and tell what state each job is in (for :mod:`analysis.aggregate`).
 
 A sweep leaves one folder per job (Hydra multirun: ``<sweep_dir>/<job_num>/`` next to
-``<sweep_dir>/multirun.yaml``), laid out as :mod:`pfc_sweeps.schema` says. This module
+``<sweep_dir>/multirun.yaml``), laid out as :mod:`pfc_sweeps.results.schema` says. This module
 finds those folders (:func:`find_job_dirs`), counts the jobs a sweep asked for
 (:func:`expected_job_count`), and reads one job (:func:`inspect_job`): its tables, its
 status, and for a job that did not finish the reason (``error.txt``, the log files).
@@ -18,7 +18,7 @@ from typing import Any
 import pandas as pd
 import pyarrow as pa
 
-from pfc_sweeps.schema import (
+from pfc_sweeps.results.schema import (
     COLUMNS,
     CURVE_COLUMNS,
     DONE_FILE,

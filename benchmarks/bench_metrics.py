@@ -5,11 +5,11 @@
     N=60000, d=1000, L+1=11 layers, K=10. Goal: >= 10x faster; tracker state independent of N.
 (b) Geodesic curves at 101 values of t vs no curves (4x --repeat rounds). Goal: <= 1.05x.
 (c) The metrics pass vs a bare model.eval() forward pass over the same data, FC ResNet of
-    width 1000 with 10 blocks (pfc_sweeps.models.build_model), cached (one forward) and
+    width 1000 with 10 blocks (pfc_sweeps.nets.resnets.build_model), cached (one forward) and
     two-pass (two forwards). Goals: <= 1.15x (cached), <= 2.15x (two-pass).
 
 The float32 features take the tracker's fast path (docs/precision.md). On CPU the script
-keeps freed memory for reuse, as CPU training jobs do (pfc_sweeps.allocator); run with
+keeps freed memory for reuse, as CPU training jobs do (pfc_sweeps.collapse.allocator); run with
 --no-retain to see glibc's default. Times are the best
 of --repeat interleaved rounds and ratios are ratios of best times; in parentheses, the
 median over rounds of the ratio of two times taken back to back in one round.
@@ -29,10 +29,10 @@ from collections.abc import Callable
 
 import torch
 
-from pfc_sweeps.allocator import retain_freed_memory
-from pfc_sweeps.metrics import pfc_metrics
-from pfc_sweeps.schema import NC1, PFC1, PFC3
-from pfc_sweeps.tracker import CollapseTracker
+from pfc_sweeps.collapse.allocator import retain_freed_memory
+from pfc_sweeps.collapse.metrics import pfc_metrics
+from pfc_sweeps.collapse.tracker import CollapseTracker
+from pfc_sweeps.results.schema import NC1, PFC1, PFC3
 
 
 def sync(device: torch.device) -> None:
@@ -186,7 +186,7 @@ def part_b(args, device) -> None:
 
 def fc_resnet(device):
     try:
-        from pfc_sweeps.models import build_model
+        from pfc_sweeps.nets.resnets import build_model
 
         return build_model("fc", (1, 28, 28), 10, width=1000, blocks=10, block="relu").to(device)
     except ImportError:  # pragma: no cover - local equivalent h + relu(W h + b)
@@ -288,7 +288,7 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    # as CPU training jobs do (pfc_sweeps.allocator): freed feature caches keep their pages
+    # as CPU training jobs do (pfc_sweeps.collapse.allocator): freed feature caches keep their pages
     retained = device.type == "cpu" and not args.no_retain and retain_freed_memory()
     print(
         f"bench_metrics: device {name}, torch {torch.__version__}, "

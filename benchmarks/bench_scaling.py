@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pfc_sweeps.tracker import CollapseTracker
+from pfc_sweeps.collapse.tracker import CollapseTracker
 
 QUICK = {
     "base": {"n": 2000, "d": 256, "layers": 4, "k": 10},

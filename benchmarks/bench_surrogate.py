@@ -8,7 +8,7 @@ Times, in one run and interleaved (so load drift on a shared machine hits all al
             cost; timed only for seeds that plain GD survives (e.g. 2; seed 0 diverges)
 and prints batched / single (goal: <= 2x) and loop / batched (goal: >= 20x for 40 values).
 Paper setting otherwise: K=5, d=20, n=100, MSE, GD lr 0.1, per-sample H step with the step
-guard (the default; see pfc_sweeps/surrogate.py), seed 0.
+guard (the default; see pfc_sweeps/surrogate/), seed 0.
 
 Usage: python benchmarks/bench_surrogate.py [--steps 5000] [--lams 40] [--repeat 1]
        [--log-every N] [--method auto|direct] [--threads 1] [--dtype float64|float32]
@@ -27,7 +27,8 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from pfc_sweeps.surrogate import SurrogateDivergedError, make_gaussian_data, solve_batched
+from pfc_sweeps.surrogate.objective import SurrogateDivergedError, make_gaussian_data
+from pfc_sweeps.surrogate.solver import solve_batched
 
 
 def timed(fns: dict[str, Callable[[], object]], repeat: int) -> dict[str, float]:

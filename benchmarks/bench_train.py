@@ -32,10 +32,10 @@ from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, TensorDataset
 
 from pfc_sweeps.config import Config
-from pfc_sweeps.loggers import NullLogger
-from pfc_sweeps.models import build_model
-from pfc_sweeps.results import ResultsSink
-from pfc_sweeps.train import Trainer, loss_fn
+from pfc_sweeps.jobs.train import Trainer, loss_fn
+from pfc_sweeps.nets.resnets import build_model
+from pfc_sweeps.results.loggers import NullLogger
+from pfc_sweeps.results.sink import ResultsSink
 
 
 def make_config(n_per_class: int, metrics: bool, width: int, blocks: int) -> Config:

@@ -16,11 +16,12 @@ import time
 
 import torch
 
-from pfc_sweeps.accel import Accelerator, prepare_model
-from pfc_sweeps.config import TRAIN_PRECISIONS, TrainConfig
-from pfc_sweeps.models import build_model
-from pfc_sweeps.schema import PFC3
-from pfc_sweeps.tracker import CollapseTracker
+from pfc_sweeps.choices import TRAIN_PRECISIONS
+from pfc_sweeps.collapse.tracker import CollapseTracker
+from pfc_sweeps.config import TrainConfig
+from pfc_sweeps.jobs.accel import Accelerator, prepare_model
+from pfc_sweeps.nets.resnets import build_model
+from pfc_sweeps.results.schema import PFC3
 
 
 def mnist_shaped(n: int, device: torch.device, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

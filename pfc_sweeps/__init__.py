@@ -1,9 +1,11 @@
 """pfc-sweeps: progressive feedforward collapse metrics, ResNet training and UFM/MUFM sweeps.
 
-Modules: ``metrics`` (PFC1-3, NC1-4, depth coordinate, geodesic curves, straightness),
-``tracker`` (streaming all-layer tracker), ``surrogate`` (MUFM/UFM solvers), ``data``,
-``models`` (Table I), ``train``, ``config`` (Hydra schema), ``results`` (parquet sink),
-``loggers`` (W&B), ``tasks`` (what ``launch.py`` runs).
+Subpackages, one per concern (README, "Project structure"):
+``collapse`` (the metric engine and its streaming tracker), ``surrogate`` (MUFM/UFM),
+``nets`` (Table I ResNets, hooks for any ``nn.Module``), ``data`` (data sets),
+``jobs`` (running one job: checks, job dir, tasks, checkpoints, Hydra callbacks) and
+``results`` (the tables' format, sinks, loggers, W&B charts, figures).
+``config`` is the typed Hydra schema and ``choices`` its allowed values.
 """
 
 __version__ = "0.1.0"

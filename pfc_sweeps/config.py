@@ -20,7 +20,21 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import AnyNode, DictConfig, OmegaConf
 
-from .schema import SURROGATE_MODELS
+from pfc_sweeps.choices import (
+    ARCH_KINDS,
+    BLOCKS,
+    DATASETS,
+    DEVICES,
+    H_STEPS,
+    LOGGERS,
+    LOSSES,
+    MEASURE_SPLITS,
+    OPTIMIZERS,
+    TASKS,
+    TRAIN_PRECISIONS,
+    WANDB_MODES,
+)
+from pfc_sweeps.results.schema import SURROGATE_MODELS
 
 __all__ = [
     "ARCH_KINDS",
@@ -54,31 +68,6 @@ __all__ = [
     "schema_keys",
     "validate",
 ]
-
-#: ``task.name``: train a ResNet, or solve the surrogate models of ``task.models``.
-TASKS = ("train", "surrogate", "measure")
-#: ``module``: any data set from ``_target_`` nodes (``dataset.train``, ``dataset.test``).
-DATASETS = (
-    "digits",
-    "gaussian",
-    "mnist",
-    "fashion_mnist",
-    "cifar10",
-    "stl10",
-    "cifar100",
-    "module",
-)
-LOSSES = ("ce", "mse")
-OPTIMIZERS = ("sgd",)
-#: ``module``: any nn.Module from a ``_target_`` node (``arch.model``).
-ARCH_KINDS = ("fc", "conv", "module")
-MEASURE_SPLITS = ("train", "test")
-BLOCKS = ("relu", "mlp", "preact_bn", "mlp_bn")
-LOGGERS = ("wandb", "none")
-WANDB_MODES = ("offline", "online", "disabled")
-H_STEPS = ("per_sample", "per_class", "mean")
-DEVICES = ("auto", "cpu", "cuda")
-TRAIN_PRECISIONS = ("fp32", "bf16", "fp16")  # train.precision (pfc_sweeps.accel)
 
 
 class ConfigError(ValueError):
@@ -208,7 +197,7 @@ class TrainConfig:
     # Training sets bigger than this (as float32 tensors) stream through a DataLoader.
     data_gb: float = 8.0
     num_workers: int = 0  # DataLoader workers of the streaming path
-    # Speed options (pfc_sweeps.accel), all off by default: autocast precision of the
+    # Speed options (pfc_sweeps.jobs.accel), all off by default: autocast precision of the
     # training steps (fp16 needs CUDA), NHWC conv nets, TF32 matmuls, torch.compile.
     precision: str = "fp32"
     channels_last: bool = False

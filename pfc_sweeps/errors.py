@@ -1,4 +1,4 @@
-"""Job-level failures that are reported as one line (see ``pfc_sweeps.tasks.main``)."""
+"""Job-level failures that are reported as one line (see ``pfc_sweeps.jobs.dispatch.main``)."""
 
 __all__ = ["Diverged", "PFCError"]
 

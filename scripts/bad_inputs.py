@@ -100,7 +100,7 @@ def _file(d: Path) -> None:
 
 
 def _locked(d: Path) -> None:
-    from pfc_sweeps.jobdir import JobLock
+    from pfc_sweeps.jobs.jobdir import JobLock
 
     d.mkdir(parents=True)
     _locked.lock = JobLock(d).acquire()  # held by this script while the case runs

@@ -1,4 +1,4 @@
-"""Training speed options (pfc_sweeps.accel): each off by default, each checked where it runs."""
+"""Training speed options (pfc_sweeps.jobs.accel): each off by default, each checked where it runs."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from pfc_sweeps.accel import Accelerator, prepare_model
 from pfc_sweeps.config import Config, ConfigError, TrainConfig, validate
-from pfc_sweeps.models import build_model
+from pfc_sweeps.jobs.accel import Accelerator, prepare_model
+from pfc_sweeps.nets.resnets import build_model
 
 CPU = torch.device("cpu")
 REPO = Path(__file__).resolve().parents[1]
@@ -112,7 +112,7 @@ def test_tf32_sets_the_matmul_flags():
 
 def test_tracker_ignores_tf32_and_autocast():
     """The metric pass stays float32/float64 exact when training enabled TF32 or autocast."""
-    from pfc_sweeps.tracker import CollapseTracker
+    from pfc_sweeps.collapse.tracker import CollapseTracker
 
     gen = torch.Generator().manual_seed(0)
     y = torch.arange(60) % 3
@@ -184,10 +184,10 @@ def test_trainer_checkpoint_keeps_the_loss_scale(tmp_path, monkeypatch):
     """A resumed fp16 job continues with the loss scale it had, not the initial one."""
     from hydra import compose, initialize_config_dir
 
-    from pfc_sweeps import train as train_mod
     from pfc_sweeps.config import register_configs
-    from pfc_sweeps.loggers import NullLogger
-    from pfc_sweeps.results import ResultsSink
+    from pfc_sweeps.jobs import train as train_mod
+    from pfc_sweeps.results.loggers import NullLogger
+    from pfc_sweeps.results.sink import ResultsSink
 
     register_configs()
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from pfc_sweeps.allocator import retain_freed_memory
+from pfc_sweeps.collapse.allocator import retain_freed_memory
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = """
 import resource, sys, torch
-from pfc_sweeps.allocator import retain_freed_memory
+from pfc_sweeps.collapse.allocator import retain_freed_memory
 if sys.argv[1] == "1":
     assert retain_freed_memory()
 def round_():  # like a cached metric pass: many 4 MB feature tensors alive at once, then freed

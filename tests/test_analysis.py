@@ -1,6 +1,6 @@
 """Tests of analysis/ (issue 5): aggregation, figures, summary.
 
-All inputs are generated here in the format of pfc_sweeps.schema and laid out as the
+All inputs are generated here in the format of pfc_sweeps.results.schema and laid out as the
 producers do: <sweep>/<job_num>/{metrics.parquet, curves.parquet, run_id, done, .hydra/}
 next to <sweep>/multirun.yaml.
 """
@@ -20,7 +20,7 @@ from matplotlib.colors import to_rgb
 from matplotlib.patches import Rectangle
 
 from analysis import aggregate as agg_mod
-from analysis import discovery, figures, summary
+from analysis import discovery, figures
 from analysis.aggregate import (
     NoResultsError,
     SchemaError,
@@ -30,10 +30,9 @@ from analysis.aggregate import (
     read_aggregate,
 )
 from analysis.discovery import expected_job_count
-from analysis.figures import FigureDataError
-from analysis.summary import is_monotone, summarize_surrogate, summarize_train
-from analysis.tidy import ci95
-from pfc_sweeps.schema import (
+from pfc_sweeps.results import summary
+from pfc_sweeps.results.figures import FigureDataError
+from pfc_sweeps.results.schema import (
     ALIGNMENT,
     COLUMNS,
     CURVE_COLUMNS,
@@ -58,6 +57,8 @@ from pfc_sweeps.schema import (
     TRAIN_LOSS,
     write_table,
 )
+from pfc_sweeps.results.summary import is_monotone, summarize_surrogate, summarize_train
+from pfc_sweeps.results.tidy import ci95
 
 matplotlib.use("Agg")
 
@@ -281,7 +282,7 @@ def write_job(
     run_id: str | None = None,
     curves: pd.DataFrame | None = None,
 ) -> Path:
-    """Lay a job folder out as the producers do (pfc_sweeps.schema.write_table)."""
+    """Lay a job folder out as the producers do (pfc_sweeps.results.schema.write_table)."""
     job_dir.mkdir(parents=True, exist_ok=True)
     (job_dir / ".hydra").mkdir(exist_ok=True)
     (job_dir / ".hydra" / "config.yaml").write_text("task: x\n")
@@ -823,7 +824,7 @@ def test_make_figures_rejects_bad_arguments(tmp_path):
 
 
 def test_seed_clashes_flag_runs_averaged_as_seeds():
-    from analysis.tidy import seed_clashes
+    from pfc_sweeps.results.tidy import seed_clashes
 
     assert seed_clashes(pd.concat([train_frame("a", seed=0), train_frame("b", seed=1)])) == []
     notes = seed_clashes(

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pfc_sweeps.checkpoint import CheckpointWriter, cpu_copy
-from pfc_sweeps.schema import TEMP_GLOB
+from pfc_sweeps.jobs.checkpoint import CheckpointWriter, cpu_copy
+from pfc_sweeps.results.schema import TEMP_GLOB
 
 
 def test_snapshot_is_taken_at_save_time(tmp_path):

@@ -1,4 +1,4 @@
-"""Data sets (pfc_sweeps/data.py): real on-disk formats through torchvision, digits, gaussian."""
+"""Data sets (pfc_sweeps/data/): real on-disk formats through torchvision, digits, gaussian."""
 
 from __future__ import annotations
 
@@ -15,13 +15,8 @@ import pytest
 import torch
 import torchvision
 
-from pfc_sweeps.data import (
-    DATASET_NAMES,
-    DatasetNotFound,
-    balanced_subset,
-    default_data_root,
-    load_dataset,
-)
+from pfc_sweeps.data.builtin import balanced_subset, default_data_root, load_dataset
+from pfc_sweeps.data.bundles import DATASET_NAMES, DatasetNotFound
 
 # The usual normalisation constants, written out independently of data.NORMALIZATION.
 MEAN_STD = {
@@ -328,7 +323,8 @@ def test_real_mnist_t10k(tmp_path) -> None:
 
 
 def test_module_dataset_class_count_subset_and_streaming(tmp_path) -> None:
-    from pfc_sweeps.data import DataBundle, StreamBundle, load_module_dataset
+    from pfc_sweeps.data.bundles import DataBundle, StreamBundle
+    from pfc_sweeps.data.module import load_module_dataset
 
     fakedata.write_image_folder(tmp_path, k=3, n_per_class=6, size=4)
     node = {

@@ -15,7 +15,7 @@ from conftest import REPO, launch
 
 from analysis import figures
 from analysis.aggregate import read_aggregate
-from pfc_sweeps.schema import (
+from pfc_sweeps.results.schema import (
     ALIGNMENT,
     CURVES_FILE,
     PFC1,

@@ -1,7 +1,7 @@
 """Trustworthy result tables: one job dir, one config, one process; every failure one line.
 
 The acceptance tests of the issue, numbered as there, plus unit tests of the pieces
-(:mod:`pfc_sweeps.jobdir`, the unknown-key and inf/NaN checks of :mod:`pfc_sweeps.config`).
+(:mod:`pfc_sweeps.jobs.jobdir`, the unknown-key and inf/NaN checks of :mod:`pfc_sweeps.config`).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from pfc_sweeps.config import (
     schema_keys,
     validate,
 )
-from pfc_sweeps.jobdir import (
+from pfc_sweeps.jobs.jobdir import (
     JobDirError,
     JobLock,
     check_fingerprint,
@@ -38,7 +38,7 @@ from pfc_sweeps.jobdir import (
     fingerprint,
     remove_stale_temps,
 )
-from pfc_sweeps.schema import (
+from pfc_sweeps.results.schema import (
     CHECKPOINT_FILE,
     DONE_FILE,
     ERROR_FILE,
@@ -99,7 +99,7 @@ def test_fingerprint_names_every_differing_key_and_ignores_excluded_ones(tmp_pat
 
 def test_lock_is_exclusive_names_the_holder_and_dies_with_it(tmp_path):
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from pfc_sweeps.jobdir import JobLock; "
+        [sys.executable, "-c", "import sys, time; from pfc_sweeps.jobs.jobdir import JobLock; "
          f"JobLock({str(tmp_path)!r}).acquire().claim(); print('locked', flush=True); "
          "time.sleep(60)"],
         stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)},

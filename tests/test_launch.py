@@ -13,7 +13,7 @@ import pytest
 import torch
 from conftest import REPO, launch
 
-from pfc_sweeps.schema import ALIGNMENT, LR, PFC1, PFC2, PFC3, TRAIN_ACC, read_results
+from pfc_sweeps.results.schema import ALIGNMENT, LR, PFC1, PFC2, PFC3, TRAIN_ACC, read_results
 
 TINY = [
     "logger=none",
@@ -44,8 +44,8 @@ def test_default_train_rows_match_an_independent_computation(tmp_path):
     assert per_layer["rel_pos"].iloc[0] == 0 and per_layer["rel_pos"].iloc[-1] == pytest.approx(1)
 
     # Recompute PFC1 and PFC3 at the last epoch from the checkpointed model, by brute force.
-    from pfc_sweeps.data import load_dataset
-    from pfc_sweeps.models import build_model
+    from pfc_sweeps.data.builtin import load_dataset
+    from pfc_sweeps.nets.resnets import build_model
 
     data = load_dataset("digits", seed=0)
     model = build_model("fc", data.in_shape, 10, width=32, blocks=3, block="preact_bn")

@@ -1,4 +1,4 @@
-"""The W&B layout (pfc_sweeps.loggers), checked in the offline run files themselves.
+"""The W&B layout (pfc_sweeps.results.loggers), checked in the offline run files themselves.
 
 The offline ``.wandb`` files are read with tests/wandb_reader.py (no network, no wandb
 reader); every value is compared with the job's parquet table.
@@ -21,8 +21,8 @@ import pytest
 from conftest import REPO, launch
 from wandb_reader import read_runs, records, wandb_files
 
-from pfc_sweeps.loggers import rows_to_keys, run_tags, train_summary, wandb_config
-from pfc_sweeps.schema import (
+from pfc_sweeps.results.loggers import rows_to_keys, run_tags, train_summary, wandb_config
+from pfc_sweeps.results.schema import (
     NC3,
     PFC1,
     PFC2,
@@ -33,7 +33,7 @@ from pfc_sweeps.schema import (
     read_curves,
     read_results,
 )
-from pfc_sweeps.wandb_charts import wide_results
+from pfc_sweeps.results.wandb_charts import wide_results
 
 SMALL = ["train.epochs=4", "arch.width=32", "arch.blocks=3", "train.geodesic_points=11"]
 PFC = (PFC1, PFC2, PFC3)

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from pfc_sweeps import metrics as M
-from pfc_sweeps.metrics import (
-    DegenerateFeaturesError,
-    EmptyClassError,
-    MetricInputError,
+from pfc_sweeps.collapse import inputs
+from pfc_sweeps.collapse import metrics as oneshot
+from pfc_sweeps.collapse import stats as M
+from pfc_sweeps.collapse.inputs import DegenerateFeaturesError, EmptyClassError, MetricInputError
+from pfc_sweeps.collapse.metrics import (
     effective_depth,
     energy_ratio,
     geodesic_curve,
@@ -22,7 +22,16 @@ from pfc_sweeps.metrics import (
     thm1_inner,
     transport_cost,
 )
-from pfc_sweeps.schema import NC1, NC2_EQUIANGLE, NC2_EQUINORM, PFC1, PFC2, PFC3, TR_SB, TR_SW
+from pfc_sweeps.results.schema import (
+    NC1,
+    NC2_EQUIANGLE,
+    NC2_EQUINORM,
+    PFC1,
+    PFC2,
+    PFC3,
+    TR_SB,
+    TR_SW,
+)
 
 RTOL = 1e-8
 
@@ -116,7 +125,7 @@ def test_pfc_metrics_matches_brute_force(seed, n, d, k, unbalanced):
 def test_pfc_metrics_float32_input_and_chunking(monkeypatch):
     h, y = make_data(5, n=400, d=16, k=5, dtype=torch.float32)
     want = brute_metrics(h.double().numpy(), y.numpy(), 5)
-    monkeypatch.setattr(M, "_CHUNK_ELEMENTS", 16 * 7)  # 7 rows per chunk
+    monkeypatch.setattr(inputs, "_CHUNK_ELEMENTS", 16 * 7)  # 7 rows per chunk
     assert_close(pfc_metrics(h, y, 5), want)
 
 
@@ -257,8 +266,8 @@ def test_geodesic_pruning_of_decided_samples_is_exact(monkeypatch):
     gen = np.random.default_rng(25)
     hl = h0 @ torch.tensor(gen.normal(size=(d, d))) + torch.tensor(gen.normal(size=(k, d)) * 2)[y]
     ts = torch.linspace(0, 1, 21)
-    g0, ht0, gram0 = M.class_moments(*M._layer_pass1(h0, y, k))[1:]
-    gl, htl, graml = M.class_moments(*M._layer_pass1(hl, y, k))[1:]
+    g0, ht0, gram0 = M.class_moments(*oneshot._layer_pass1(h0, y, k))[1:]
+    gl, htl, graml = M.class_moments(*oneshot._layer_pass1(hl, y, k))[1:]
     x01 = ht0 @ htl.T
     coef = M.geodesic_coefficients(ts)
     smat = M.geodesic_score_matrix(

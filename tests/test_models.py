@@ -10,9 +10,10 @@ import torch.nn.functional as F
 from conftest import REPO
 from hydra import compose, initialize_config_dir
 
-from pfc_sweeps.build import build_net
-from pfc_sweeps.config import BLOCKS, ArchConfig, register_configs, validate
-from pfc_sweeps.models import PFCNet, build_model
+from pfc_sweeps.choices import BLOCKS
+from pfc_sweeps.config import ArchConfig, register_configs, validate
+from pfc_sweeps.jobs.build import build_net
+from pfc_sweeps.nets.resnets import PFCNet, build_model
 
 register_configs()
 
@@ -252,8 +253,8 @@ def test_bad_shapes() -> None:
 
 
 def test_layer_globs_match_one_level_in_order() -> None:
-    from pfc_sweeps.features import ModelSpecError, resolve_layers
-    from pfc_sweeps.models import torchvision_resnet
+    from pfc_sweeps.nets.hooks import ModelSpecError, resolve_layers
+    from pfc_sweeps.nets.resnets import torchvision_resnet
 
     net = torchvision_resnet("resnet18", num_classes=10, in_shape=(3, 32, 32))
     assert resolve_layers(net, ["layer4.*"]) == ["layer4.0", "layer4.1"]
@@ -271,7 +272,7 @@ def test_layer_globs_match_one_level_in_order() -> None:
 
 
 def test_torchvision_resnet_adapts_the_stem_to_small_inputs() -> None:
-    from pfc_sweeps.models import torchvision_resnet
+    from pfc_sweeps.nets.resnets import torchvision_resnet
 
     small = torchvision_resnet("resnet18", num_classes=7, in_shape=(1, 28, 28))
     assert small.conv1.in_channels == 1 and small.conv1.stride == (1, 1)
@@ -282,8 +283,8 @@ def test_torchvision_resnet_adapts_the_stem_to_small_inputs() -> None:
 
 def test_feature_net_hooks_equal_a_manual_forward() -> None:
     """FeatureNet's layers: input of the first module, outputs of the others, classifier input."""
-    from pfc_sweeps.features import FeatureNet
-    from pfc_sweeps.models import torchvision_resnet
+    from pfc_sweeps.nets.hooks import FeatureNet
+    from pfc_sweeps.nets.resnets import torchvision_resnet
 
     torch.manual_seed(0)
     net = torchvision_resnet("resnet18", num_classes=10, in_shape=(3, 16, 16)).eval()

@@ -18,8 +18,8 @@ from test_metrics import brute_metrics, brute_ncc
 from test_presets import run_in_process
 from user_model import Mixer
 
-from pfc_sweeps.data import load_dataset
-from pfc_sweeps.schema import (
+from pfc_sweeps.data.builtin import load_dataset
+from pfc_sweeps.results.schema import (
     CHECKPOINT_FILE,
     EPOCH_METRICS,
     GEODESIC_ERR_METRICS,

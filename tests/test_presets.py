@@ -9,9 +9,9 @@ from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import open_dict
 
-from pfc_sweeps import tasks
 from pfc_sweeps.config import register_configs
-from pfc_sweeps.schema import PFC1, read_results
+from pfc_sweeps.jobs import dispatch as tasks
+from pfc_sweeps.results.schema import PFC1, read_results
 
 register_configs()
 

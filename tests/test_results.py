@@ -10,9 +10,9 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from pfc_sweeps import results
-from pfc_sweeps.results import ResultsSink
-from pfc_sweeps.schema import COLUMNS, PFC1, SCHEMA_VERSION, TEST_ACC, is_done, read_results
+from pfc_sweeps.results import sink as results
+from pfc_sweeps.results.schema import COLUMNS, PFC1, SCHEMA_VERSION, TEST_ACC, is_done, read_results
+from pfc_sweeps.results.sink import ResultsSink
 
 META = dict(
     run_id="r1", sweep_id="s1", task="train", dataset="digits", arch="digits", loss="ce",
@@ -60,7 +60,7 @@ def test_schema_types_and_metadata(tmp_path):
 def test_a_directory_is_never_read_as_a_dataset(tmp_path):
     """read_table reads one file: a directory (even one holding a job's table, or one that a
     job has just created) is an OSError, not a merge of its parquet files or an empty table."""
-    from pfc_sweeps.schema import read_table
+    from pfc_sweeps.results.schema import read_table
 
     sink = ResultsSink(tmp_path / "job", META, {})
     sink.add(_rows(1))

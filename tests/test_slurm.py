@@ -27,7 +27,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from pfc_sweeps.schema import DONE_FILE, ERROR_FILE, RESULTS_FILE, read_results
+from pfc_sweeps.results.schema import DONE_FILE, ERROR_FILE, RESULTS_FILE, read_results
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -69,7 +69,7 @@ MISSING_ROOT = "/no/such/dir"
 FAILING = ("train.epochs=2", "seed=0", f"dataset.root={MISSING_ROOT}", "dataset.download=false")
 FAILING_SWEEP = f"dataset={GOOD_DATASET},{BAD_DATASET}"
 
-# --- results contract (pfc_sweeps.schema) -------------------------------------------------
+# --- results contract (pfc_sweeps.results.schema) -------------------------------------------------
 PER_SWEEP_COLUMNS = ["run_id", "sweep_id"]  # differ between two sweeps of the same jobs
 ROW_KEY = ["task", "dataset", "arch", "loss", "seed", "lam", "lam_w", "epoch", "split", "layer"]
 ROW_KEY += ["rel_pos", "metric", "model"]

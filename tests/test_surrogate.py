@@ -1,4 +1,4 @@
-"""MUFM/UFM solver (pfc_sweeps/surrogate.py) vs closed forms, autograd and brute force.
+"""MUFM/UFM solver (pfc_sweeps/surrogate/) vs closed forms, autograd and brute force.
 
 the paper's MUFM / UFM (eq. 13, eq. 2). Every check compares against an independent computation: the
 closed form W*(H) (Theorem 4), torch.autograd, hand-written GD steps, per-lam solves,
@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 import torch
 
-from pfc_sweeps.schema import (
+from pfc_sweeps.results.schema import (
     ALIGNMENT,
     GRAD_NORM,
     OBJECTIVE,
@@ -23,7 +23,7 @@ from pfc_sweeps.schema import (
     PFC3,
     SURROGATE_METRICS,
 )
-from pfc_sweeps.surrogate import (
+from pfc_sweeps.surrogate.objective import (
     H_STEP_GUARD_C,
     SurrogateDivergedError,
     alignment,
@@ -32,9 +32,8 @@ from pfc_sweeps.surrogate import (
     make_gaussian_data,
     objective,
     one_hot_targets,
-    solve_batched,
-    solve_grid,
 )
+from pfc_sweeps.surrogate.solver import solve_batched, solve_grid
 
 F64 = torch.float64
 

@@ -12,8 +12,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pfc_sweeps.metrics import DegenerateFeaturesError, EmptyClassError, MetricInputError
-from pfc_sweeps.schema import (
+from pfc_sweeps.collapse.inputs import DegenerateFeaturesError, EmptyClassError, MetricInputError
+from pfc_sweeps.collapse.tracker import CollapseResult, CollapseTracker, TrackerStateError
+from pfc_sweeps.results.schema import (
     EFFECTIVE_DEPTH,
     ENERGY_RATIO,
     GEODESIC_ERR_METRICS,
@@ -33,7 +34,6 @@ from pfc_sweeps.schema import (
     TR_SW,
     TRANSPORT_COST,
 )
-from pfc_sweeps.tracker import CollapseResult, CollapseTracker, TrackerStateError
 
 RTOL = 1e-8
 
@@ -307,7 +307,7 @@ def test_cached_equals_two_pass_and_flags():
 def test_small_chunks_and_blocks_match_one_chunk(monkeypatch, dtype, cache):
     """Work chunks of a few rows and blocks of a few chunks (uneven tails, several of each per
     batch) give the same statistics as one chunk per batch, on both precision paths."""
-    import pfc_sweeps.metrics as M
+    import pfc_sweeps.collapse.inputs as M
 
     hs, y = make_layers(21, n=97, d=6, k=4, layers=5)
     hs = [h.to(dtype) for h in hs]
@@ -576,7 +576,7 @@ def assert_fast_close(res, hs, y, k, ts, w=None, b=None):
 
 
 class DigitsNet(torch.nn.Module):
-    """A small FC ResNet (independent of pfc_sweeps.models): stem, 4 residual ReLU blocks."""
+    """A small FC ResNet (independent of pfc_sweeps.nets.resnets): stem, 4 residual ReLU blocks."""
 
     def __init__(self, width: int = 48, blocks: int = 4) -> None:
         super().__init__()

@@ -1,0 +1,127 @@
+"""Input checks, errors and work-chunk sizes shared by the metric engine (docs/metrics.md)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+F64 = torch.float64
+# Rows per chunk are chosen so that a work chunk holds at most this many elements:
+# _CHUNK_ELEMENTS = 2**24 (128 MiB in float64) on accelerators; on CPU also at most
+# _CPU_CHUNK_BYTES = 1 MiB (cache resident: elementwise ops are memory bound there).
+_CHUNK_ELEMENTS = 2**24
+_CPU_CHUNK_BYTES = 2**20
+# per-row statistics (rows x layers x classes) are processed in blocks of this many elements
+# on CPU (8 MiB in float64): per-op overhead is paid per block, not per chunk
+_CPU_BLOCK_ELEMENTS = 2**20
+# Elements of one (K, T, b) block of geodesic NCC scores (32 MiB in float64).
+_GEO_SCORE_ELEMENTS = 2**22
+
+
+class MetricInputError(ValueError):
+    """Bad input to a metric: wrong shape/dtype, labels out of range, NaN/inf features..."""
+
+
+class EmptyClassError(MetricInputError):
+    """A class has no samples, so its mean (and every metric) is undefined."""
+
+
+class DegenerateFeaturesError(MetricInputError):
+    """The features make a metric 0/0, e.g. all class means coincide (Tr Sigma_B = 0)."""
+
+
+# --------------------------------------------------------------------------------------------
+# input checks
+# --------------------------------------------------------------------------------------------
+def check_num_classes(num_classes: int) -> int:
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+        raise MetricInputError(f"num_classes must be an int >= 2, got {num_classes!r}")
+    return num_classes
+
+
+def check_features(features: Tensor, name: str = "features") -> Tensor:
+    """(N, d) floating tensor with finite entries (checked here, before any work)."""
+    if not isinstance(features, Tensor):
+        raise MetricInputError(f"{name} must be a torch.Tensor, got {type(features).__name__}")
+    if features.dim() != 2:
+        raise MetricInputError(f"{name} must have shape (N, d), got {tuple(features.shape)}")
+    if not features.is_floating_point():
+        raise MetricInputError(f"{name} must be a floating tensor, got dtype {features.dtype}")
+    if features.shape[0] == 0 or features.shape[1] == 0:
+        raise MetricInputError(f"{name} is empty: shape {tuple(features.shape)}")
+    if not bool(torch.isfinite(features).all()):
+        bad = int((~torch.isfinite(features)).any(dim=1).sum())
+        raise MetricInputError(f"{name} contain NaN or inf in {bad} row(s); all must be finite")
+    return features
+
+
+def check_labels(labels: Tensor, n: int, num_classes: int, name: str = "labels") -> Tensor:
+    """(N,) integer tensor with values in [0, num_classes)."""
+    if not isinstance(labels, Tensor):
+        raise MetricInputError(f"{name} must be a torch.Tensor, got {type(labels).__name__}")
+    if labels.dim() != 1 or labels.shape[0] != n:
+        raise MetricInputError(f"{name} must have shape ({n},), got {tuple(labels.shape)}")
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise MetricInputError(f"{name} must be an integer tensor, got dtype {labels.dtype}")
+    if n and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+        lo, hi = int(labels.min()), int(labels.max())
+        raise MetricInputError(
+            f"{name} out of range: min {lo}, max {hi}; allowed 0..{num_classes - 1}"
+        )
+    return labels.to(torch.int64)
+
+
+def check_counts(counts: Tensor, where: str = "") -> None:
+    """Raise EmptyClassError when a class has no samples."""
+    empty = (counts == 0).nonzero().flatten().tolist()
+    if empty:
+        raise EmptyClassError(
+            f"class(es) {empty} have no samples{where}; every class 0..{counts.numel() - 1} "
+            "needs at least one"
+        )
+
+
+def _check_inputs(features: Tensor, labels: Tensor, num_classes: int) -> Tensor:
+    check_num_classes(num_classes)
+    check_features(features)
+    labels = check_labels(labels, features.shape[0], num_classes).to(features.device)
+    return labels
+
+
+def rows_per_chunk(d: int, device: torch.device | str | None = None, itemsize: int = 8) -> int:
+    """Rows per work chunk: ``_CHUNK_ELEMENTS`` // d, on CPU at most
+    ``_CPU_CHUNK_BYTES`` // (itemsize d) (L2-cache sized)."""
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    budget = _CHUNK_ELEMENTS
+    if dev.type == "cpu":
+        budget = min(budget, _CPU_CHUNK_BYTES // itemsize)
+    return max(1, budget // max(d, 1))
+
+
+def block_elements(device: torch.device | str | None = None) -> int:
+    """Element budget of one block of per-row statistics (rows x layers x classes, float64)
+    that the streaming tracker's accumulators see at once: ``_CHUNK_ELEMENTS`` on
+    accelerators, ``_CPU_BLOCK_ELEMENTS`` on CPU."""
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    return _CPU_BLOCK_ELEMENTS if dev.type == "cpu" else _CHUNK_ELEMENTS
+
+
+def _chunks(n: int, d: int, device=None) -> list[slice]:
+    step = rows_per_chunk(d, device)
+    return [slice(i, min(i + step, n)) for i in range(0, n, step)]
+
+
+def one_hot64(labels: Tensor, num_classes: int) -> Tensor:
+    """(B,) labels -> (B, K) float64 indicator matrix (class sums become one matmul)."""
+    out = torch.zeros(labels.shape[0], num_classes, dtype=F64, device=labels.device)
+    out.scatter_(1, labels.view(-1, 1), 1.0)
+    return out
+
+
+def simplex_etf(num_classes: int, *, dtype=F64, device=None) -> Tensor:
+    """E = (I_K - 1 1^T / K) / sqrt(K - 1), the unit-Frobenius-norm simplex ETF Gram (docs/metrics.md)."""
+    k = num_classes
+    eye = torch.eye(k, dtype=dtype, device=device)
+    return (eye - 1.0 / k) / math.sqrt(k - 1)
