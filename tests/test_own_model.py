@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from test_metrics import brute_metrics, brute_ncc
+from helpers.reference import layer_metrics, ncc_predict
 from test_presets import run_in_process
 from user_model import Mixer
 
@@ -80,7 +80,7 @@ def test_user_model_metrics_equal_brute_force_on_hooked_features(mixer_job):
     y = data.train_y.numpy()
     assert len(feats) == 6
     for layer, h in enumerate(feats):
-        ref = brute_metrics(h, y, 10)
+        ref = layer_metrics(h, y, 10)
         got = last[last.layer == layer].set_index("metric")["value"]
         # float32 features take the tracker's fast path: 1e-5 relative (docs/precision.md)
         for m in (PFC1, PFC2, NC1, TR_SW, TR_SB):
@@ -92,7 +92,7 @@ def test_user_model_metrics_equal_brute_force_on_hooked_features(mixer_job):
     assert np.all(np.diff(rel[[2, 3, 4, 5]].to_numpy()) > 0)
     # NC4 on the classifier's input (not blocks.2's output): argmax W h + b vs NCC of h
     w, b = (p.detach().double().numpy() for p in (model.head.weight, model.head.bias))
-    nc4 = np.mean((head_in @ w.T + b).argmax(1) != brute_ncc(head_in, y, 10))
+    nc4 = np.mean((head_in @ w.T + b).argmax(1) != ncc_predict(head_in, y, 10))
     got_nc4 = last[(last.metric == NC4)]
     assert list(got_nc4.layer) == [5] and got_nc4.value.iloc[0] == pytest.approx(nc4, abs=1e-12)
     # path quantities only over the run; the curves exist

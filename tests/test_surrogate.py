@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from helpers.reference import layer_metrics
 
 from pfc_sweeps.results.schema import (
     ALIGNMENT,
@@ -36,24 +37,6 @@ from pfc_sweeps.surrogate.objective import (
 from pfc_sweeps.surrogate.solver import solve_batched, solve_grid
 
 F64 = torch.float64
-
-
-def brute_pfc(F: torch.Tensor, labels: torch.Tensor, K: int) -> dict[str, float]:
-    """PFC1-3 of features F (N, d) straight from the paper's definitions (numpy, float64)."""
-    F, y = F.double().numpy(), labels.numpy()
-    means = np.stack([F[y == k].mean(0) for k in range(K)])  # (K, d)
-    g = means.mean(0)
-    tr_w = ((F - means[y]) ** 2).sum() / len(F)
-    tr_b = ((means - g) ** 2).sum() / K
-    Ht = (means - g).T  # (d, K)
-    G = Ht.T @ Ht
-    E = (np.eye(K) - np.ones((K, K)) / K) / math.sqrt(K - 1)
-    dist = ((F[:, None, :] - means[None]) ** 2).sum(-1)  # (N, K)
-    return {
-        PFC1: tr_w / tr_b,
-        PFC2: float(np.linalg.norm(G / np.linalg.norm(G) - E)),
-        PFC3: float((dist.argmin(1) == y).mean()),
-    }
 
 
 def tiny(K=3, d=4, n=5, seed=1):
@@ -396,7 +379,7 @@ def test_table_schema_metrics_and_callback():
     # values against independent computations at the last step
     Y = one_hot_targets(labels, 3)
     for i, (m, _, lam) in enumerate(r.configs):
-        ref = brute_pfc(r.H[i].T, labels, 3)
+        ref = layer_metrics(r.H[i].T.numpy(), labels.numpy(), 3)
         for k in (PFC1, PFC2, PFC3):
             assert math.isclose(final(t, m, k, lam), ref[k], rel_tol=1e-9, abs_tol=1e-12)
         anchor = X if m == "mufm" else torch.zeros_like(X)
@@ -407,7 +390,7 @@ def test_table_schema_metrics_and_callback():
         assert math.isclose(final(t, m, OBJECTIVE, lam), obj.item(), rel_tol=1e-12)
         assert math.isclose(final(t, m, GRAD_NORM, lam), gnorm, rel_tol=1e-9)
         assert math.isclose(final(t, m, ALIGNMENT, lam), alignment(r.H[i][None], X).item())
-    ref_x = brute_pfc(X.T, labels, 3)
+    ref_x = layer_metrics(X.T.numpy(), labels.numpy(), 3)
     for k in (PFC1, PFC2, PFC3):
         assert math.isclose(final(t, "data", k), ref_x[k], rel_tol=1e-9)
 

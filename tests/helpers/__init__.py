@@ -1,0 +1,1 @@
+"""Test helpers: the float64 reference of the formulas and shared tools (not tests)."""
