@@ -58,7 +58,7 @@ def final(table: pd.DataFrame, model: str, metric: str, lam: float | None = None
 
 
 def test_gaussian_data_layout_and_distribution():
-    X, labels = make_gaussian_data(K=4, d=3, n=5000, seed=7)
+    X, labels = make_gaussian_data(num_classes=4, d=3, n=5000, seed=7)
     assert X.shape == (3, 20000) and X.dtype == F64
     assert torch.equal(labels, torch.arange(4).repeat_interleave(5000))  # Y = I_K (x) 1_n^T
     for k in range(4):
@@ -68,8 +68,8 @@ def test_gaussian_data_layout_and_distribution():
         assert abs(mu.norm().item() - 1.0) < 0.1
         cov = torch.cov(xk)
         assert torch.allclose(cov, torch.eye(3, dtype=F64), atol=0.08)
-    X2, _ = make_gaussian_data(K=4, d=3, n=5000, seed=7)
-    X3, _ = make_gaussian_data(K=4, d=3, n=5000, seed=8)
+    X2, _ = make_gaussian_data(num_classes=4, d=3, n=5000, seed=7)
+    X3, _ = make_gaussian_data(num_classes=4, d=3, n=5000, seed=8)
     assert torch.equal(X, X2) and not torch.equal(X, X3)
 
 
@@ -437,7 +437,7 @@ def test_divergence_with_guard_raises_instead_of_nan(method):
 
 def _ok():
     X, labels = make_gaussian_data(3, 4, 5, 0)
-    return dict(X=X, labels=labels, K=3, lams=[0.01])
+    return dict(X=X, labels=labels, num_classes=3, lams=[0.01])
 
 
 @pytest.mark.parametrize(
@@ -447,8 +447,8 @@ def _ok():
         ({"lams": [float("nan")]}, r"lam=nan"),
         ({"lams": []}, r"lams=\[\]"),
         ({"lam_w": -0.1}, r"lam_w=-0\.1"),
-        ({"K": 1}, r"K=1 .*>= 2"),
-        ({"K": 6}, r"d=4 .*d >= K-1 = 5"),
+        ({"num_classes": 1}, r"num_classes=1 .*>= 2"),
+        ({"num_classes": 6}, r"d=4 .*d >= K-1 = 5"),
         ({"steps": 0}, r"steps=0 .*>= 1"),
         ({"steps": 2.5}, r"steps=2\.5"),
         ({"lr": 0.0}, r"lr=0\.0 .*> 0"),
@@ -466,7 +466,7 @@ def _ok():
 )
 def test_invalid_arguments(change, match):
     kw = {**_ok(), "steps": 5, **change}
-    X, labels, K, lams = kw.pop("X"), kw.pop("labels"), kw.pop("K"), kw.pop("lams")
+    X, labels, K, lams = kw.pop("X"), kw.pop("labels"), kw.pop("num_classes"), kw.pop("lams")
     with pytest.raises(ValueError, match=match):
         solve_batched(X, labels, K, lams, **kw)
 
@@ -491,7 +491,7 @@ def test_invalid_data(X, labels, match):
 def test_make_gaussian_data_validates():
     with pytest.raises(ValueError, match="n=0"):
         make_gaussian_data(3, 4, 0)
-    with pytest.raises(ValueError, match="K=1"):
+    with pytest.raises(ValueError, match="num_classes=1"):
         make_gaussian_data(1, 4, 5)
 
 

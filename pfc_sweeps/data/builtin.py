@@ -191,13 +191,15 @@ def _load_digits(seed: int, device: torch.device) -> DataBundle:
 
 
 def gaussian_mixture(
-    k: int, d: int, sizes: Sequence[int], *, sigma: float = 1.0, seed: int = 0
+    num_classes: int, d: int, sizes: Sequence[int], *, sigma: float = 1.0, seed: int = 0
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The MUFM data (paper section IV-B): mu_k uniform on S^{d-1}, x ~ N(mu_k, sigma^2 I_d).
 
-    One draw ``(x (k m, d) float64, y (k m,) int64)`` per ``m`` in ``sizes``, samples ordered
-    class by class, all from one CPU generator seeded with ``seed`` (same draw on any device).
+    One draw ``(x (K m, d) float64, y (K m,) int64)`` per ``m`` in ``sizes``, K =
+    ``num_classes``, samples ordered class by class, all from one CPU generator seeded with
+    ``seed`` (same draw on any device).
     """
+    k = num_classes
     gen = torch.Generator().manual_seed(seed)
     mu = torch.randn(k, d, generator=gen, dtype=torch.float64)
     mu = mu / mu.norm(dim=1, keepdim=True)  # (K, d)
@@ -210,17 +212,17 @@ def gaussian_mixture(
 
 
 def _make_gaussian(
-    k: int, d: int, n: int, n_test: int, sigma: float, seed: int, device: torch.device
+    num_classes: int, d: int, n: int, n_test: int, sigma: float, seed: int, device: torch.device
 ) -> DataBundle:
     (train_x, train_y), (test_x, test_y) = gaussian_mixture(
-        k, d, [n, n_test], sigma=sigma, seed=seed
+        num_classes, d, [n, n_test], sigma=sigma, seed=seed
     )
     return DataBundle(
         train_x.float().to(device),
         train_y.to(device),
         test_x.float().to(device),
         test_y.to(device),
-        int(k),
+        int(num_classes),
         (int(d),),
         "gaussian",
     )

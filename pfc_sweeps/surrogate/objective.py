@@ -150,7 +150,7 @@ def _as_list(name: str, value: object) -> list:
 
 
 def make_gaussian_data(
-    K: int = 5,
+    num_classes: int = 5,
     d: int = 20,
     n: int = 100,
     seed: int = 0,
@@ -168,7 +168,8 @@ def make_gaussian_data(
     Returns:
         X (d, K*n) and labels (K*n,) int64, labels = [0]*n + [1]*n + ... + [K-1]*n.
     """
-    _check_int("K", K, 2)
+    K = num_classes
+    _check_int("num_classes", K, 2)
     _check_int("d", d, 1)
     _check_int("n", n, 1)
     _check_int("seed", seed, 0)
@@ -179,10 +180,10 @@ def make_gaussian_data(
 
 
 def one_hot_targets(
-    labels: torch.Tensor, K: int, *, dtype: torch.dtype = torch.float64
+    labels: torch.Tensor, num_classes: int, *, dtype: torch.dtype = torch.float64
 ) -> torch.Tensor:
     """Y (K, N) with Y[k, i] = 1 iff labels[i] == k (= I_K (x) 1_n^T for ordered labels)."""
-    return torch.nn.functional.one_hot(labels.long(), K).T.to(dtype).contiguous()
+    return torch.nn.functional.one_hot(labels.long(), num_classes).T.to(dtype).contiguous()
 
 
 # --------------------------------------------------------------------------------------

@@ -142,7 +142,7 @@ class SurrogateProblem:
     leaves that span and the iterates are the same up to rounding, at D/N of the cost.
     "auto" = subspace for MSE when D < N.
 
-    Fields: X (d, N) data; labels (N,) ints in [0, K), every class present; K >= 2,
+    Fields: X (d, N) data; labels (N,) ints in [0, K), every class present; num_classes = K >= 2,
     d >= K-1; lams >= 0; lam_w >= 0; lr > 0; steps >= 1; log_every >= 1 or None (first and
     last step only); ``seed_column``: the table gets an Int64 ``seed`` column; ``device``:
     where to solve (None: X's device); dtype float64 or float32; ``log_data``: log pfc1-3 of
@@ -151,7 +151,7 @@ class SurrogateProblem:
 
     X: torch.Tensor
     labels: torch.Tensor
-    K: int
+    num_classes: int
     lams: tuple[float, ...]
     lam_w: float = 0.005
     models: tuple[str, ...] = ("mufm",)
@@ -169,7 +169,7 @@ class SurrogateProblem:
     method: str = "auto"
 
     def __post_init__(self) -> None:
-        _check_int("K", self.K, 2)
+        _check_int("num_classes", self.num_classes, 2)
         for m in self.models:
             _check_choice("model", m, SURROGATE_MODELS)
         for lam in self.lams:
@@ -193,7 +193,7 @@ class SurrogateProblem:
             raise ValueError(
                 f"method='subspace' with loss={self.loss!r} is invalid: it needs loss='mse'"
             )
-        _validate_data(self.X, self.labels, self.K)
+        _validate_data(self.X, self.labels, self.num_classes)
 
     @property
     def configs(self) -> list[tuple[str, int, float]]:
@@ -205,7 +205,7 @@ class SurrogateProblem:
 def solve_batched(
     X: torch.Tensor,
     labels: torch.Tensor,
-    K: int,
+    num_classes: int,
     lams: float | Sequence[float],
     lam_w: float = 0.005,
     *,
@@ -241,7 +241,7 @@ def solve_batched(
     problem = SurrogateProblem(
         X,
         labels,
-        K,
+        num_classes,
         tuple(_as_list("lams", lams)),
         lam_w,
         models=tuple(_as_list("models", models)),
@@ -261,7 +261,7 @@ class _Solver:
     def __init__(self, p: SurrogateProblem, callback: Callable[[int, pd.DataFrame], None] | None):
         self.p, self.callback = p, callback
         device = torch.device(p.device) if p.device is not None else p.X.device
-        dtype, K = p.dtype, p.K
+        dtype, K = p.dtype, p.num_classes
         d, N = p.X.shape
         self.configs = p.configs
         B = len(self.configs)
@@ -355,7 +355,7 @@ class _Solver:
             for metric, v in zip(PFC_METRICS, self.data_pfc, strict=True):
                 new.append((DATA_MODEL, math.nan, math.nan, step, metric, v, None))
         for b, (m, s, lam) in enumerate(self.configs):
-            vals = (*_pfc(H[b], self.lab, p.K), align_l[b], obj_l[b], gnorm_l[b])
+            vals = (*_pfc(H[b], self.lab, p.num_classes), align_l[b], obj_l[b], gnorm_l[b])
             for metric, v in zip(SURROGATE_METRICS, vals, strict=True):
                 new.append((m, lam, float(p.lam_w), step, metric, v, s))
         self.rows.extend(new)
@@ -460,7 +460,7 @@ def solve_grid(
     model: str | Sequence[str],
     X: torch.Tensor,
     labels: torch.Tensor,
-    K: int,
+    num_classes: int,
     lams: float | Sequence[float],
     lam_w: float = 0.005,
     *,
@@ -476,6 +476,6 @@ def solve_grid(
     log_every, h_step, h_step_guard, device, dtype, ...); see :func:`solve_batched`.
     """
     result = solve_batched(
-        X, labels, K, lams, lam_w, models=model, seeds=seed, callback=callback, **options
+        X, labels, num_classes, lams, lam_w, models=model, seeds=seed, callback=callback, **options
     )
     return result.table
