@@ -43,7 +43,7 @@ __all__ = [
 ]
 
 #: Keys (and key prefixes) left out of the fingerprint: they say how or where a job runs,
-#: not what it computes, and may legitimately change on a resume (README, "Job dirs").
+#: not what it computes, and may legitimately change on a resume (docs/jobdirs.md).
 EXCLUDED = (
     "logger",
     "train.device",

@@ -31,7 +31,7 @@ batch coupling. Unlike a textbook pre-activation ResNet there is no final BN + R
 after the last block: the classifier reads the residual stream itself (layer L).
 
 Default block: ``"preact_bn"`` (:data:`DEFAULT_BLOCK`); the measurements that chose it are in
-the README ("Running jobs", Models).
+docs/nets.md ("The residual block").
 All weights use PyTorch's default initialisation.
 """
 

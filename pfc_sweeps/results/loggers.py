@@ -1,6 +1,6 @@
 """Experiment loggers: one W&B run per job (offline by default), or none.
 
-The W&B layout (what a run holds) is described in the README, section "Weights & Biases":
+The W&B layout (what a run holds) is described in docs/wandb.md:
 
 - history keys by metric: ``<metric>/layer_<ll>`` (layer zero-padded, so that W&B's default
   workspace draws one section per metric), run-level scalars by name (``train_acc``...),

@@ -44,7 +44,7 @@ rather than 1 lets the iterate leave the unstable start through a few large step
 GD does, instead of shrinking W through the weight decay alone. The W step is not guarded
 (its curvature lr (||H||_2^2 / N + lam_w / K) is small in the paper setting). For CE the cap
 is a worst case. Plain GD on every step: ``h_step_guard=False``. How often the guard acts,
-measured: README, "Surrogate solver".
+measured: docs/surrogate.md ("The solver, measured").
 
 Divergence raises SurrogateDivergedError (checked every 100 steps and at every logged step),
 never NaN rows: non-finite values, or an objective that grew GROWTH_LIMIT-fold above its start

@@ -231,7 +231,7 @@ def solve_batched(
     ``callback(step, rows)`` runs after each logged step, with that step's rows.
 
     ``num_threads``: torch intra-op threads during the solve (restored after; None: leave as
-    is); 1 is fastest for these small matrices (README, "Surrogate solver").
+    is); 1 is fastest for these small matrices (docs/surrogate.md, "The solver, measured").
 
     Raises:
         ValueError: bad input, before any work. SurrogateDivergedError: non-finite values, or
