@@ -192,7 +192,7 @@ def _difference(sweep_dir: Path, old: Axes, new: Axes) -> str:
         )
         if olds == news:
             parts.append("the order of the values numbers the jobs")
-        elif all(o <= n for o, n in zip(olds, news, strict=True)):
+        elif all(k in old_d and o <= n for k, o, n in zip(changed, olds, news, strict=True)):
             parts.append(
                 "added values keep every job's number only at the end of the first swept key"
             )
