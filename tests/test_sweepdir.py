@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -315,3 +316,68 @@ def test_acceptance3_rerun_after_sigkill_resumes_and_reports_only_its_own(tmp_pa
     assert "failed" not in err and "Resuming" in out
     assert _seeds(sweep, 2) == [0, 1]
     assert not (sweep / SWEEP_LOCK_FILE).exists()
+
+
+# --------------------------------------------------------------------------- SLURM
+PARTITION = os.environ.get("PFC_SLURM_PARTITION", "local")
+SLURM = [
+    "hydra/launcher=slurm", f"hydra.launcher.partition={PARTITION}",
+    "hydra.launcher.gpus_per_node=0", "hydra.launcher.cpus_per_task=1",
+    "hydra.launcher.mem_gb=1", "hydra.launcher.timeout_min=20",
+]  # fmt: skip
+
+
+def _no_slurm() -> str | None:
+    if shutil.which("sbatch") is None:
+        return "no SLURM client (scripts/slurm-local.sh start)"
+    try:
+        res = subprocess.run(["sinfo", "-h", "-p", PARTITION, "-o", "%a"], capture_output=True,
+                             text=True, timeout=5)  # fmt: skip
+    except subprocess.TimeoutExpired:
+        return "sinfo timed out"
+    return None if "up" in res.stdout.split() else f"partition {PARTITION!r} is not up"
+
+
+def _submitted(sweep: Path) -> list[str]:
+    return sorted(p.parent.name for p in (sweep / ".submitit").glob("*/*_submitted.pkl"))
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_acceptance4_slurm_a_second_submission_is_refused_before_sbatch(tmp_path):
+    reason = _no_slurm()
+    if reason:
+        if os.environ.get("PFC_REQUIRE_SLURM") == "1":
+            pytest.fail(f"PFC_REQUIRE_SLURM=1 but {reason}")
+        pytest.skip(reason)
+    sweep, root = tmp_path / "s", "/no/such/dir"
+    grid = ["dataset=digits,cifar10", f"dataset.root={root}", "dataset.download=false"]
+    first = _start(sweep, *SLURM, *grid, "train.epochs=2")
+    try:
+        _wait_for(lambda: len(_submitted(sweep)) == 2, first, "the first sweep's sbatch")
+        first.send_signal(signal.SIGSTOP)  # the submitter waits (stopped); its jobs run on
+        try:
+            jobs, held = _submitted(sweep), _invocation(sweep)
+            for where, env in [(str(sweep), {}), ("${oc.env:PFC_TEST_SWEEP}", {"PFC_TEST_SWEEP": str(sweep)})]:  # fmt: skip
+                p = launch("-m", *TINY, *SLURM, "seed=5,6", "train.epochs=2",
+                           f"hydra.sweep.dir={where}", env=env, timeout=120)  # fmt: skip
+                assert p.returncode == 1
+                err = _lines(p.stderr)
+                assert len(err) == 1 and f"{sweep} is in use by another sweep" in err[0], err
+                assert f"pid {first.pid} invocation {held}" in err[0]
+                assert _submitted(sweep) == jobs  # refused before sbatch
+        finally:
+            first.send_signal(signal.SIGCONT)
+        _, err = first.communicate(timeout=900)
+    except BaseException:
+        first.kill()
+        subprocess.run(["scancel", *_submitted(sweep)], capture_output=True, timeout=30)
+        raise
+    # the first sweep reports its own failure (cifar10 has no data), recorded per invocation
+    assert first.returncode == 1
+    report = err[err.index("error: 1 job(s) of the sweep failed:") :]
+    assert _lines(report)[1].startswith(f"  {sweep / '1'}: ") and root in report, err
+    assert [p.name for p in (sweep / SWEEP_ERRORS_DIR).iterdir()] == [held]
+    assert [p.name for p in (sweep / SWEEP_ERRORS_DIR / held).iterdir()] == ["1.txt"]
+    df, meta = read_results(sweep / "0")
+    assert meta["status"] == "done" and set(df["dataset"]) == {"digits"}
