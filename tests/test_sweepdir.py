@@ -115,6 +115,11 @@ def test_record_same_extension_replacement_and_refusal(tmp_path):
     more = ["seed=0,1,2", "lam.lam=0.1,0.2", "train.epochs=2"]
     assert check_record(tmp_path, sweep_axes(more)) == "extends"
     assert check_record(tmp_path, sweep_axes(["seed=0,1,2", "lam.lam=0.1,0.2"])) == "replaces"
+    # a fixed key turned into a sweep before every swept key: an extension too
+    fixed = tmp_path / "fixed"
+    write_record(fixed, sweep_axes(["seed=0", "lam.lam=0.1,0.2"]), "inv")
+    assert check_record(fixed, sweep_axes(["seed=0,1", "lam.lam=0.1,0.2"])) == "extends"
+    assert check_record(fixed, sweep_axes(["lam.lam=0.1,0.2", "seed=0,1"])) == "replaces"
     (tmp_path / "0").mkdir()
     (tmp_path / "0" / "fingerprint.json").write_text("{}")  # job 0 has results now
     cases = {
@@ -381,3 +386,40 @@ def test_acceptance4_slurm_a_second_submission_is_refused_before_sbatch(tmp_path
     assert [p.name for p in (sweep / SWEEP_ERRORS_DIR / held).iterdir()] == ["1.txt"]
     df, meta = read_results(sweep / "0")
     assert meta["status"] == "done" and set(df["dataset"]) == {"digits"}
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_acceptance5_slurm_jobs_of_a_killed_submitter_block_its_rerun_until_gone(tmp_path):
+    reason = _no_slurm()
+    if reason:
+        if os.environ.get("PFC_REQUIRE_SLURM") == "1":
+            pytest.fail(f"PFC_REQUIRE_SLURM=1 but {reason}")
+        pytest.skip(reason)
+    sweep, grid = tmp_path / "s", ["seed=0,1", "train.epochs=1"]
+    held = "+hydra.launcher.additional_parameters.hold=true"  # the array stays queued
+    first = _start(sweep, *SLURM, *grid, held)
+    try:
+        _wait_for(lambda: len(_submitted(sweep)) == 2, first, "the first sweep's sbatch")
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+        array = _submitted(sweep)[0].split("_")[0]
+        p = launch("-m", *TINY, *SLURM, *grid, f"hydra.sweep.dir={sweep}", timeout=120)
+        assert p.returncode == 1
+        assert _lines(p.stderr) == [
+            f"error: {sweep}: SLURM job(s) {array} of an earlier submission (host "
+            f"{os.uname().nodename} pid {first.pid} invocation {_invocation(sweep)}, no longer "
+            "running) are still queued or running; wait for them to end (squeue) or scancel "
+            "them, then rerun"
+        ], p.stderr
+        assert len(_submitted(sweep)) == 2  # refused before sbatch
+    finally:
+        subprocess.run(["scancel", *_submitted(sweep)], capture_output=True, timeout=30)
+    deadline = time.time() + 60
+    while array in subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True,
+                                  text=True, timeout=30).stdout:  # fmt: skip
+        assert time.time() < deadline, "scancel did not empty the queue"
+        time.sleep(0.5)
+    p = launch("-m", *TINY, *SLURM, *grid, f"hydra.sweep.dir={sweep}", timeout=600)
+    assert p.returncode == 0, p.stderr
+    assert _seeds(sweep, 2) == [0, 1]

@@ -26,6 +26,7 @@ from pfc_sweeps.jobs.jobdir import JobDirError, check_usable_dir
 from pfc_sweeps.jobs.sweepdir import (
     INVOCATION_ENV,
     SweepLock,
+    check_orphans,
     check_record,
     invocation_failures,
     new_invocation_id,
@@ -76,6 +77,7 @@ class SweepReport(Callback):
             check_usable_dir(sweep_dir)
             sweep_dir.mkdir(parents=True, exist_ok=True)
             self.lock = SweepLock(sweep_dir).acquire()
+            check_orphans(sweep_dir, self.lock.previous)
             axes = _axes(config)
             verdict = check_record(sweep_dir, axes)
         except JobDirError as e:

@@ -23,6 +23,7 @@ import os
 import re
 import shutil
 import socket
+import subprocess
 import time
 import uuid
 from collections.abc import Mapping, Sequence
@@ -43,6 +44,7 @@ __all__ = [
     "Axes",
     "SweepDirError",
     "SweepLock",
+    "check_orphans",
     "check_record",
     "check_sweep_not_busy",
     "errors_dir",
@@ -81,11 +83,15 @@ class SweepLock(JobLock):
     def __init__(self, sweep_dir: Path):
         super().__init__(sweep_dir)
         self.path = Path(sweep_dir) / SWEEP_LOCK_FILE
+        self.previous = ""  # the holder line a killed submitter left behind
 
     def acquire(self) -> SweepLock:
         """Take the lock; raise :class:`SweepDirError` naming the holder when it is taken."""
         try:
             super().acquire()
+            if not self.owned:  # an existing file: its last holder died without releasing it
+                assert self.fd is not None
+                self.previous = os.pread(self.fd, 300, 0).decode(errors="replace").strip()
         except JobDirError as e:
             text = str(e)
             mark = "in use by another job ("
@@ -113,6 +119,41 @@ def check_sweep_not_busy(sweep_dir: Path) -> None:
     """Raise :class:`SweepDirError` if a running sweep holds ``sweep_dir``; changes nothing."""
     if (Path(sweep_dir) / SWEEP_LOCK_FILE).exists():
         SweepLock(sweep_dir).acquire().release()
+
+
+def _live_slurm_jobs(sweep_dir: Path) -> list[str]:
+    """The SLURM jobs submitted for ``sweep_dir`` (its ``.submitit/<id>/``) still in the queue."""
+    ids = {p.name for p in (Path(sweep_dir) / ".submitit").glob("*") if p.is_dir()}
+    if not ids or shutil.which("squeue") is None:
+        return []
+    try:
+        res = subprocess.run(
+            ["squeue", "-h", "-o", "%i"], capture_output=True, text=True, timeout=30
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    arrays = {i.split("_")[0] for i in ids}
+    queued = {line.split("_")[0] for line in res.stdout.split()} if res.returncode == 0 else set()
+    return sorted(arrays & queued, key=lambda j: (len(j), j))
+
+
+def check_orphans(sweep_dir: Path, previous: str) -> None:
+    """Raise :class:`SweepDirError` if a dead submitter's SLURM jobs are still queued or running.
+
+    Args:
+        sweep_dir: the sweep dir, just locked by this submitter.
+        previous: the holder line its dead predecessor left in the lock file ("" if none).
+
+    Raises:
+        SweepDirError: one line naming the SLURM job ids and the dead submitter.
+    """
+    live = _live_slurm_jobs(sweep_dir) if previous else []
+    if live:
+        raise SweepDirError(
+            f"{sweep_dir}: SLURM job(s) {', '.join(live)} of an earlier submission ({previous}, "
+            "no longer running) are still queued or running; wait for them to end (squeue) or "
+            "scancel them, then rerun"
+        )
 
 
 # ------------------------------------------------------------------------------ the record
