@@ -323,6 +323,17 @@ def test_acceptance3_rerun_after_sigkill_resumes_and_reports_only_its_own(tmp_pa
     assert not (sweep / SWEEP_LOCK_FILE).exists()
 
 
+def test_a_sweep_whose_jobs_all_fail_early_leaves_no_record(tmp_path):
+    empty, sweep = tmp_path / "empty", tmp_path / "s"
+    empty.mkdir()
+    p = launch("-m", *TINY, "dataset=mnist,cifar100", f"dataset.root={empty}",
+               "dataset.download=false", "train.epochs=1", f"hydra.sweep.dir={sweep}")  # fmt: skip
+    assert p.returncode == 1 and "error: 2 job(s) of the sweep failed:" in p.stderr, p.stderr
+    assert not (sweep / SWEEP_RECORD_FILE).exists() and not (sweep / SWEEP_LOCK_FILE).exists()
+    (inv,) = (sweep / SWEEP_ERRORS_DIR).iterdir()
+    assert sorted(f.name for f in inv.iterdir()) == ["0.txt", "1.txt"]
+
+
 # --------------------------------------------------------------------------- SLURM
 PARTITION = os.environ.get("PFC_SLURM_PARTITION", "local")
 SLURM = [

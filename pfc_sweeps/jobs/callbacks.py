@@ -28,12 +28,14 @@ from pfc_sweeps.jobs.sweepdir import (
     SweepLock,
     check_orphans,
     check_record,
+    has_results,
     invocation_failures,
     new_invocation_id,
     remove_other_invocations,
     sweep_axes,
     write_record,
 )
+from pfc_sweeps.results.schema import SWEEP_RECORD_FILE
 
 __all__ = ["SweepReport", "sweep_failures"]
 
@@ -64,6 +66,7 @@ class SweepReport(Callback):
     def __init__(self) -> None:
         self.lock: SweepLock | None = None
         self.invocation = ""
+        self.recorded = False  # this invocation wrote sweep.json for a new (or replaced) sweep
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         try:
@@ -88,13 +91,17 @@ class SweepReport(Callback):
         os.environ[INVOCATION_ENV] = self.invocation  # inherited by every job, SLURM ones too
         if verdict != "same":
             write_record(sweep_dir, axes, self.invocation)
+        self.recorded = verdict in ("new", "replaces")
         if verdict in ("extends", "replaces"):
             log.info(f"{sweep_dir}: this sweep {verdict} the recorded one")
         remove_other_invocations(sweep_dir, self.invocation)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
         try:
-            failed = sweep_failures(Path(config.hydra.sweep.dir), self.invocation)
+            failed = sweep_failures(sweep_dir, self.invocation)
+            if self.recorded and not has_results(sweep_dir):  # every job failed early:
+                (sweep_dir / SWEEP_RECORD_FILE).unlink(missing_ok=True)  # leave no record
         finally:
             self._release()
         if failed:

@@ -48,6 +48,7 @@ __all__ = [
     "check_record",
     "check_sweep_not_busy",
     "errors_dir",
+    "has_results",
     "invocation_failures",
     "jobs_of",
     "new_invocation_id",
@@ -206,7 +207,8 @@ def _read_record(path: Path) -> Axes:
         ) from None
 
 
-def _has_results(sweep_dir: Path) -> bool:
+def has_results(sweep_dir: Path) -> bool:
+    """Whether any job of ``sweep_dir`` has results (a ``fingerprint.json``)."""
     return any(".submitit" not in p.parts for p in sweep_dir.rglob(FINGERPRINT_FILE))
 
 
@@ -262,7 +264,7 @@ def check_record(sweep_dir: Path, axes: Axes) -> str:
         return "same"
     if len(new_jobs) > len(old_jobs) and new_jobs[: len(old_jobs)] == old_jobs:
         return "extends"
-    if not _has_results(Path(sweep_dir)):
+    if not has_results(Path(sweep_dir)):
         return "replaces"
     raise SweepDirError(_difference(Path(sweep_dir), old, axes))
 
