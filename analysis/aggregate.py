@@ -29,7 +29,10 @@ import pandas as pd
 from analysis.discovery import (
     JobRecord,
     JobTables,
+    OutputError,
     SchemaError,
+    check_one_version,
+    check_output,
     find_job_dirs,
     inspect_job,
     normalize_table,
@@ -85,6 +88,7 @@ class Aggregate:
     n_conflicts: int = 0
     sources: list[str] = field(default_factory=list)
     curves: pd.DataFrame = field(default_factory=lambda: empty_frame(CURVES_FILE))
+    schema_version: Any = None
 
     @property
     def problems(self) -> list[JobRecord]:
@@ -191,19 +195,22 @@ def aggregate(paths: Sequence[str | os.PathLike], *, include_unfinished: bool = 
     jobs: list[JobRecord] = []
     kept: list[JobTables] = []
     runs: list[dict] = []
+    versions: dict[str, Any] = {}
     for jd in job_dirs:
         rec, tables = inspect_job(jd)
         jobs.append(rec)
         if tables is not None and (rec.ok or include_unfinished) and len(tables.results):
             kept.append(tables)
             runs.append(_run_row(rec, tables))
+            versions[rec.job_dir] = tables.schema_version
     jobs.extend(missing)
     if not kept:
         lines = "\n  ".join(j.describe() for j in jobs)
         raise NoResultsError(f"no finished job with results under: {', '.join(sources)}\n  {lines}")
     table, n_dup, n_conf = drop_duplicate_rows(_concat([t.results for t in kept], RESULTS_FILE))
     curves, _, _ = drop_duplicate_rows(_concat([t.curves for t in kept], CURVES_FILE), CURVE_KEY)
-    return Aggregate(table, _runs_frame(runs), jobs, n_dup, n_conf, sources, curves)
+    version = check_one_version(versions)
+    return Aggregate(table, _runs_frame(runs), jobs, n_dup, n_conf, sources, curves, version)
 
 
 # ----------------------------------------------------------------------------- files
@@ -234,6 +241,7 @@ def read_aggregate(path: str | os.PathLike) -> Aggregate:
     """Read a file written by :func:`write_aggregate` (and its curves)."""
     path = Path(path)
     df, meta = read_table(path)
+    version = meta.get("schema_version")
     if _AGG not in meta:
         raise SchemaError(
             f"{path} is not an aggregated results file (no {_AGG!r} metadata); "
@@ -250,6 +258,7 @@ def read_aggregate(path: str | os.PathLike) -> Aggregate:
         int(meta.get("n_conflicts", 0)),
         list(meta.get("sources", [str(path)])),
         normalize_table(curves, source=str(cpath), columns=CURVE_COLUMNS),
+        version,
     )
 
 
@@ -263,6 +272,7 @@ def _is_aggregate_file(path: Path) -> bool:
 
 
 def _combine(parts: list[Aggregate]) -> Aggregate:
+    version = check_one_version({", ".join(a.sources): a.schema_version for a in parts})
     table, n_dup, n_conf = drop_duplicate_rows(_concat([a.table for a in parts], RESULTS_FILE))
     curves, _, _ = drop_duplicate_rows(_concat([a.curves for a in parts], CURVES_FILE), CURVE_KEY)
     runs = pd.concat([a.runs for a in parts], ignore_index=True).drop_duplicates("run_id")
@@ -274,6 +284,7 @@ def _combine(parts: list[Aggregate]) -> Aggregate:
         n_conf + sum(a.n_conflicts for a in parts),
         list(itertools.chain.from_iterable(a.sources for a in parts)),
         curves,
+        version,
     )
 
 
@@ -323,13 +334,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``python -m analysis.aggregate <paths...> -o all.parquet``; returns the exit code."""
     args = _parser().parse_args(argv)
     try:
+        check_output(args.output, folder=False)
         agg = load(args.paths, include_unfinished=args.include_unfinished)
-    except (NoResultsError, SchemaError, ValueError) as exc:
+        for j in agg.problems:
+            print(f"warning: not finished: {j.describe()}", file=sys.stderr)
+        out = write_aggregate(agg, args.output)
+    except (NoResultsError, SchemaError, OutputError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    for j in agg.problems:
-        print(f"warning: not finished: {j.describe()}", file=sys.stderr)
-    out = write_aggregate(agg, args.output)
+    except OSError as exc:
+        print(f"error: cannot write {args.output}: {exc.strerror}", file=sys.stderr)
+        return 2
     print(agg.report())
     print(f"wrote {out}")
     return 0

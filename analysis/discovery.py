@@ -36,7 +36,10 @@ __all__ = [
     "JOB_STATES",
     "JobRecord",
     "JobTables",
+    "OutputError",
     "SchemaError",
+    "check_one_version",
+    "check_output",
     "expected_job_count",
     "find_job_dirs",
     "inspect_job",
@@ -65,6 +68,58 @@ _ERROR_WORDS = ("error", "exception", "killed", "cancelled", "diverged")
 
 class SchemaError(ValueError):
     """A results table misses a column or holds values of the wrong kind."""
+
+
+class OutputError(ValueError):
+    """The output path (``-o``) cannot be written."""
+
+
+def check_output(path: str | os.PathLike, *, folder: bool) -> Path:
+    """``path`` if it can be written as a folder (``folder``) or as a file, else raise.
+
+    Args:
+        path: the ``-o`` of a command.
+        folder: True for a folder of outputs (figures), False for one file (a parquet table).
+
+    Returns:
+        ``path`` as a :class:`~pathlib.Path`.
+
+    Raises:
+        OutputError: one line naming the path: a file where a folder is wanted (or the
+            reverse), a parent that is a file, or no write permission.
+    """
+    p = Path(path)
+    if p.exists() and folder and not p.is_dir():
+        raise OutputError(f"{p} is a file; -o takes a folder (for the figures and summary.md)")
+    if p.is_dir() and not folder:
+        raise OutputError(f"{p} is a folder; -o takes the path of the parquet file to write")
+    probe = p if folder else p.parent
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise OutputError(f"{probe} is a file, so {p} cannot be written; choose another -o")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise OutputError(f"{probe} is not writable, so {p} cannot be written; choose another -o")
+    return p
+
+
+def check_one_version(versions: dict[str, Any]) -> Any:
+    """The one schema version of ``versions`` (input -> its ``schema_version``).
+
+    Raises:
+        SchemaError: the inputs were written with different schema versions (one line naming
+            each version, its number of inputs and one of them).
+    """
+    by: dict[Any, list[str]] = {}
+    for source, version in versions.items():
+        by.setdefault(version, []).append(source)
+    if len(by) > 1:
+        parts = [f"{v} ({len(src)} input(s), e.g. {src[0]})" for v, src in by.items()]
+        raise SchemaError(
+            f"mixed schema versions: {', '.join(parts)}; aggregate each version separately "
+            "(or rerun the older jobs)"
+        )
+    return next(iter(by), None)
 
 
 def normalize_table(
@@ -115,6 +170,7 @@ class JobTables:
     results: pd.DataFrame
     curves: pd.DataFrame
     config: dict[str, Any]
+    schema_version: Any = None
 
 
 # ----------------------------------------------------------------------------- finding
@@ -292,4 +348,4 @@ def inspect_job(job_dir: str | os.PathLike) -> tuple[JobRecord, JobTables | None
             bits.append(f"last epoch/step recorded {int(df['epoch'].max())}")
         detail = "; ".join(filter(None, [*bits, log_hint(job)]))
     rec = JobRecord(str(job), state, run_id, status, len(df), detail)
-    return rec, JobTables(df, curves, meta.get("config") or {})
+    return rec, JobTables(df, curves, meta.get("config") or {}, meta.get("schema_version"))

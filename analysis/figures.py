@@ -18,6 +18,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from analysis.aggregate import Aggregate, NoResultsError, SchemaError, load
+from analysis.discovery import OutputError, check_output
 from pfc_sweeps.results.figures import (
     PAPER_LAM,
     FigureDataError,
@@ -144,14 +145,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     matplotlib.use("Agg")
     args = _parser().parse_args(argv)
     try:
+        check_output(args.output, folder=True)
         agg = load(args.inputs, include_unfinished=args.include_unfinished)
         for j in agg.problems:
             print(f"warning: not finished: {j.describe()}", file=sys.stderr)
         report = make_figures(
             agg, args.output, tol=args.tol, lam=args.lam, formats=args.formats, dpi=args.dpi
         )
-    except (NoResultsError, SchemaError, ValueError) as exc:
+    except (NoResultsError, SchemaError, OutputError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"error: cannot write {args.output}: {exc.strerror}", file=sys.stderr)
         return 2
     for key, what in report.items():
         print(f"{key}: {what}")

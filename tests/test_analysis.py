@@ -8,6 +8,7 @@ next to <sweep>/multirun.yaml.
 from __future__ import annotations
 
 import math
+import os
 import re
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from analysis.aggregate import (
     read_aggregate,
 )
 from analysis.discovery import expected_job_count
+from pfc_sweeps.results import schema as schema_mod
 from pfc_sweeps.results import summary
 from pfc_sweeps.results.figures import FigureDataError
 from pfc_sweeps.results.schema import (
@@ -871,3 +873,84 @@ def test_fig5_one_curve_per_setting_when_losses_differ():
     np.testing.assert_allclose(curves[1].get_ydata(), want + 1.0)
     labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
     assert sorted(labels) == ["ce", "mse"]
+
+
+# ------------------------------------------------------------- bad inputs (issue 21)
+def _files(d: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+def _write_old_job(job_dir: Path, df: pd.DataFrame, monkeypatch) -> None:
+    """A job written by an older schema version (write_table stamps the module's version)."""
+    with monkeypatch.context() as m:
+        m.setattr(schema_mod, "SCHEMA_VERSION", schema_mod.SCHEMA_VERSION - 1)
+        write_job(job_dir, df)
+
+
+BAD_INPUTS = ["output_file_or_folder", "output_under_a_file", "output_not_writable",
+              "input_missing", "mixed_versions"]  # fmt: skip
+
+
+@pytest.mark.parametrize("command", ["aggregate", "figures"])
+@pytest.mark.parametrize("case", BAD_INPUTS)
+def test_bad_inputs_are_one_line_exit_2_and_write_nothing(
+    tmp_path, capsys, monkeypatch, command, case
+):
+    sweep, f, folder = tmp_path / "s", tmp_path / "f", tmp_path / "d"
+    write_job(sweep / "0", train_frame("a"))
+    f.write_text("mine")
+    folder.mkdir()
+    out = tmp_path / ("all.parquet" if command == "aggregate" else "figs")
+    inputs = [sweep]
+    if case == "output_file_or_folder":
+        out = folder if command == "aggregate" else f
+        want = (
+            f"{out} is a folder" if command == "aggregate" else f"{f} is a file; -o takes a folder"
+        )
+    elif case == "output_under_a_file":
+        out = f / "x"
+        want = f"{f} is a file, so {out} cannot be written"
+    elif case == "output_not_writable":
+        monkeypatch.setattr(discovery.os, "access", lambda *a: False)
+        want = f"{tmp_path} is not writable, so {out} cannot be written"
+    elif case == "input_missing":
+        inputs.append(tmp_path / "nope")
+        want = f"path(s) do not exist: {tmp_path / 'nope'}"
+    else:
+        _write_old_job(sweep / "1", train_frame("b", seed=1), monkeypatch)
+        v = schema_mod.SCHEMA_VERSION
+        want = (
+            f"mixed schema versions: {v} (1 input(s), e.g. {sweep / '0'}), {v - 1} (1 input(s), "
+            f"e.g. {sweep / '1'}); aggregate each version separately"
+        )
+    before = _files(tmp_path)
+    main = agg_mod.main if command == "aggregate" else figures.main
+    assert main([*map(str, inputs), "-o", str(out)]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {want}"), err
+    assert _files(tmp_path) == before
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write into a read-only folder")
+def test_read_only_output_folder_is_one_line(tmp_path, capsys):
+    write_job(tmp_path / "s" / "0", train_frame("a"))
+    ro = tmp_path / "ro"
+    ro.mkdir(mode=0o555)
+    for main, out in [(agg_mod.main, ro / "all.parquet"), (figures.main, ro / "figs")]:
+        assert main([str(tmp_path / "s"), "-o", str(out)]) == 2
+        err = capsys.readouterr().err.splitlines()
+        assert err == [
+            f"error: {ro} is not writable, so {out} cannot be written; choose another -o"
+        ]
+    assert list(ro.iterdir()) == []
+
+
+def test_aggregated_file_and_jobs_of_another_schema_version_do_not_mix(tmp_path, monkeypatch):
+    _write_old_job(tmp_path / "old" / "0", train_frame("a"), monkeypatch)
+    with monkeypatch.context() as m:
+        m.setattr(schema_mod, "SCHEMA_VERSION", schema_mod.SCHEMA_VERSION - 1)
+        old = agg_mod.write_aggregate(aggregate([tmp_path / "old"]), tmp_path / "old.parquet")
+    write_job(tmp_path / "new" / "0", train_frame("b", seed=1))
+    assert load([old]).schema_version == schema_mod.SCHEMA_VERSION - 1
+    with pytest.raises(SchemaError, match=r"^mixed schema versions: "):
+        load([old, tmp_path / "new"])

@@ -1,7 +1,9 @@
 """Checks ``launch.py`` runs before Hydra starts, so that they cost no torch import.
 
 They turn Hydra's several-line messages into the project's one line ``error: ...`` and
-refuse a run dir held by another job before Hydra writes anything into it.
+refuse a run dir held by another job, or a ``hydra.sweep.dir`` held by another sweep, before
+Hydra writes anything into it (the sweep itself takes its lock in
+:class:`~pfc_sweeps.jobs.callbacks.SweepReport`, before any job and before ``sbatch``).
 """
 
 from __future__ import annotations
@@ -22,14 +24,17 @@ def _group_options(conf_dir: Path) -> dict[str, list[str]]:
 
 
 def precheck(argv: list[str], conf_dir: Path) -> None:
-    """Exit with one line on stderr for a busy run dir (1) or a bad override (2)."""
+    """Exit with one line on stderr for a busy run or sweep dir (1) or a bad override (2)."""
     from pfc_sweeps.jobs.jobdir import JobDirError, check_not_busy
+    from pfc_sweeps.jobs.sweepdir import check_sweep_not_busy
 
     overrides = [a for a in argv if "=" in a and a[0] != "-"]
-    run_dirs = [a.split("=", 1)[1] for a in overrides if a.startswith("hydra.run.dir=")]
+    multirun = bool({"-m", "--multirun"} & set(argv))
+    key = "hydra.sweep.dir=" if multirun else "hydra.run.dir="
+    dirs = [a.split("=", 1)[1] for a in overrides if a.startswith(key)]
     try:
-        if run_dirs and not {"-m", "--multirun"} & set(argv):
-            check_not_busy(Path(run_dirs[-1]))
+        if dirs:
+            (check_sweep_not_busy if multirun else check_not_busy)(Path(dirs[-1]))
     except JobDirError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(1) from None

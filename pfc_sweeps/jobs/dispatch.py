@@ -42,12 +42,12 @@ from pfc_sweeps.jobs.jobdir import (
     write_error,
     write_fingerprint,
 )
+from pfc_sweeps.jobs.sweepdir import errors_dir
 from pfc_sweeps.results.loggers import RunLogger, make_logger
 from pfc_sweeps.results.schema import (
     ERROR_FILE,
     FINGERPRINT_FILE,
     RUN_ID_FILE,
-    SWEEP_ERRORS_DIR,
     atomic_write_bytes,
     is_done,
 )
@@ -237,7 +237,7 @@ def _record(line: str, out_dir: Path, owned: bool) -> None:
     if owned and (hc.mode == RunMode.MULTIRUN or (out_dir / FINGERPRINT_FILE).exists()):
         write_error(out_dir, line)  # a single run that never produced results leaves nothing
     if hc.mode == RunMode.MULTIRUN:
-        entry = Path(hc.sweep.dir) / SWEEP_ERRORS_DIR / f"{hc.job.num}.txt"
+        entry = errors_dir(Path(hc.sweep.dir)) / f"{hc.job.num}.txt"  # this invocation's
         atomic_write_bytes(entry, f"{out_dir}\n{line}\n".encode())
 
 

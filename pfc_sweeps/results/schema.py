@@ -11,6 +11,9 @@ directory holds:
 - :data:`FINGERPRINT_FILE`: the config the job dir belongs to; :data:`LOCK_FILE`: held by the
   running job; :data:`ERROR_FILE`: the one-line error of a failed job.
 
+A sweep dir holds the job dirs, :data:`SWEEP_RECORD_FILE` (the sweep it belongs to),
+:data:`SWEEP_LOCK_FILE` (held by the submitting process) and :data:`SWEEP_ERRORS_DIR`.
+
 Both tables carry the resolved config, the job status and :data:`SCHEMA_VERSION` as JSON in
 the parquet key-value metadata under :data:`METADATA_KEY`. Every file is written through
 :func:`atomic_write` (a temporary file in the same directory, then ``os.replace``).
@@ -73,6 +76,8 @@ __all__ = [
     "SURROGATE_METRICS",
     "SURROGATE_MODELS",
     "SWEEP_ERRORS_DIR",
+    "SWEEP_LOCK_FILE",
+    "SWEEP_RECORD_FILE",
     "TEMP_GLOB",
     "TEST_ACC",
     "TEST_LOSS",
@@ -106,8 +111,13 @@ CHECKPOINT_FILE = "checkpoint.pt"
 FINGERPRINT_FILE = "fingerprint.json"
 LOCK_FILE = ".lock"
 ERROR_FILE = "error.txt"
-#: Folder of a sweep dir where each failed job of the last ``-m`` run leaves ``<job num>.txt``.
+#: Folder of a sweep dir where each failed job of a ``-m`` run leaves
+#: ``<invocation id>/<job num>.txt`` (one folder per invocation of ``launch.py -m``).
 SWEEP_ERRORS_DIR = ".errors"
+#: In a sweep dir: held (``flock``) by the submitting ``launch.py -m`` for the sweep's life.
+SWEEP_LOCK_FILE = ".sweep.lock"
+#: In a sweep dir: the sweep it belongs to (its swept and fixed overrides, in Hydra's order).
+SWEEP_RECORD_FILE = "sweep.json"
 #: Temporary files of :func:`atomic_write` (``.<name>.<random>.tmp``); stale ones are removed.
 TEMP_GLOB = ".*.*.tmp"
 METADATA_KEY = b"pfc_sweeps"
