@@ -203,6 +203,9 @@ class TrainConfig:
     channels_last: bool = False
     tf32: bool = False
     compile: bool = False
+    # Bit-identical resume on CUDA: deterministic algorithms, cuDNN without benchmark, a fixed
+    # cuBLAS workspace (pfc_sweeps.jobs.accel.configure_job; its cost: docs/gpu.md).
+    deterministic: bool = True
 
 
 @dataclass

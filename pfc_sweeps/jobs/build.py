@@ -81,7 +81,7 @@ def load_weights(net: nn.Module, path: str | Path, device: torch.device) -> int:
     if not path.is_file():
         raise ModelSpecError(f"arch.checkpoint={str(path)!r}: no such file")
     try:
-        state = torch.load(path, map_location=device, weights_only=False)
+        state = torch.load(path, map_location="cpu", weights_only=False)  # load_state_dict moves
     except Exception as e:
         raise ModelSpecError(f"arch.checkpoint={str(path)!r} is not a torch file: {e}") from None
     epoch = 0
