@@ -247,9 +247,18 @@ def _linspace(start: float, stop: float, num: int) -> list[float]:
     return [float(start) + i * step for i in range(num)]
 
 
+def _gpu_count() -> int:
+    """``${pfc_gpu_count:}``: the GPUs this process sees (hydra/launcher=local gives them all
+    to every job; each job then takes its own, pfc_sweeps.jobs.devices)."""
+    import torch
+
+    return torch.cuda.device_count()
+
+
 def register_configs() -> None:
     """Register the schema (as ``base_config``) and the ``linspace`` resolver."""
     OmegaConf.register_new_resolver("linspace", _linspace, replace=True)
+    OmegaConf.register_new_resolver("pfc_gpu_count", _gpu_count, replace=True)
     ConfigStore.instance().store(name="base_config", node=Config)
 
 

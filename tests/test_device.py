@@ -265,6 +265,50 @@ def test_module_data_is_read_on_the_cpu_into_one_tensor_and_moved_once(monkeypat
     assert torch.equal(x, ds.tensors[0]) and torch.equal(y, ds.tensors[1])
 
 
+def test_local_launcher_gives_every_job_all_gpus_of_the_machine():
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("config", ["hydra/launcher=local"], return_hydra_config=True)
+    assert cfg.hydra.launcher.gpus_per_node == torch.cuda.device_count()
+
+
+def test_a_local_sweep_job_takes_gpu_num_mod_count_and_holds_it(tmp_path, monkeypatch):
+    """Job 3 of a local sweep on a 2-GPU machine trains on cuda:1 and holds its lock: another
+    process cannot take GPU 1 (it would wait), GPU 0 is free."""
+    import subprocess
+    import sys
+
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+    from omegaconf import open_dict
+
+    from pfc_sweeps.jobs import devices
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("config", [f"hydra.sweep.dir={tmp_path}"], return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.hydra.mode, cfg.hydra.job.num = RunMode.MULTIRUN, 3
+    HydraConfig.instance().set_config(cfg)
+    current = []
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", current.append)
+    gpu = torch.device("cuda")
+    assert devices.local_job_device(gpu) == gpu  # not a local-launcher job: unchanged
+    monkeypatch.setenv("SUBMITIT_EXECUTOR", "local")
+    try:
+        assert devices.local_job_device(gpu) == torch.device("cuda", 1) and current == [1]
+        assert devices.local_job_device(torch.device("cuda", 0)) == torch.device("cuda", 0)
+        probe = (
+            "import sys; from pathlib import Path; from pfc_sweeps.jobs.devices import "
+            "claim_gpu_slot as c; print(c(Path(sys.argv[1]), 1, wait=False), "
+            "c(Path(sys.argv[1]), 0, wait=False))"
+        )
+        out = subprocess.run([sys.executable, "-c", probe, str(tmp_path / ".submitit")],
+                             capture_output=True, text=True, cwd=REPO, timeout=120)  # fmt: skip
+        assert out.stdout.split() == ["False", "True"], out.stderr
+    finally:
+        devices._HELD.pop(tmp_path / ".submitit" / "gpu-1.lock").close()
+
+
 # ------------------------------------------------------- 9. fp16: the scaler skips steps
 def _scaled_trainer(cfg, out: Path, monkeypatch, bad_batches, scaler: bool):
     """A Trainer whose loss is inf at the given batches of every epoch, with a CPU gradient
