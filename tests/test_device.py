@@ -7,6 +7,7 @@ import math
 import os
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 from conftest import REPO
@@ -379,6 +380,51 @@ def test_torch_lower_bound_has_the_apis_used():
     assert torch.amp.GradScaler("cpu").is_enabled()
 
 
+# ------------------------------------------------------------------- 8. device_check.sh
+def _bench(name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_device_options_rows_are_compared_within_the_bound(tmp_path):
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "device_options.py"), "--tiny", "--device",
+         "cpu", "--steps", "2", "--n", "120", "--options", "fp32,bf16,channels_last,tf32,fp16"],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert "fp16: skipped (needs CUDA)" in out.stdout
+    assert out.stdout.splitlines()[-1].startswith("OPTIONS ok: metric rows of every option within")
+    rows = [line.split() for line in out.stdout.splitlines() if line.split()[-1:] == ["True"]]
+    assert [r[0] for r in rows] == ["fp32", "bf16", "channels_last", "tf32"]
+    # the comparison can fail: one row off by 2e-5 relative
+    diff = _bench("device_options").max_rel_diff
+    a = pd.Series([1.0, 2.0, math.nan, 0.0])
+    assert diff(a, a.copy()) == 0.0
+    assert diff(a, pd.Series([1.0, 2.0 * (1 + 2e-5), math.nan, 0.0])) == pytest.approx(
+        2e-5, rel=1e-3
+    )
+    assert diff(a, pd.Series([1.0, 2.0, 1.0, 0.0])) == math.inf  # NaN against a number
+
+
+def test_every_device_check_step_is_documented():
+    import re
+
+    script = (REPO / "benchmarks" / "device_check.sh").read_text()
+    steps = re.findall(r"^step ([\w-]+) (\d+) ", script, flags=re.M)
+    doc = (REPO / "docs" / "gpu.md").read_text()
+    documented = re.findall(r"^\| `([\w-]+)` \| (\d+) s \|", doc, flags=re.M)
+    assert len(steps) >= 9 and steps == documented
+
+
 # ----------------------------------------------------------------------------------- GPU
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
@@ -429,3 +475,57 @@ def test_streamed_module_data_on_cuda_gives_the_in_memory_batches():
     for (xs, ys), (xm, ym) in zip(stream.batches("train", order, 128),
                                   ((x[i], y[i]) for i in order.to(gpu).split(128)), strict=True):  # fmt: skip
         assert torch.equal(xs, xm) and torch.equal(ys, ym)
+
+
+#: The FC net and a conv net (digits' 8x8 images) for the kill-and-resume identity check.
+RESUME_ARCHS = {
+    "fc": ["arch.width=128", "arch.blocks=6"],
+    "conv": ["arch.kind=conv", "arch.stages=[[16,8,1],[32,4,3]]"],
+}
+
+
+def kill_and_resume(tmp_path: Path, device: str, arch: str, epochs: int = 30) -> int:
+    """An uninterrupted run, and a run SIGKILLed after its 3rd checkpoint then rerun: their
+    tables must be identical (train.deterministic=true). Returns the epoch killed at."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import launch
+
+    args = ["logger=none", f"train.epochs={epochs}", "train.geodesic_points=5",
+            f"train.device={device}", "train.deterministic=true", *RESUME_ARCHS[arch]]  # fmt: skip
+    ref, out = tmp_path / "ref", tmp_path / "killed"
+    p = launch(*args, f"hydra.run.dir={ref}")
+    assert p.returncode == 0, p.stderr
+    proc = subprocess.Popen([sys.executable, str(REPO / "launch.py"), *args,
+                             f"hydra.run.dir={out}"], cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)  # fmt: skip
+    ckpt_file, deadline = out / CHECKPOINT_FILE, time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if ckpt_file.exists() and torch.load(ckpt_file, weights_only=False)["epoch"] >= 3:
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = torch.load(ckpt_file, weights_only=False)["epoch"]
+    assert killed_at < epochs and not (out / "done").exists()
+    p = launch(*args, f"hydra.run.dir={out}")
+    assert p.returncode == 0 and "Resuming" in p.stdout, p.stderr
+
+    def frame(job: Path):
+        df = read_results(job)[0].drop(columns=["run_id", "sweep_id"])
+        return df.sort_values(["epoch", "metric", "layer", "rel_pos"]).reset_index(drop=True)
+
+    pd.testing.assert_frame_equal(frame(ref), frame(out), check_exact=True)
+    return killed_at
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("arch", sorted(RESUME_ARCHS))
+def test_sigkill_resume_on_cuda_is_identical(tmp_path, arch):
+    kill_and_resume(tmp_path, "cuda", arch)
