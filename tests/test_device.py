@@ -454,8 +454,22 @@ def test_cuda_cache_decision_reads_the_free_memory(tmp_path):
     data = load_dataset("digits", device=gpu)
     model = build_model("fc", data.in_shape, 10, width=16, blocks=2).to(gpu)
     free, _ = torch.cuda.mem_get_info(gpu)
-    assert accel.metric_cache_bytes(model, data, "train", 2**30, gpu) == 2**30
-    assert accel.metric_cache_bytes(model, data, "train", 4 * free, gpu) == 0
+    per_sample = 4 * 16 * 3 + 8
+
+    class Sized:  # the digits batches, with N as if the set were that big
+        def __init__(self, n: int) -> None:
+            self.n = n
+
+        def size(self, split: str) -> int:
+            return self.n
+
+        def batches(self, *args):
+            return data.batches(*args)
+
+    budget = 4 * free  # more than the GPU has: the free memory decides
+    fits, too_big = Sized(free // 2 // per_sample), Sized(free // per_sample)
+    assert accel.metric_cache_bytes(model, fits, "train", budget, gpu) == budget
+    assert accel.metric_cache_bytes(model, too_big, "train", budget, gpu) == 0
 
 
 @pytest.mark.gpu
