@@ -143,6 +143,16 @@ def test_configure_job_sets_the_deterministic_flags_both_ways(monkeypatch):
     assert _cfg().train.deterministic  # the default
 
 
+def test_deterministic_after_cuda_started_says_the_workspace_setting_came_late(monkeypatch, caplog):
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    accel.configure_job(_cfg("train.deterministic=true").train)
+    assert "export CUBLAS_WORKSPACE_CONFIG=:4096:8" in caplog.text
+    caplog.clear()
+    accel.configure_job(_cfg("train.deterministic=true").train)  # set now: nothing to say
+    assert caplog.text == ""
+
+
 def test_tf32_is_off_after_a_tf32_false_job_that_follows_a_tf32_true_one(tmp_path):
     from test_presets import run_in_process
 
