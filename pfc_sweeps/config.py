@@ -203,9 +203,7 @@ class TrainConfig:
     channels_last: bool = False
     tf32: bool = False
     compile: bool = False
-    # Bit-identical resume on CUDA: deterministic algorithms, cuDNN without benchmark, a fixed
-    # cuBLAS workspace (pfc_sweeps.jobs.accel.configure_job; its cost: docs/gpu.md).
-    deterministic: bool = True
+    deterministic: bool = True  # bit-identical resume on CUDA (conditions, cost: docs/gpu.md)
 
 
 @dataclass
@@ -247,18 +245,12 @@ def _linspace(start: float, stop: float, num: int) -> list[float]:
     return [float(start) + i * step for i in range(num)]
 
 
-def _gpu_count() -> int:
-    """``${pfc_gpu_count:}``: the GPUs this process sees (hydra/launcher=local gives them all
-    to every job; each job then takes its own, pfc_sweeps.jobs.devices)."""
-    import torch
-
-    return torch.cuda.device_count()
-
-
 def register_configs() -> None:
-    """Register the schema (as ``base_config``) and the ``linspace`` resolver."""
+    """Register the schema (as ``base_config``), the ``linspace`` and ``pfc_gpu_count`` resolvers."""
+    from pfc_sweeps.jobs.devices import gpu_count  # hydra/launcher=local: every visible GPU
+
     OmegaConf.register_new_resolver("linspace", _linspace, replace=True)
-    OmegaConf.register_new_resolver("pfc_gpu_count", _gpu_count, replace=True)
+    OmegaConf.register_new_resolver("pfc_gpu_count", gpu_count, replace=True)
     ConfigStore.instance().store(name="base_config", node=Config)
 
 

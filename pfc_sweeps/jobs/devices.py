@@ -2,7 +2,7 @@
 
 submitit's local executor starts every job of a sweep at once, each with
 ``CUDA_VISIBLE_DEVICES=0..gpus_per_node-1``; ``conf/hydra/launcher/local.yaml`` makes that
-every GPU of the machine (``${pfc_gpu_count:}``, :mod:`pfc_sweeps.config`). Without more, every job would train on
+every GPU of the machine (``${pfc_gpu_count:}``, :func:`gpu_count`). Without more, every job would train on
 GPU 0, each with its data and feature cache. Here job ``num`` of the sweep takes GPU
 ``num mod G`` (of the G visible) and holds an exclusive lock on it for its whole life
 (``<sweep dir>/.submitit/gpu-<i>.lock``): with as many GPUs as jobs each job has its own,
@@ -20,10 +20,20 @@ from typing import IO
 
 import torch
 
-__all__ = ["claim_gpu_slot", "local_job_device"]
+__all__ = ["claim_gpu_slot", "gpu_count", "local_job_device"]
 
 #: Lock files of the GPUs this process holds (kept open until it exits).
 _HELD: dict[Path, IO[bytes]] = {}
+
+
+def gpu_count() -> int:
+    """The CUDA devices this process sees (0 without CUDA): the ``${pfc_gpu_count:}`` resolver
+    (:func:`pfc_sweeps.config.register_configs`) that ``conf/hydra/launcher/local.yaml`` uses.
+
+    Returns:
+        ``torch.cuda.device_count()`` (it does not initialise CUDA).
+    """
+    return torch.cuda.device_count()
 
 
 def claim_gpu_slot(lock_dir: Path, slot: int, *, wait: bool = True) -> bool:
