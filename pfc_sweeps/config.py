@@ -203,6 +203,7 @@ class TrainConfig:
     channels_last: bool = False
     tf32: bool = False
     compile: bool = False
+    deterministic: bool = True  # bit-identical resume on CUDA (conditions, cost: docs/gpu.md)
 
 
 @dataclass
@@ -245,8 +246,11 @@ def _linspace(start: float, stop: float, num: int) -> list[float]:
 
 
 def register_configs() -> None:
-    """Register the schema (as ``base_config``) and the ``linspace`` resolver."""
+    """Register the schema (as ``base_config``), the ``linspace`` and ``pfc_gpu_count`` resolvers."""
+    from pfc_sweeps.jobs.devices import gpu_count  # hydra/launcher=local: every visible GPU
+
     OmegaConf.register_new_resolver("linspace", _linspace, replace=True)
+    OmegaConf.register_new_resolver("pfc_gpu_count", gpu_count, replace=True)
     ConfigStore.instance().store(name="base_config", node=Config)
 
 

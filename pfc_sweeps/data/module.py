@@ -5,6 +5,7 @@ It is read into the same tensors as the built-in sets when it fits ``train.data_
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping
 
@@ -93,5 +94,18 @@ def load_module_dataset(
 
 
 def _materialise(stream: StreamBundle, split: str, batch: int = 512) -> tuple[Tensor, Tensor]:
-    xs, ys = zip(*stream.batches(split, torch.arange(stream.size(split)), batch), strict=True)
-    return torch.cat(xs), torch.cat(ys)
+    """The split read on the CPU into preallocated tensors (one copy of the data at any time,
+    not the batches plus their concatenation), then moved to the stream's device once.
+
+    Returns x (N, *in_shape) float32 and y (N,) int64 on ``stream.device``.
+    """
+    n = stream.size(split)
+    x = torch.empty((n, *stream.in_shape), dtype=torch.float32)  # (N, *in_shape)
+    y = torch.empty(n, dtype=torch.int64)  # (N,)
+    on_cpu = dataclasses.replace(stream, device=torch.device("cpu"))
+    start = 0
+    for xb, yb in on_cpu.batches(split, torch.arange(n), batch):
+        x[start : start + len(yb)] = xb
+        y[start : start + len(yb)] = yb
+        start += len(yb)
+    return x.to(stream.device), y.to(stream.device)

@@ -16,6 +16,7 @@ from pfc_sweeps.config import ArchConfig, Config, ConfigError
 from pfc_sweeps.data.builtin import load_dataset
 from pfc_sweeps.data.bundles import DataBundle, StreamBundle
 from pfc_sweeps.data.module import load_module_dataset
+from pfc_sweeps.jobs.devices import local_job_device
 from pfc_sweeps.nets.hooks import FeatureNet, ModelSpecError, build_module
 from pfc_sweeps.nets.resnets import build_model
 
@@ -23,11 +24,12 @@ __all__ = ["build_data", "build_net", "load_weights", "resolve_device"]
 
 
 def resolve_device(name: str) -> torch.device:
+    """``train.device`` as a device; in a job of a local sweep, its own GPU (jobs/devices.py)."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
         raise ValueError("train.device='cuda' but no CUDA device is available; use auto or cpu")
-    return torch.device(name)
+    return local_job_device(torch.device(name))
 
 
 def build_data(cfg: Config, device: torch.device) -> DataBundle | StreamBundle:
@@ -81,7 +83,7 @@ def load_weights(net: nn.Module, path: str | Path, device: torch.device) -> int:
     if not path.is_file():
         raise ModelSpecError(f"arch.checkpoint={str(path)!r}: no such file")
     try:
-        state = torch.load(path, map_location=device, weights_only=False)
+        state = torch.load(path, map_location="cpu", weights_only=False)  # load_state_dict moves
     except Exception as e:
         raise ModelSpecError(f"arch.checkpoint={str(path)!r} is not a torch file: {e}") from None
     epoch = 0

@@ -1,4 +1,14 @@
-"""Checkpoints written off the training thread, so an epoch does not wait for the disk."""
+"""Checkpoints written off the training thread, so an epoch does not wait for the disk, and
+the RNG states they hold.
+
+Every checkpoint tensor is saved from CPU memory (:func:`cpu_copy`) and loaded back to CPU
+memory (``map_location="cpu"``); ``load_state_dict`` then places the model's and the
+optimiser's tensors on the job's device. The RNG states must stay on the CPU:
+``torch.set_rng_state``, ``torch.Generator.set_state`` and ``torch.cuda.set_rng_state``
+only take CPU ``ByteTensor`` s (loading them onto a GPU made every resume on CUDA fail).
+Only the CUDA RNG state of the job's own device is saved, so a job resumed on a node with
+another number of GPUs restores what it can (docs/gpu.md).
+"""
 
 from __future__ import annotations
 
@@ -10,7 +20,7 @@ import torch
 
 from pfc_sweeps.results.schema import atomic_write
 
-__all__ = ["CheckpointWriter", "cpu_copy"]
+__all__ = ["CheckpointWriter", "cpu_copy", "restore_rng_state", "rng_state"]
 
 
 def cpu_copy(obj: Any) -> Any:
@@ -22,6 +32,50 @@ def cpu_copy(obj: Any) -> Any:
     if isinstance(obj, list | tuple):
         return type(obj)(cpu_copy(v) for v in obj)
     return obj
+
+
+def rng_state(device: torch.device) -> dict[str, Any]:
+    """The global RNG states a resumed job needs: the CPU generator's and, on CUDA, the
+    generator of ``device`` only (not every visible GPU's).
+
+    Args:
+        device: the job's device.
+
+    Returns:
+        ``{"torch": ByteTensor}`` plus ``"cuda": ByteTensor`` when ``device`` is a GPU.
+    """
+    state = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _cpu_bytes(t: torch.Tensor) -> torch.Tensor:
+    """An RNG state as the CPU ByteTensor that every ``set_state`` requires."""
+    return t.detach().to("cpu", torch.uint8)
+
+
+def restore_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    """Restore :func:`rng_state` (as CPU ByteTensors, wherever the checkpoint was loaded).
+
+    A CUDA state is restored only when the job runs on CUDA. Checkpoints from before this
+    format hold a list with one state per visible GPU (``get_rng_state_all``); the entry of
+    the job's device index is used, and none when that GPU did not exist (a job resumed on
+    a node with fewer GPUs keeps the CUDA generator its seed gave it).
+
+    Args:
+        state: the checkpoint's ``"rng"`` entry.
+        device: the job's device.
+    """
+    torch.set_rng_state(_cpu_bytes(state["torch"]))
+    cuda = state.get("cuda")
+    if device.type != "cuda" or cuda is None:
+        return
+    if isinstance(cuda, list | tuple):  # the old format: every GPU's state
+        index = device.index or 0
+        cuda = cuda[index] if index < len(cuda) else None
+    if cuda is not None:
+        torch.cuda.set_rng_state(_cpu_bytes(cuda), device)
 
 
 class CheckpointWriter:

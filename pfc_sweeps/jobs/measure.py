@@ -14,6 +14,7 @@ from torch import Tensor
 
 from pfc_sweeps.collapse.network import collapse_table
 from pfc_sweeps.config import Config, TrainConfig
+from pfc_sweeps.jobs.accel import configure_job, full_float32, metric_cache_bytes
 from pfc_sweeps.jobs.build import build_data, build_net, load_weights, resolve_device
 from pfc_sweeps.results.loggers import RunLogger
 from pfc_sweeps.results.schema import (
@@ -51,6 +52,7 @@ def run_measure(cfg: Config, out_dir: Path, sink: ResultsSink, logger: RunLogger
     """``task=measure``: the metric rows of ``arch.checkpoint`` on ``measure.split``."""
     del out_dir  # the rows go through the sink
     tr = cfg.train
+    configure_job(tr)  # TF32 and determinism flags, before CUDA initialises
     device = resolve_device(tr.device)
     if tr.num_threads:
         torch.set_num_threads(tr.num_threads)
@@ -60,15 +62,17 @@ def run_measure(cfg: Config, out_dir: Path, sink: ResultsSink, logger: RunLogger
     assert cfg.arch.checkpoint is not None  # config.validate
     epoch = load_weights(net, cfg.arch.checkpoint, device)
     split = cfg.measure.split
-    table, curves = collapse_table(
-        net,
-        data,
-        split,
-        data.num_classes,
-        geodesic_ts=geodesic_ts(tr),
-        cache_bytes=int(tr.cache_gb * 2**30),
-        batch=tr.eval_batch_size,
-    )
+    cache = metric_cache_bytes(net, data, split, int(tr.cache_gb * 2**30), device)
+    with full_float32():  # as in training: the same rows for the same weights
+        table, curves = collapse_table(
+            net,
+            data,
+            split,
+            data.num_classes,
+            geodesic_ts=geodesic_ts(tr),
+            cache_bytes=cache,
+            batch=tr.eval_batch_size,
+        )
     rows = record_metrics(sink, table, curves, epoch, split)
     sink.add(rows)
     logger.log_rows(rows, step=epoch)

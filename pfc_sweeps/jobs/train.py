@@ -22,7 +22,6 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import pandas as pd
 import torch
@@ -33,9 +32,15 @@ from pfc_sweeps.collapse.allocator import retain_freed_memory
 from pfc_sweeps.collapse.network import Data, collapse_table
 from pfc_sweeps.config import Config
 from pfc_sweeps.errors import Diverged, PFCError
-from pfc_sweeps.jobs.accel import Accelerator, prepare_model
+from pfc_sweeps.jobs.accel import (
+    Accelerator,
+    configure_job,
+    full_float32,
+    metric_cache_bytes,
+    prepare_model,
+)
 from pfc_sweeps.jobs.build import build_data, build_net, resolve_device
-from pfc_sweeps.jobs.checkpoint import CheckpointWriter
+from pfc_sweeps.jobs.checkpoint import CheckpointWriter, restore_rng_state, rng_state
 from pfc_sweeps.jobs.measure import geodesic_ts, print_final, record_metrics
 from pfc_sweeps.results.loggers import RunLogger
 from pfc_sweeps.results.schema import (
@@ -78,19 +83,6 @@ def evaluate(
     return total / n, correct / n
 
 
-def _rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 def _rows_to_bytes(df: pd.DataFrame) -> bytes:
     buf = io.BytesIO()
     df.to_parquet(buf, index=False)
@@ -130,6 +122,7 @@ class Trainer:
 
     def __init__(self, cfg: Config, out_dir: Path, sink: ResultsSink, logger: RunLogger):
         tr = cfg.train
+        configure_job(tr)  # TF32 and determinism flags, before CUDA initialises
         self.cfg, self.sink, self.logger = cfg, sink, logger
         self.device = resolve_device(tr.device)
         if self.device.type == "cpu":  # the metric pass's feature cache reuses its pages
@@ -155,7 +148,8 @@ class Trainer:
 
     def _restore(self) -> None:
         try:
-            state = torch.load(self.ckpt_path, map_location=self.device, weights_only=False)
+            # on the CPU: load_state_dict places the tensors; RNG states must stay CPU ByteTensors
+            state = torch.load(self.ckpt_path, map_location="cpu", weights_only=False)
         except Exception as e:  # torch raises many types for a truncated or foreign file
             raise PFCError(
                 f"{self.ckpt_path} is corrupt or unreadable ({type(e).__name__}); delete it and "
@@ -166,7 +160,7 @@ class Trainer:
         self.sched.load_state_dict(state["sched"])
         self.accel.load_state_dict(state.get("accel", {}))  # fp16: the loss scale
         self.shuffle.set_state(state["shuffle"])
-        _set_rng_state(state["rng"])
+        restore_rng_state(state["rng"], self.device)
         self.sink.load_rows(
             pd.read_parquet(io.BytesIO(state["rows"])), pd.read_parquet(io.BytesIO(state["curves"]))
         )
@@ -189,7 +183,7 @@ class Trainer:
             "sched": self.sched.state_dict(),
             "accel": self.accel.state_dict(),
             "shuffle": self.shuffle.get_state(),
-            "rng": _rng_state(),
+            "rng": rng_state(self.device),
             "rows": _rows_to_bytes(self.sink.frame()),
             "curves": _rows_to_bytes(self.sink.curves_frame()),
         }
@@ -208,17 +202,17 @@ class Trainer:
         n = self.data.size("train")
         self.model.train()
         perm = torch.randperm(n, generator=self.shuffle)
-        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        epoch_loss = self.accel.epoch_loss()  # fp16: steps its scaler skips do not count
         correct = torch.zeros((), dtype=torch.int64, device=self.device)
         for xb, yb in self.data.batches("train", perm, self.cfg.train.batch_size):
             with self.accel.autocast():
                 logits = self.model.forward_logits(self.accel.inputs(xb))
                 loss = loss_fn(self.cfg.loss.name, logits, yb)
             self.accel.step(loss, self.opt)
-            loss_sum += loss.detach().double() * len(yb)
+            epoch_loss.add(loss, len(yb))
             correct += (logits.detach().argmax(1) == yb).sum()
         self.sched.step()
-        return float(loss_sum) / n, int(correct) / n
+        return epoch_loss.mean(), int(correct) / n
 
     def _epoch_scalars(self, epoch: int) -> pd.DataFrame:
         """Train one epoch; its loss/accuracy, the test loss/accuracy and the lr as rows."""
@@ -248,15 +242,17 @@ class Trainer:
         last = epoch == tr.epochs
         if not (last or epoch % tr.metrics_every == 0):
             return None
-        table, curves = collapse_table(
-            self.model,
-            self.data,
-            "train",
-            self.data.num_classes,
-            geodesic_ts=self.ts if (last or tr.geodesic_every_metrics) else None,
-            cache_bytes=self.cache_bytes,
-            batch=tr.eval_batch_size,
-        )
+        cache = metric_cache_bytes(self.model, self.data, "train", self.cache_bytes, self.device)
+        with full_float32():  # the features in float32 whatever the training's options
+            table, curves = collapse_table(
+                self.model,
+                self.data,
+                "train",
+                self.data.num_classes,
+                geodesic_ts=self.ts if (last or tr.geodesic_every_metrics) else None,
+                cache_bytes=cache,
+                batch=tr.eval_batch_size,
+            )
         self.last_table = table
         return record_metrics(self.sink, table, curves, epoch, "train")
 
