@@ -171,14 +171,33 @@ class CheckedItems(torch.utils.data.Dataset):
 
 
 def check_nonempty(ds: Any, split: str) -> None:
-    """Raise :class:`DataError` if ``ds`` has no items."""
+    """Refuse an empty split.
+
+    Args:
+        ds: the split's data set (anything with ``len``).
+        split: its name in the error (``dataset.train``).
+
+    Raises:
+        DataError: ``ds`` has no items.
+    """
     if len(ds) == 0:
         raise DataError(f"{split} is empty (0 items); check the path or arguments it was given")
 
 
 def labels_of(values: Any, split: str, where: Callable[[int], str]) -> Tensor:
-    """(N,) int64 labels from a ``targets``/``labels`` attribute, each checked to be an
-    integer >= 0; ``where(i)`` names item ``i`` in the error."""
+    """The labels of a ``targets``/``labels`` attribute, each checked to be an integer >= 0.
+
+    Args:
+        values: the attribute (list, array or tensor), one label per item.
+        split: the split's name in the error.
+        where: ``where(i)`` names item ``i`` (and its file) in the error.
+
+    Returns:
+        (N,) int64 labels.
+
+    Raises:
+        DataError: a label is not an integer (:func:`as_label`), or is negative.
+    """
     arr = np.asarray(values)
     if arr.ndim != 1:
         raise DataError(f"{split}: its labels have shape {arr.shape}, not one label per item")
@@ -201,8 +220,18 @@ def labels_of(values: Any, split: str, where: Callable[[int], str]) -> Tensor:
 def check_train_labels(
     y: Tensor, num_classes: int, classes_from: str, where: Callable[[int], str]
 ) -> None:
-    """Raise :class:`DataError` unless the (N,) training labels lie in ``[0, num_classes)``,
-    hold at least 2 classes and every class (NC1-NC4 need each class mean)."""
+    """Check the training labels: at least 2 classes, all in ``[0, num_classes)``, each
+    class present (NC1-NC4 need every class mean; docs/metrics.md).
+
+    Args:
+        y: (N,) int64 training labels.
+        num_classes: K of the job.
+        classes_from: where K comes from, for the error (``len(dataset.train.classes)``).
+        where: ``where(i)`` names item ``i`` in the error.
+
+    Raises:
+        DataError: a single class, a label >= K, or a class without items.
+    """
     present = torch.unique(y)
     if len(present) < 2:
         raise DataError(
@@ -224,8 +253,16 @@ def check_train_labels(
 
 
 def check_test_labels(y: Tensor, num_classes: int, where: Callable[[int], str]) -> None:
-    """Raise :class:`DataError` if the (M,) test labels hold classes that the training split
-    lacks (the training labels are 0 .. num_classes-1, all present), or a single class."""
+    """Check the test labels against the training classes (0 .. K-1, all present).
+
+    Args:
+        y: (M,) int64 test labels.
+        num_classes: K of the job.
+        where: ``where(i)`` names item ``i`` in the error.
+
+    Raises:
+        DataError: a test class the training split lacks (they are listed), or a single class.
+    """
     bad = (y < 0) | (y >= num_classes)
     if bool(bad.any()):
         first = int(torch.nonzero(bad)[0])
@@ -243,8 +280,19 @@ def check_test_labels(y: Tensor, num_classes: int, where: Callable[[int], str]) 
 
 
 def check_class_names(train_classes: Sequence | None, test_classes: Sequence | None) -> None:
-    """Raise :class:`DataError` when both splits name their classes and the names differ
-    (``ImageFolder`` numbers each split's class folders on its own)."""
+    """Check that both splits give the same names the same labels.
+
+    ``ImageFolder`` numbers each split's class folders on its own, so a test folder with
+    another set of class folders would shift its labels silently.
+
+    Args:
+        train_classes: ``dataset.train.classes`` (None: not named).
+        test_classes: ``dataset.test.classes`` (None: not named).
+
+    Raises:
+        DataError: both are named and differ (the test classes the training split lacks
+            are listed).
+    """
     if not train_classes or not test_classes or list(train_classes) == list(test_classes):
         return
     extra = [c for c in test_classes if c not in set(train_classes)]
@@ -263,7 +311,15 @@ def _few(values: Sequence, n: int = 8) -> str:
 
 
 def check_finite(x: Tensor, split: str) -> None:
-    """Raise :class:`DataError` naming the first item of ``x`` (N, ...) with a NaN or inf."""
+    """Check a split's features in one vectorised pass (the built-in data sets).
+
+    Args:
+        x: (N, *in_shape) features.
+        split: the split's name in the error.
+
+    Raises:
+        DataError: naming the first item with a NaN or inf.
+    """
     ok = torch.isfinite(x.reshape(len(x), -1)).all(dim=1)  # (N,)
     if not bool(ok.all()):
         i = int(torch.nonzero(~ok)[0])
