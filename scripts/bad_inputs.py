@@ -5,7 +5,9 @@
 A case is clean when launch.py exits non-zero, stderr holds one line that names the key or
 path, and the job dir holds nothing new but Hydra's ``launch.log`` and ``.hydra/`` (and
 ``error.txt`` for sweep jobs): no results, checkpoint, run id, fingerprint or W&B run, and
-no file that existed before was changed. Runs about 45 jobs (a few minutes on a laptop).
+no file that existed before was changed. Runs about 75 jobs (several minutes on a laptop).
+The cases of a user's own model and data (``arch=module``, ``dataset=module``) use
+``tests/user_model.py``, ``tests/user_data.py`` and ImageFolders of real PNG files.
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ def _snapshot(d: Path) -> dict[str, bytes]:
 def _run(args: list[str], env_extra: dict | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "HYDRA_FULL_ERROR": "0", "WANDB_MODE": "offline", **(env_extra or {})}
     env.pop("WANDB_DIR", None)
-    env["PYTHONPATH"] = str(REPO)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(REPO / "tests")])  # user_model, user_data
     cmd = [sys.executable, str(REPO / "launch.py"), *args]
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
 
@@ -184,6 +186,90 @@ CASES = [
 ]
 
 
+# ---------------------------------------------------------------- a user's own model and data
+OWN = ["train.epochs=1", "train.geodesic_points=3"]
+MODEL = "{_target_: user_model.%s, num_classes: null, %s}"
+MIXER = ["arch=module", "arch.model=" + MODEL % ("Mixer", "in_channels: null, width: 8")]
+MIXER += ["arch.classifier=head"]
+TWICE = ["arch=module", "arch.model=" + MODEL % ("Twice", "in_shape: null"), "arch.classifier=head"]
+MIXED = [*MIXER, "arch.layers=[conv,proj,blocks.*]", *OWN]
+FOLDER = "{_target_: torchvision.datasets.ImageFolder, root: {root}/%s, transform: {_target_: torchvision.transforms.ToTensor}}"
+
+
+def _digits(train: str = "", test: str = "") -> list[str]:
+    node = "{_target_: user_data.Digits, train: %s%s}"
+    return ["dataset=module", f"dataset.train={node % ('true', train)}",
+            f"dataset.test={node % ('false', test)}", *MIXED]  # fmt: skip
+
+
+def _folder(change: Callable[[Path], None]) -> Callable[[Path], None]:
+    import fakedata
+
+    def setup(d: Path) -> None:
+        root = d.parent / "data"
+        fakedata.write_image_folder(root, k=3, n_per_class=10, size=8)
+        change(root)
+
+    return setup
+
+
+def _truncate_png(root: Path) -> None:
+    bad = root / "train" / "class1" / "4.png"
+    bad.write_bytes(bad.read_bytes()[:60])
+
+
+def _resize_png(root: Path) -> None:
+    from PIL import Image
+
+    Image.new("RGB", (9, 8)).save(root / "test" / "class2" / "0.png")
+
+
+FOLDERS = ["dataset=module", f"dataset.train={FOLDER % 'train'}", f"dataset.test={FOLDER % 'test'}"]
+CASES += [
+    Case("layer listed twice", [*MIXER, "arch.layers=[conv,proj,proj]", *OWN], "'proj'"),
+    Case("layer listed twice (glob)", [*MIXER, "arch.layers=[conv,blocks.*,blocks.1]", *OWN], "'blocks.1'"),
+    Case("studied module runs twice", [*TWICE, "arch.layers=[stem,shared]", *OWN], "'shared'"),
+    Case("studied module never runs", [*TWICE, "arch.layers=[stem,spare]", *OWN], "'spare'"),
+    Case("layers out of forward order", [*MIXER, "arch.layers=[conv,blocks.1,blocks.0]", *OWN], "'blocks.0'"),
+    Case("model fails on the data's shape",
+         ["arch=module", "arch.model=" + MODEL % ("Twice", "in_shape: [1, 9, 9]"),
+          "arch.classifier=head", "arch.layers=[stem,shared]", *OWN], "arch.model"),
+    Case("NaN pixel", _digits(", defect: nan_pixel"), "dataset.train item 7"),
+    Case("inf pixel (targets)", _digits(", defect: inf_pixel, targets: true"), "dataset.train item 7"),
+    Case("NaN pixel, streamed", [*_digits(", defect: nan_pixel, at: 250, targets: true"), "train.data_gb=0"], "dataset.train item 250"),
+    Case("NaN pixel, streamed, 2 workers", [*_digits(", defect: nan_pixel, at: 250, targets: true"), "train.data_gb=0", "train.num_workers=2"], "dataset.train item 250"),
+    Case("NaN pixel in test, streamed", [*_digits("", ", defect: nan_pixel"), "train.data_gb=0"], "dataset.test item 7"),
+    Case("negative label", _digits(", defect: negative"), "dataset.train item 7"),
+    Case("float label 2.5 (targets)", _digits(", defect: float, targets: true"), "dataset.train item 7"),
+    Case("text label", _digits(", defect: text"), "dataset.train item 7"),
+    Case("label >= len(classes)", _digits(", defect: big, classes: true"), "dataset.train item 7"),
+    Case("train lacks a class", _digits(", defect: no9, classes: true"), "class(es) 9"),
+    Case("test has a class train lacks", _digits(", defect: no9", ", targets: true"), "class(es) 9"),
+    Case("samples of two shapes", _digits(", defect: shape"), "dataset.train item 7"),
+    Case("empty train split", _digits(", defect: empty"), "dataset.train"),
+    Case("empty test split", _digits("", ", defect: empty"), "dataset.test"),
+    Case("single-class train split", _digits(", defect: single"), "dataset.train"),
+    Case("single-class test split", _digits("", ", defect: single, targets: true"), "dataset.test"),
+    Case("item raises when read", _digits(", defect: raises"), "dataset.train item 7"),
+    Case("ImageFolder: truncated PNG", [*FOLDERS, *MIXED], "{root}/train/class1/4.png", setup=_folder(_truncate_png)),
+    Case("ImageFolder: PNG of another size", [*FOLDERS, *MIXED], "{root}/test/class2/0.png", setup=_folder(_resize_png)),
+    Case("ImageFolder: test class not in train", [*FOLDERS, *MIXED], "class9",
+         setup=_folder(lambda r: (r / "test" / "class2").rename(r / "test" / "class9"))),
+    Case("run dir name too long", [], "{dir}", sub="x" * 300),
+    Case("sweep dir name too long", ["seed=0,1"], "{dir}", sweep=True, sub="y" * 300),
+    Case("run dir path too long", [], "{dir}", sub="/".join(["z" * 200] * 25)),
+]  # fmt: skip
+
+
+#: How the table shows the long arguments of the cases (a legend follows the table).
+ABBREV = [
+    (" ".join(FOLDERS), "$FOLDERS"),
+    (" ".join(MIXER), "$MIXER"),
+    (" ".join(TWICE[:2]), "$TWICE"),
+    ("arch.layers=[conv,proj,blocks.*] " + " ".join(OWN), "$LAYERS"),
+]
+
+
 def _new_files(before: dict[str, bytes], after: dict[str, bytes], allowed) -> list[str]:
     bad = []
     for name, data in after.items():
@@ -261,9 +347,14 @@ def main() -> None:
         with tempfile.TemporaryDirectory(prefix="pfc-bad-") as tmp:
             r = run_case(case, Path(tmp))
         first = r["first"].replace(tmp, "<tmp>").replace("|", "\\|")
+        if len(case.sub) > 40:  # a name too long to show
+            first = first.replace(case.sub, f"<{len(case.sub)} chars>")
         if len(first) > 150:
             first = first[:147] + "..."
-        args = " ".join(case.args).replace("{root}", "<tmp>/data")
+        args = " ".join(case.args)
+        for long, short in ABBREV:
+            args = args.replace(long, short)
+        args = args.replace("{root}", "<tmp>/data")
         n += r["rc"] != "-"
         n_clean += bool(r.get("clean"))
         rows.append(
@@ -273,6 +364,7 @@ def main() -> None:
         )
         print(rows[-1], flush=True)
     rows.append(f"\n{n_clean} of {n} cases clean.")
+    rows.append("\nIn the inputs: " + "; ".join(f"`{b}` = `{a}`" for a, b in ABBREV) + ".")
     print(rows[-1])
     if a.out:
         a.out.write_text("\n".join(rows) + "\n")

@@ -24,3 +24,28 @@ class Mixer(nn.Module):
         for blk in self.blocks:
             h = h + blk(h)
         return self.head(h)
+
+
+class Twice(nn.Module):
+    """A small MLP whose forward runs ``shared`` twice (weight sharing) and ``spare`` never.
+
+    ``tied=True`` wraps each use in its own module (the documented way to study it)."""
+
+    def __init__(self, num_classes: int, in_shape: list[int], width: int = 16, tied: bool = False):
+        super().__init__()
+        d = 1
+        for s in in_shape:
+            d *= int(s)
+        self.stem = nn.Sequential(nn.Flatten(), nn.Linear(d, width), nn.ReLU())
+        self.shared = nn.Sequential(nn.Linear(width, width), nn.Tanh())
+        self.spare = nn.Linear(width, width)
+        self.tied = tied
+        if tied:
+            self.use1, self.use2 = nn.Sequential(self.shared), nn.Sequential(self.shared)
+        self.head = nn.Linear(width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.stem(x)
+        if self.tied:
+            return self.head(self.use2(self.use1(h)))
+        return self.head(self.shared(self.shared(h)))

@@ -55,6 +55,7 @@ from pfc_sweeps.data.bundles import (
     DataBundle,
     DatasetNotFound,
 )
+from pfc_sweeps.data.validate import check_finite
 
 
 def default_data_root() -> Path:
@@ -146,6 +147,9 @@ def load_dataset(
         keep = keep.to(bundle.train_y.device)
         bundle.train_x = bundle.train_x[keep]
         bundle.train_y = bundle.train_y[keep]
+    check_finite(bundle.train_x, f"{name} train")  # one pass: a NaN is named as data
+    check_finite(bundle.test_x, f"{name} test")
+    bundle.checked = "when loaded"
     return bundle
 
 

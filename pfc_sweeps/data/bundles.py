@@ -55,6 +55,8 @@ class DataBundle:
     num_classes: int
     in_shape: tuple[int, ...]
     name: str
+    #: When the inputs were checked finite ("when loaded"); "" if never.
+    checked: str = ""
 
     def size(self, split: str) -> int:
         return len(self.train_y if split == "train" else self.test_y)
@@ -81,6 +83,8 @@ class StreamBundle:
     name: str
     device: torch.device
     num_workers: int = 0
+    #: When the inputs are checked finite ("as the first epoch read them"); "" if never.
+    checked: str = ""
 
     def size(self, split: str) -> int:
         return len(self.train_set if split == "train" else self.test_set)

@@ -9,12 +9,19 @@ import dataclasses
 import math
 from collections.abc import Mapping
 
-import numpy as np
 import torch
 from torch import Tensor
 
 from pfc_sweeps.data.builtin import balanced_subset
 from pfc_sweeps.data.bundles import DataBundle, DatasetNotFound, StreamBundle
+from pfc_sweeps.data.validate import (
+    CheckedItems,
+    check_class_names,
+    check_nonempty,
+    check_test_labels,
+    check_train_labels,
+    labels_of,
+)
 
 # ----------------------------------------------------------------------------- dataset=module
 
@@ -45,12 +52,12 @@ def _instantiate(node: Mapping, key: str) -> torch.utils.data.Dataset:
     return ds
 
 
-def _labels(ds: torch.utils.data.Dataset) -> Tensor:
-    """(N,) int64 labels: the ``targets``/``labels`` attribute, else read item by item."""
+def _labels(ds: torch.utils.data.Dataset, checked: CheckedItems) -> Tensor | None:
+    """(N,) int64 labels of the ``targets``/``labels`` attribute (checked), else None."""
     for attr in ("targets", "labels"):
         if hasattr(ds, attr) and getattr(ds, attr) is not None:
-            return torch.as_tensor(np.asarray(getattr(ds, attr)), dtype=torch.int64)
-    return torch.tensor([int(ds[i][1]) for i in range(len(ds))], dtype=torch.int64)
+            return labels_of(getattr(ds, attr), checked.split, checked.where)
+    return None
 
 
 def load_module_dataset(
@@ -69,28 +76,50 @@ def load_module_dataset(
     label + 1. When the training set as float32 tensors is at most ``data_gb`` GiB it is
     read once into a :class:`DataBundle`; otherwise a :class:`StreamBundle` reads it batch
     by batch. Both collate the same items the same way, so they give the same batches.
+    Every item is checked as it is read (:mod:`pfc_sweeps.data.validate`): in memory, all
+    before training; streamed, as the first epoch reads them.
+
+    Raises:
+        DatasetSpecError: a node cannot be built or is not a map-style data set.
+        DataError: a defect of the data (one line naming the split, the item and its file).
     """
     device = torch.device(device)
-    train_set, test_set = _instantiate(train, "dataset.train"), _instantiate(test, "dataset.test")
-    train_y = _labels(train_set)
-    classes = getattr(train_set, "classes", None)
+    raw = _instantiate(train, "dataset.train"), _instantiate(test, "dataset.test")
+    for ds, split in zip(raw, ("dataset.train", "dataset.test"), strict=True):
+        check_nonempty(ds, split)
+    train_c, test_c = CheckedItems(raw[0], "dataset.train"), CheckedItems(raw[1], "dataset.test")
+    in_shape = tuple(train_c[0][0].shape)
+    for c in (train_c, test_c):
+        c.shape, c.shape_of = in_shape, "dataset.train item 0"
+    train_y = _labels(raw[0], train_c)
+    if train_y is None:  # read item by item (each item checked)
+        train_y = torch.tensor([train_c[i][1] for i in range(len(train_c))], dtype=torch.int64)
+    classes = getattr(raw[0], "classes", None)
     k = len(classes) if classes else int(train_y.max()) + 1
+    src = "len(dataset.train.classes)" if classes else "the largest training label + 1"
+    check_train_labels(train_y, k, src, train_c.where)
+    check_class_names(classes, getattr(raw[1], "classes", None))
+    for c in (train_c, test_c):
+        c.num_classes, c.classes_from = k, src
+    test_y = _labels(raw[1], test_c)
+    if test_y is not None:
+        check_test_labels(test_y, k, test_c.where)
+    train_set: torch.utils.data.Dataset = train_c
     if n_per_class is not None:
         keep = balanced_subset(train_y, int(n_per_class), k, seed)
-        train_set = torch.utils.data.Subset(train_set, keep.tolist())
-    x0 = train_set[0][0]
-    if not isinstance(x0, Tensor):
-        raise DatasetSpecError(
-            f"dataset.train items are ({type(x0).__name__}, label); add a transform that "
-            "gives a tensor, e.g. torchvision.transforms.ToTensor"
-        )
-    in_shape = tuple(x0.shape)
-    stream = StreamBundle(train_set, test_set, k, in_shape, "module", device, num_workers)
+        train_set = torch.utils.data.Subset(train_c, keep.tolist())
+    stream = StreamBundle(train_set, test_c, k, in_shape, "module", device, num_workers)
     if len(train_set) * math.prod(in_shape) * 4 > data_gb * 2**30:
+        for c in (train_c, test_c):
+            c.stage = "at the first bad item it read, before any results were written"
+        stream.checked = "as the first epoch read them"
         return stream
     parts = [_materialise(stream, split) for split in ("train", "test")]
     (train_x, train_y), (test_x, test_y) = parts
-    return DataBundle(train_x, train_y, test_x, test_y, k, in_shape, "module")
+    check_test_labels(test_y.cpu(), k, test_c.where)
+    bundle = DataBundle(train_x, train_y, test_x, test_y, k, in_shape, "module")
+    bundle.checked = "when loaded"
+    return bundle
 
 
 def _materialise(stream: StreamBundle, split: str, batch: int = 512) -> tuple[Tensor, Tensor]:

@@ -69,7 +69,9 @@ def build_net(a: ArchConfig, in_shape: tuple[int, ...], num_classes: int) -> nn.
     """A built-in Table I net (``kind`` fc/conv) or a :class:`FeatureNet` (``kind=module``)."""
     if a.kind == "module":
         net = build_module(a.model, num_classes, in_shape)
-        return FeatureNet(net, a.layers, a.classifier, num_classes)
+        fnet = FeatureNet(net, a.layers, a.classifier, num_classes)
+        fnet.check_forward(torch.zeros(2, *in_shape))  # the job's first forward: calls checked
+        return fnet
     shape: dict[str, Any] = (
         {"width": a.width, "blocks": a.blocks} if a.kind == "fc" else {"stages": a.stages}
     )

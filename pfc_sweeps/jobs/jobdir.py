@@ -15,6 +15,7 @@ import errno
 import fcntl
 import json
 import os
+import re
 import socket
 from pathlib import Path
 from typing import Any
@@ -113,17 +114,66 @@ def write_fingerprint(out_dir: Path, fp: dict[str, Any]) -> None:
 
 
 def check_usable_dir(path: Path) -> None:
-    """Raise :class:`JobDirError` unless ``path`` is (or can be made) a writable directory."""
+    """Raise :class:`JobDirError` unless ``path`` is (or can be made) a writable directory.
+
+    A name the file system refuses (too long, a character it does not allow) is one line
+    naming the path. The missing part of ``path`` is made and removed at once when one of
+    its names is not plain ASCII (letters, digits, ``.,=+@-_`` and spaces), the only way to
+    learn what a file system allows; plain names are checked against its limits only.
+    """
     path = Path(path)
+    try:
+        missing = _check_dir(path)
+        if not all(_PLAIN.fullmatch(p.name) for p in missing):
+            _try_make(missing)
+    except OSError as e:  # stat or mkdir of a name the file system refuses
+        raise JobDirError(
+            f"{path}: the file system refuses this name ({e.strerror or type(e).__name__}); "
+            "choose a shorter output dir name with plain characters"
+        ) from None
+
+
+#: Names that every file system takes (up to its length limits).
+_PLAIN = re.compile(r"[A-Za-z0-9._,=+@ -]*")
+
+
+def _check_dir(path: Path) -> list[Path]:
+    """The checks of :func:`check_usable_dir`; returns the missing dirs, deepest first."""
     if path.exists() and not path.is_dir():
         raise JobDirError(f"{path} is a file, not a directory; choose another output dir")
-    probe = path
+    missing, probe = [], path
     while not probe.exists():
+        missing.append(probe)
         probe = probe.parent
     if not probe.is_dir():
         raise JobDirError(f"{probe} is a file, so {path} cannot be created; choose another dir")
     if not os.access(probe, os.W_OK | os.X_OK):
         raise JobDirError(f"{probe} is not writable; choose another output dir (hydra.run.dir)")
+    limit = os.pathconf(probe, "PC_NAME_MAX")
+    for p in missing:
+        if len(os.fsencode(p.name)) > limit:
+            raise OSError(errno.ENAMETOOLONG, os.strerror(errno.ENAMETOOLONG), str(p))
+    if len(os.fsencode(path.absolute())) >= os.pathconf(probe, "PC_PATH_MAX"):
+        raise OSError(errno.ENAMETOOLONG, os.strerror(errno.ENAMETOOLONG), str(path))
+    return missing
+
+
+def _try_make(missing: list[Path]) -> None:
+    """Make the ``missing`` dirs (deepest last) and remove them again: nothing is left."""
+    made: list[Path] = []
+    try:
+        for p in reversed(missing):
+            try:
+                os.mkdir(p)
+            except FileExistsError:  # another process made it meanwhile: not ours to remove
+                break
+            made.append(p)
+    finally:
+        for p in reversed(made):
+            try:
+                os.rmdir(p)
+            except OSError:
+                pass  # another process wrote into it meanwhile: it is theirs now
 
 
 def remove_stale_temps(out_dir: Path) -> list[Path]:
@@ -145,7 +195,12 @@ def check_not_busy(out_dir: Path) -> None:
     ``launch.py`` calls it before Hydra starts when ``hydra.run.dir`` is given, so that a
     second process stops at once; the job itself then takes the lock for real.
     """
-    if (Path(out_dir) / LOCK_FILE).exists():
+    try:
+        busy = (Path(out_dir) / LOCK_FILE).exists()
+    except OSError:  # a name the file system refuses: check_usable_dir says so in one line
+        check_usable_dir(out_dir)
+        raise
+    if busy:
         JobLock(out_dir).acquire().release()
 
 

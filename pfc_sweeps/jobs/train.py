@@ -219,8 +219,10 @@ class Trainer:
         lr = self.opt.param_groups[0]["lr"]
         train_loss, train_acc = self._train_epoch()
         if not math.isfinite(train_loss):  # checked once per epoch: no GPU sync per batch
+            seen = getattr(self.data, "checked", "")  # the inputs are not the cause:
+            seen = f"; the inputs were checked {seen} and are finite" if seen else ""
             raise Diverged(
-                f"training diverged at epoch {epoch}: loss={train_loss} (optim.lr={lr}); "
+                f"training diverged at epoch {epoch}: loss={train_loss} (optim.lr={lr}{seen}); "
                 "lower optim.lr"
             )
         test_loss, test_acc = evaluate(
