@@ -119,6 +119,16 @@ class ClassSums:
             p.zero_()
         self._since = 0
 
+    def sum_tensors(self) -> list[Tensor]:
+        """[counts (K,), class sums (K, d_l) per layer], float64, for a distributed all-reduce.
+        The float32 path's sums of h - ref are first made sums of h (ranks' refs differ)."""
+        self.flush()
+        if self.ref is not None:
+            for s, r in zip(self.sums, self.ref, strict=True):
+                s += self.counts[:, None] * r.to(F64)
+            self.ref = None
+        return [self.counts, *self.sums]
+
     def compute(self, geodesic: bool, weight: Tensor | None) -> LayerMeans:
         """The means of every layer. Pass-2 right-hand sides: with the geodesic, layer 0 is also
         projected on HtL and layer L on Ht0 (cross terms); with a classifier, layer L on W."""
@@ -182,6 +192,10 @@ class PathLengths:
             torch.linalg.vector_norm(diff, dim=1, out=self._norms[i])
             self._x0 = self._prev = None
 
+    def sum_tensors(self) -> list[Tensor]:
+        """[path-length sums (2, L+1)] for a distributed all-reduce."""
+        return [self.sums]
+
     def end_chunk(self, y: Tensor) -> None:
         n64 = self._norms.to(F64)  # (steps + 1, b)
         self.sums += torch.stack([n64.sum(1), n64.square().sum(1)])
@@ -216,6 +230,10 @@ class WithinClass:
         self.trw += c.rr
         self.zz += torch.bmm(c.z, c.z.transpose(1, 2))  # (S, K, b) @ (S, b, K)
         self.correct += c.ncc_correct()
+
+    def sum_tensors(self) -> list[Tensor]:
+        """[Tr Sigma_W sums (S,), Z^T Z (S, K, K), NCC hits (S,)] for a distributed all-reduce."""
+        return [self.trw, self.zz, self.correct]
 
     def check_finite(self) -> None:
         if not bool(torch.isfinite(self.trw).all() & torch.isfinite(self.zz).all()):
@@ -265,6 +283,10 @@ class GeodesicCurve:
             self.smat, self.bern, c.own[0].T, mixed.T, c.own[last].T, c.y
         )
 
+    def sum_tensors(self) -> list[Tensor]:
+        """[cross term (), NCC hits along the curve (T',)] for a distributed all-reduce."""
+        return [self.cross, self.correct]
+
     def compute(self, n: int, lm: LayerMeans, trw: Tensor, per_layer: dict) -> dict[str, Any]:
         """geodesic_err_* per layer, and "curves": {pfc*: (T,)} at ts."""
         curve = geodesic_from_stats(
@@ -305,6 +327,10 @@ class Classifier:
         last = c.own.shape[0] - 1
         logits = c.extra[last][-self.k :].T + self.shift  # (b, K)
         self.disagree += (logits.argmax(dim=1) != c.ncc_pred(last)).sum()
+
+    def sum_tensors(self) -> list[Tensor]:
+        """[classifier vs NCC disagreements ()] for a distributed all-reduce."""
+        return [self.disagree]
 
     def compute(self, n: int, lm: LayerMeans) -> dict[str, Tensor]:
         if not bool(torch.linalg.norm(self.w64) > 0):

@@ -72,6 +72,7 @@ class _Trackers:
         k: int,
         ts: Tensor | None,
         cache_bytes: int,
+        group: object = None,
     ) -> None:
         self.s = s = _run_start(feats)
         last = feats[-1].flatten(1)
@@ -79,18 +80,27 @@ class _Trackers:
         dims = [h[0].numel() for h in feats] + [0 if self.own_clf else clf_in.shape[1]]
         budget = [int(cache_bytes * d / sum(dims)) for d in dims]
         w, b = model.classifier.weight, model.classifier.bias
-        self.head = [CollapseTracker(k, cache_bytes=budget[i]) for i in range(s)]
+        self.head = [
+            CollapseTracker(k, cache_bytes=budget[i], process_group=group) for i in range(s)
+        ]
         self.run = CollapseTracker(
             k,
             geodesic_ts=ts if len(feats) - s >= 2 else None,
             cache_bytes=sum(budget[s:-1]),
             classifier_weight=w if self.own_clf else None,
             classifier_bias=b if self.own_clf else None,
+            process_group=group,
         )
         self.clf = (
             None
             if self.own_clf
-            else CollapseTracker(k, cache_bytes=budget[-1], classifier_weight=w, classifier_bias=b)
+            else CollapseTracker(
+                k,
+                cache_bytes=budget[-1],
+                classifier_weight=w,
+                classifier_bias=b,
+                process_group=group,
+            )
         )
 
     def all(self) -> list[CollapseTracker]:
@@ -117,10 +127,13 @@ def collapse_table(
     geodesic_ts: Tensor | None,
     cache_bytes: int,
     batch: int,
+    process_group: object = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The metric engine over ``split`` in eval mode: (per-layer table, geodesic curves).
 
     One forward pass when all layers' features fit ``cache_bytes``; two otherwise.
+    With a ``process_group`` (torch.distributed), ``data`` is this rank's shard: the
+    trackers all-reduce their sums and every rank returns the table of all shards.
     """
     model.eval()
     order = torch.arange(data.size(split))
@@ -130,7 +143,9 @@ def collapse_table(
         for x, y in data.batches(split, order, batch):
             feats, clf_in = _features(model, x)
             if trackers is None:
-                trackers = _Trackers(model, feats, clf_in, num_classes, geodesic_ts, cache_bytes)
+                trackers = _Trackers(
+                    model, feats, clf_in, num_classes, geodesic_ts, cache_bytes, process_group
+                )
                 active = trackers.all()
             trackers.update(feats, clf_in, y, active)
         for t in active:

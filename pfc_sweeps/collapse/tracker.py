@@ -37,6 +37,7 @@ import torch
 from torch import Tensor
 
 from pfc_sweeps.collapse import accumulators as acc
+from pfc_sweeps.collapse.distributed import all_reduce_sums, any_rank, check_group
 from pfc_sweeps.collapse.inputs import (
     MetricInputError,
     block_elements,
@@ -169,7 +170,10 @@ class CollapseTracker:
     num_classes: K >= 2. geodesic_ts: t in [0, 1] of the geodesic curves (None: no curves, no
     geodesic_err_*; else all layers share one dimension). cache_bytes: budget for caching one
     pass's features (0: two passes). epsilon: NCC-error threshold of the effective depth.
-    classifier_weight (K, d_L), classifier_bias (K,): NC3/NC4. precision: one of PRECISIONS."""
+    classifier_weight (K, d_L), classifier_bias (K,): NC3/NC4. precision: one of PRECISIONS.
+    process_group: None, or a torch.distributed ProcessGroup whose ranks each feed a shard of
+    the data: the sums are all-reduced, every rank gets the single-process result
+    (docs/metrics.md "Distributed use")."""
 
     def __init__(
         self,
@@ -181,8 +185,10 @@ class CollapseTracker:
         classifier_weight: Tensor | None = None,
         classifier_bias: Tensor | None = None,
         precision: str = "auto",
+        process_group: object = None,
     ) -> None:
         self.num_classes = check_num_classes(num_classes)
+        self._group = check_group(process_group)
         self.geodesic_ts: Tensor | None = _check_ts(geodesic_ts)
         if isinstance(cache_bytes, bool) or not isinstance(cache_bytes, int) or cache_bytes < 0:
             raise MetricInputError(f"cache_bytes must be an int >= 0, got {cache_bytes!r}")
@@ -297,6 +303,8 @@ class CollapseTracker:
             if self._batches == 0:
                 raise TrackerStateError("end_pass() before any update(): pass 1 saw no batches")
             cache, self._cache = self._cache, None
+            if any_rank(cache is None, self._group, self._device):  # same passes on all ranks
+                cache = None
             with _full_precision(self._device):
                 self._finish_pass1()
                 for layers, labels in cache or ():
@@ -370,8 +378,16 @@ class CollapseTracker:
             for a in self._pass2:
                 a.update(block)
 
+    def _reduce(self, names: tuple[str, ...], *extra: Tensor) -> None:
+        """All-reduce the sums of the named accumulators (and extra tensors) over the group."""
+        if self._group is not None:
+            sums = [t for n in names if n in self._accs for t in self._accs[n].sum_tensors()]
+            all_reduce_sums([*sums, *extra], self._group)
+
     def _check_oob(self) -> None:
-        bad = int(self._oob)
+        oob = self._oob.clone()
+        self._reduce((), oob)
+        bad = int(oob)
         if bad:
             raise MetricInputError(
                 f"{bad} label(s) out of range; allowed 0..{self.num_classes - 1}"
@@ -379,6 +395,7 @@ class CollapseTracker:
 
     def _finish_pass1(self) -> None:
         self._check_oob()
+        self._reduce(("sums", "path"))
         sums = self._accs["sums"]
         check_counts(sums.counts, " in pass 1")
         self._n = int(sums.counts.sum())
@@ -401,6 +418,7 @@ class CollapseTracker:
         ]
 
     def _finish_pass2(self) -> None:
+        self._reduce(("within", "geodesic", "classifier"), self._counts2)
         if not bool(torch.equal(self._counts2, self._accs["sums"].counts)):
             raise MetricInputError(
                 "pass 2 saw different data than pass 1: class counts "
