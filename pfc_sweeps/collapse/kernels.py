@@ -193,7 +193,8 @@ class FastKernel:
         }
         self.dz = torch.stack(dz).transpose(1, 2).contiguous()  # (S, K, K)
         self.dn2 = torch.stack(dn2)  # (S, K)
-        self.dd = (deltas[0] * deltas[-1]).sum(1)  # (K,) <delta0_c, deltaL_c> (geodesic)
+        # (K,) <delta0_c, deltaL_c> (geodesic: layers 0 and L share one width)
+        self.dd = (deltas[0] * deltas[-1]).sum(1) if geodesic else None
 
     def _chunk(self, layers: list[Tensor], y: Tensor, s: int) -> tuple[Tensor, ...]:
         """One chunk, rows s..: q (S, width, b) = rhs r^T, ||r|| (S, b)[, <r0, rL> (b,)]."""
