@@ -420,6 +420,7 @@ def test_small_chunks_and_blocks_match_one_chunk(monkeypatch, dtype, cache):
     # 6 elements per row: 3 rows per chunk (2 in float64 pass 1); 5 layers x width 12 per row
     monkeypatch.setattr(M, "_CPU_CHUNK_BYTES", 3 * 6 * dtype.itemsize)
     monkeypatch.setattr(M, "_CPU_BLOCK_ELEMENTS", 7 * 5 * 12)
+    monkeypatch.setattr(M, "_MIN_BLOCK_ROWS", 1)
     tracker = CollapseTracker(4, **kw)
     feed(tracker, hs, y, (40,))
     if tracker.needs_second_pass:

@@ -33,12 +33,13 @@ from pfc_sweeps.collapse import accumulators as acc
 from pfc_sweeps.collapse.distributed import all_reduce_sums, any_rank, check_group
 from pfc_sweeps.collapse.inputs import (
     MetricInputError,
-    block_elements,
+    add_counts,
+    block_rows,
     check_counts,
     check_num_classes,
     rows_per_chunk,
 )
-from pfc_sweeps.collapse.kernels import ExactKernel, FastKernel, Workspace, work_dtype
+from pfc_sweeps.collapse.kernels import ExactKernel, FastKernel, Routes, Workspace, work_dtype
 from pfc_sweeps.collapse.metrics import F64, _check_classifier
 from pfc_sweeps.results.schema import (
     GEODESIC_ERR_METRICS,
@@ -367,7 +368,7 @@ class LayerRunTracker:
         splits = [h.split(rows) for h in layers]
         for c, y in enumerate(labels.split(rows)):
             block = self._kernel.pass2([chunks[c] for chunks in splits], y)
-            self._counts2 += torch.bincount(y, minlength=self.num_classes)
+            add_counts(self._counts2, y)
             for a in self._pass2:
                 a.update(block)
 
@@ -396,12 +397,13 @@ class LayerRunTracker:
         lm = self._means = sums.compute(geodesic, self._weight)
         self._r = self._accs["path"].positions() if self._path else None
         kernel = ExactKernel if self._dtype == F64 else FastKernel
-        self._kernel = kernel(lm, self._ws, geodesic)
+        routes = Routes.of(self._dims, self.num_classes)
+        self._kernel = kernel(lm, self._ws, geodesic, routes)
         width = max(r.shape[0] for r in lm.rhs)  # (S, rows, K + e) float64 per block
-        self._block_rows = max(1, block_elements(self._device) // (len(self._dims) * width))
-        n_layers, k, dev = len(self._dims), self.num_classes, self._device
+        self._block_rows = block_rows(self._device, len(self._dims) * width)
+        k, dev = self.num_classes, self._device
         self._counts2 = torch.zeros(k, dtype=F64, device=dev)
-        self._accs["within"] = acc.WithinClass(n_layers, k, dev)
+        self._accs["within"] = acc.WithinClass(self._dims, k, routes, dev)
         if geodesic:
             self._accs["geodesic"] = acc.GeodesicCurve(self.geodesic_ts, self._r, lm)
         if self._weight is not None:
@@ -412,6 +414,11 @@ class LayerRunTracker:
 
     def _finish_pass2(self) -> None:
         self._reduce(("within", "geodesic", "classifier"), self._counts2)
+        within = self._accs["within"]
+        for i, sw in within.sw.items():  # the fast path's r = h - m'_y: exact, once per pass
+            offset = self._kernel.scatter_offset(i, self._counts2)
+            if offset is not None:
+                sw += offset
         if not bool(torch.equal(self._counts2, self._accs["sums"].counts)):
             raise MetricInputError(
                 "pass 2 saw different data than pass 1: class counts "

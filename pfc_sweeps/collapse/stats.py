@@ -262,21 +262,74 @@ def pfc_from_stats(n: int, trw_sum: Tensor, gram: Tensor, correct: Tensor) -> di
     }
 
 
-def nc_from_stats(n: int, gram: Tensor, zz: Tensor) -> dict[str, Tensor]:
-    """NC1 and NC2 from the K x K statistics of one layer (docs/metrics.md "Classic NC metrics").
+def _pinv_diag(lam: Tensor, size: int, power: int = 1) -> Tensor:
+    """lam^-power over the eigenvalues kept by pinv's default cutoff (eps * size * max|lam|),
+    else 0."""
+    keep = lam.abs() > torch.finfo(lam.dtype).eps * size * lam.abs().max()
+    kept = torch.where(keep, lam, 1.0)
+    return torch.where(keep, 1.0 / (kept.square() if power == 2 else kept), 0.0)
 
-    NC1 = Tr(Sigma_W Sigma_B^+)/K. With Sigma_B = Htilde Htilde^T / K, G = Htilde^T Htilde and
-    Z_i = Htilde^T (h_i - m_{y_i}): (Htilde Htilde^T)^+ = Htilde G^{+2} Htilde^T, hence
-    NC1 = Tr(G^+ (Z^T Z / N) G^+) -- exact, no d x d matrix. zz = Z^T Z (K, K).
-    NC2 equinorm uses the unbiased std over classes (as Papyan et al.'s code: torch.std).
+
+def nc1_from_gram(n: int, gram: Tensor, zz: Tensor) -> Tensor:
+    """NC1 = Tr(Sigma_W Sigma_B^+) / K from K x K statistics (the K x K route, K <= d).
+
+    Paper / reference: Papyan et al. (2020) NC1; docs/metrics.md "Classic NC metrics".
+    With Sigma_B = Htilde Htilde^T / K, G = Htilde^T Htilde and Z_i = Htilde^T (h_i - m_{y_i}):
+    (Htilde Htilde^T)^+ = Htilde G^{+2} Htilde^T, hence NC1 = Tr(G^+ (Z^T Z / N) G^+): one
+    K x K eigendecomposition.
+
+    Args:
+        n: number of samples N.
+        gram: (K, K) float64 G.
+        zz: (K, K) float64 Z^T Z summed over the samples.
+
+    Returns:
+        0-d float64 tensor.
+    """
+    lam, vec = torch.linalg.eigh(gram)  # (K,), (K, K)
+    inv2 = _pinv_diag(lam, gram.shape[0], power=2)
+    return (inv2 * ((zz / n) @ vec * vec).sum(0)).sum()
+
+
+def nc1_from_scatter(n: int, ht: Tensor, scatter: Tensor) -> Tensor:
+    """NC1 = Tr(Sigma_W Sigma_B^+) / K from the d x d within-class scatter (the d x d route,
+    d < K).
+
+    Paper / reference: Papyan et al. (2020) NC1; docs/metrics.md "Classic NC metrics".
+    Sigma_W = S_W / N with S_W = sum_i (h_i - m_{y_i})(h_i - m_{y_i})^T, Sigma_B = Ht^T Ht / K;
+    one d x d eigendecomposition Sigma_B = V diag(lam) V^T gives
+    Tr(Sigma_W Sigma_B^+) = sum_j lam_j^+ (V^T Sigma_W V)_jj.
+
+    Args:
+        n: number of samples N.
+        ht: (K, d) float64 rows m_c - g.
+        scatter: (d, d) float64 S_W.
+
+    Returns:
+        0-d float64 tensor.
+    """
+    k, d = ht.shape
+    lam, vec = torch.linalg.eigh(ht.T @ ht / k)  # (d,), (d, d)
+    inv = _pinv_diag(lam, max(k, d))
+    return (inv * ((scatter / n) @ vec * vec).sum(0)).sum() / k
+
+
+def nc2_from_gram(gram: Tensor) -> dict[str, Tensor]:
+    """NC2 equinorm and equiangle of one layer from its Gram G (K, K) (docs/metrics.md).
+
+    Paper / reference: Papyan et al. (2020) NC2; equinorm uses the unbiased std over classes
+    (as their code: torch.std).
+
+    Args:
+        gram: (K, K) float64 G = Ht Ht^T.
+
+    Returns:
+        0-d tensors keyed by NC2_EQUINORM, NC2_EQUIANGLE.
+
+    Raises:
+        DegenerateFeaturesError: a class mean equals the global mean (cosine undefined).
     """
     k = gram.shape[0]
-    # G^+ = V diag(1/lam) V^T over the eigenvalues kept by pinv's default cutoff, so
-    # Tr(G^+ zz G^+) = sum_j lam_j^-2 (V^T zz V)_jj: one eigh and one K x K x K product
-    lam, vec = torch.linalg.eigh(gram)  # (K,), (K, K)
-    keep = lam.abs() > torch.finfo(lam.dtype).eps * k * lam.abs().max()
-    inv2 = torch.where(keep, 1.0 / torch.where(keep, lam, 1.0).square(), 0.0)
-    nc1 = (inv2 * ((zz / n) @ vec * vec).sum(0)).sum()
     norms = torch.diagonal(gram).clamp_min(0).sqrt()  # (K,) ||m_k - g||
     if bool((norms == 0).any()):
         bad = (norms == 0).nonzero().flatten().tolist()
@@ -287,7 +340,26 @@ def nc_from_stats(n: int, gram: Tensor, zz: Tensor) -> dict[str, Tensor]:
     cos = gram / (norms[:, None] * norms[None, :])
     off = ~torch.eye(k, dtype=torch.bool, device=gram.device)
     equiangle = (cos[off] + 1.0 / (k - 1)).abs().mean()
-    return {NC1: nc1, NC2_EQUINORM: equinorm, NC2_EQUIANGLE: equiangle}
+    return {NC2_EQUINORM: equinorm, NC2_EQUIANGLE: equiangle}
+
+
+def nc_from_stats(n: int, gram: Tensor, zz: Tensor) -> dict[str, Tensor]:
+    """NC1 (the K x K route, :func:`nc1_from_gram`) and NC2 (:func:`nc2_from_gram`).
+
+    Paper / reference: Papyan et al. (2020); docs/metrics.md "Classic NC metrics".
+
+    Args:
+        n: number of samples N.
+        gram: (K, K) float64 G.
+        zz: (K, K) float64 Z^T Z.
+
+    Returns:
+        0-d tensors keyed by NC1, NC2_EQUINORM, NC2_EQUIANGLE.
+
+    Raises:
+        DegenerateFeaturesError: a class mean equals the global mean.
+    """
+    return {NC1: nc1_from_gram(n, gram, zz)} | nc2_from_gram(gram)
 
 
 def geodesic_from_stats(
