@@ -381,6 +381,8 @@ def geodesic_from_stats(
     coef = geodesic_coefficients(ts.to(g0.device))  # (T, 3)
     trw = coef[:, 0] * trw0 + 2.0 * coef[:, 1] * trw_cross + coef[:, 2] * trwl  # (T,)
     k = g0.shape[0]
+    if k >= GEO_FROBENIUS_MIN_K:
+        return _geodesic_from_frobenius(n, coef, trw, g0, x01, gl, correct)
     step = max(1, _GEO_SCORE_ELEMENTS // (k * k))  # G(t) for a block of t at a time
     parts = []
     for s in range(0, coef.shape[0], step):
@@ -391,3 +393,51 @@ def geodesic_from_stats(
             raise DegenerateFeaturesError(f"on the geodesic curve: {err}") from None
         parts.append(out)
     return {key: torch.cat([p[key] for p in parts]) for key in PFC_METRICS}
+
+
+#: from this many classes on, the geodesic curve's PFC2(t) comes from 3 x 3 Frobenius inner
+#: products (no (T, K, K) G(t)): T K^2 work per pass would otherwise rival the pass itself
+GEO_FROBENIUS_MIN_K = 256
+
+
+def _geodesic_from_frobenius(
+    n: int, coef: Tensor, trw: Tensor, g0: Tensor, x01: Tensor, gl: Tensor, correct: Tensor
+) -> dict[str, Tensor]:
+    """PFC1-3 along the curve without forming G(t) (docs/metrics.md "Geodesic-curve
+    prediction"): G(t) = sum_i c_i(t) A_i with A = (G0, X + X^T, GL), so
+    ||G(t)||_F^2 = c^T M c with M_ij = <A_i, A_j>_F, Tr G(t) = c . (Tr A_i), 1^T G(t) 1 likewise,
+    and with the unit-norm ETF E: ||G/||G|| - E||_F^2 = 2 - 2 <G, E> / ||G||,
+    <G, E> = (Tr G - 1^T G 1 / K) / sqrt(K - 1). Rounding ~ eps / PFC2^2 relative (PFC2 > 1e-4
+    keeps it below 1e-8).
+
+    Args:
+        n: number of samples; coef (T, 3) from :func:`geodesic_coefficients`; trw (T,) sums of
+            ||h(t) - m_y(t)||^2; g0, x01, gl (K, K); correct (T,) NCC counts.
+
+    Returns:
+        (T,) tensors keyed by PFC1, PFC2, PFC3, TR_SW, TR_SB.
+
+    Raises:
+        DegenerateFeaturesError: Tr Sigma_B(t) = 0 at some t.
+    """
+    k = g0.shape[0]
+    mats = (g0, x01 + x01.T, gl)
+    gram_m = torch.stack([torch.stack([(a * b).sum() for b in mats]) for a in mats])  # (3, 3)
+    traces = torch.stack([torch.diagonal(a).sum() for a in mats])  # (3,)
+    totals = torch.stack([a.sum() for a in mats])  # (3,) 1^T A 1
+    tr_g = coef @ traces  # (T,)
+    gnorm = ((coef @ gram_m) * coef).sum(1).clamp_min(0).sqrt()  # (T,)
+    if bool((tr_g <= 0).any()):
+        raise DegenerateFeaturesError(
+            "on the geodesic curve: Tr(Sigma_B) = 0: all class means coincide, PFC1 and PFC2 "
+            "are undefined"
+        )
+    inner = (tr_g - (coef @ totals) / k) / math.sqrt(k - 1)
+    tr_sw, tr_sb = trw.clamp_min(0.0) / n, tr_g / k
+    return {
+        PFC1: tr_sw / tr_sb,
+        PFC2: (2.0 - 2.0 * inner / gnorm).clamp_min(0).sqrt(),
+        PFC3: correct.to(F64) / n,
+        TR_SW: tr_sw,
+        TR_SB: tr_sb,
+    }
