@@ -225,13 +225,14 @@ class FastKernel:
         self.lm, self.ws, self.geodesic, self.routes = lm, ws, geodesic, routes
         self.k = k = lm.gram.shape[-1]
         self.ref32, self.rhs32, shift, dz, dn2, deltas = [], [], [], [], [], []
-        for g, ht, rhs in zip(lm.g, lm.ht, lm.rhs, strict=True):
+        for i, (g, ht, rhs) in enumerate(zip(lm.g, lm.ht, lm.rhs, strict=True)):
             ref32 = (ht + g).to(F32)  # (K, d) m'_c
             delta = ref32.to(F64) - (ht + g)  # (K, d) m' - m, exact in float64
             self.ref32.append(ref32)
             self.rhs32.append(rhs.to(F32).contiguous())  # (K + e, d)
             shift.append((ref32.to(F64) - g) @ rhs.T)  # (K, K + e)
-            dz.append(delta @ ht.T)  # (K, K)
+            if i in routes.gram:  # (K, K) the K x K route's correction of Z
+                dz.append(delta @ ht.T)
             dn2.append(delta.square().sum(1))  # (K,)
             deltas.append(delta)
         self.width = max(r.shape[0] for r in self.rhs32)  # rows of the widest rhs
@@ -240,7 +241,9 @@ class FastKernel:
         self.shift_extra = {
             i: s[:, k:].T.contiguous() for i, s in enumerate(shift) if s.shape[1] > k
         }
-        self.dz = routes.take(torch.stack(dz).transpose(1, 2), len(dz)).contiguous()  # (S_g, K, K)
+        self.dz = (  # (S_g, K, K)
+            torch.stack(dz).transpose(1, 2).contiguous() if dz else lm.gram.new_zeros(0, k, k)
+        )
         self.dn2 = torch.stack(dn2)  # (S, K)
         self.deltas = {i: deltas[i] for i in routes.scatter}  # (K, d) m' - m
         self.z_dtype = F64 if lm.gram.device.type in F64_GRAM_PRODUCTS_ON else F32
@@ -287,16 +290,17 @@ class FastKernel:
         q32, sq, *dots = (
             torch.cat(p, dim=-1) if len(parts) > 1 else p[0] for p in zip(*parts, strict=True)
         )
-        q = q32.to(F64)  # (S, width, B); only the first K + e_i rows of layer i are set
-        qk = q[:, :k]
-        own = qk + self.shift_own.index_select(2, y)  # (S, K, B) <h - g, m_c - g>
+        # q32 (S, width, B): only the first K + e_i rows of layer i are set; widen to float64
+        # only the rows that are used (the K rows of every layer, the e_i extra rows of i)
+        qk = q32[:, :k].to(F64)  # (S, K, B)
         z = None
         if self.routes.gram:  # (S_g, K, B) <h - m_y, m_c - g>: centred, float32 products
             qz = self.routes.take(qk if self.z_dtype == F64 else q32[:, :k], n_s)
             z = qz + self.dz_z.index_select(2, y)
+        own = qk.add_(self.shift_own.index_select(2, y))  # (S, K, B) <h - g, m_c - g>
         rr = sq.to(F64).square().sum(1) - self.dn2.index_select(1, y).sum(1)  # (S,)
         extra = {
-            i: q[i, k : k + sh.shape[0]] + sh.index_select(1, y)  # (e_i, B)
+            i: q32[i, k : k + sh.shape[0]].to(F64) + sh.index_select(1, y)  # (e_i, B)
             for i, sh in self.shift_extra.items()
         }
         cross = None
