@@ -88,7 +88,10 @@ class ClassSums:
     every FLUSH_ROWS_PER_CLASS * K rows, so a float32 partial sum never adds many rows.
     """
 
-    def __init__(self, k: int, dims: list[int], device: torch.device, dtype: torch.dtype):
+    def __init__(
+        self, num_classes: int, dims: list[int], device: torch.device, dtype: torch.dtype
+    ) -> None:
+        k = num_classes
         self.k, self.dtype = k, dtype
         self.counts = torch.zeros(k, dtype=F64, device=device)
         self.sums = [torch.zeros(k, d, dtype=F64, device=device) for d in dims]
@@ -236,8 +239,10 @@ class WithinClass:
 
     names = (PFC1, PFC2, PFC3, TR_SW, TR_SB, NC1, NC2_EQUINORM, NC2_EQUIANGLE)
 
-    def __init__(self, dims: list[int], k: int, routes: Routes, device: torch.device) -> None:
-        self.routes = routes
+    def __init__(
+        self, dims: list[int], num_classes: int, routes: Routes, device: torch.device
+    ) -> None:
+        k, self.routes = num_classes, routes
         self.trw = torch.zeros(len(dims), dtype=F64, device=device)
         self.zz = torch.zeros(len(routes.gram), k, k, dtype=F64, device=device)
         self.sw = {

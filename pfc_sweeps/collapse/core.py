@@ -24,7 +24,6 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import pandas as pd
 import torch
 from torch import Tensor
@@ -41,16 +40,7 @@ from pfc_sweeps.collapse.inputs import (
 )
 from pfc_sweeps.collapse.kernels import ExactKernel, FastKernel, Routes, Workspace, work_dtype
 from pfc_sweeps.collapse.metrics import F64, _check_classifier
-from pfc_sweeps.results.schema import (
-    GEODESIC_ERR_METRICS,
-    LAST_LAYER_METRICS,
-    LAYER_METRICS,
-    PATH_METRICS,
-    PFC3,
-    PFC_METRICS,
-    RUN_LAYER,
-    TR_SW,
-)
+from pfc_sweeps.collapse.table import collect, curves_table, long_table
 
 __all__ = ["PRECISIONS", "CollapseResult", "LayerRunTracker", "TrackerStateError"]
 
@@ -138,6 +128,45 @@ def _range_checked(labels: Tensor, k: int, oob: Tensor) -> Tensor:
     return labels.clamp(0, k - 1)
 
 
+def _check_args(cache_bytes, epsilon, weight, bias, precision) -> None:
+    """The tracker's scalar arguments (MetricInputError naming the argument)."""
+    if isinstance(cache_bytes, bool) or not isinstance(cache_bytes, int) or cache_bytes < 0:
+        raise MetricInputError(f"cache_bytes must be an int >= 0, got {cache_bytes!r}")
+    if not (isinstance(epsilon, int | float) and math.isfinite(epsilon) and 0 <= epsilon <= 1):
+        raise MetricInputError(f"epsilon must be a number in [0, 1], got {epsilon!r}")
+    if bias is not None and weight is None:
+        raise MetricInputError("classifier_bias given without classifier_weight")
+    if precision not in PRECISIONS:
+        raise MetricInputError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+
+
+def _check_like_first(layers: list[Tensor], dims: list[int], device: torch.device) -> None:
+    """Every batch of every pass comes from the layers (and the device) of the first."""
+    got = [h.shape[1] for h in layers]
+    if got != dims:
+        raise MetricInputError(
+            f"layer dims {got} differ from the first batch's {dims} ({len(got)} vs {len(dims)} "
+            "layers); every batch of every pass must come from the same layers"
+        )
+    if layers[0].device != device:
+        raise MetricInputError(f"features on {layers[0].device}, earlier batches on {device}")
+
+
+def _tensor_bytes(objs: Sequence[object], exclude: Sequence[Tensor | None]) -> int:
+    """Bytes of the tensors held by the objects' attributes (directly or in lists/tuples/dict
+    values), each counted once, except ``exclude`` (the caller's classifier)."""
+    seen = {id(t) for t in exclude if t is not None}
+    total = 0
+    for obj in objs:
+        for v in vars(obj).values() if obj is not None else ():
+            vals = v.values() if isinstance(v, dict) else v if isinstance(v, list | tuple) else [v]
+            for t in vals:
+                if isinstance(t, Tensor) and id(t) not in seen:
+                    seen.add(id(t))
+                    total += t.numel() * t.element_size()
+    return total
+
+
 class _full_precision:
     """No autocast and no TF32/reduced-precision float32 matmuls inside the tracker."""
 
@@ -159,15 +188,9 @@ class _full_precision:
 
 
 class LayerRunTracker:
-    """Streaming PFC/NC metrics of one run of layers (the protocol: CollapseTracker).
-
-    num_classes: K >= 2. geodesic_ts: t in [0, 1] of the geodesic curves (None: no curves, no
-    geodesic_err_*; else all layers share one dimension). cache_bytes: budget for caching one
-    pass's features (0: two passes). epsilon: NCC-error threshold of the effective depth.
-    classifier_weight (K, d_L), classifier_bias (K,): NC3/NC4. precision: one of PRECISIONS.
-    process_group: None, or a torch.distributed ProcessGroup whose ranks each feed a shard of
-    the data: the sums are all-reduced, every rank gets the single-process result
-    (docs/metrics.md "Distributed use")."""
+    """Streaming PFC/NC metrics of one run of layers: the arguments and the protocol of
+    :class:`~pfc_sweeps.collapse.tracker.CollapseTracker`, except that ``geodesic_ts`` needs
+    all layers to share one dimension (path quantities need it too)."""
 
     def __init__(
         self,
@@ -184,17 +207,8 @@ class LayerRunTracker:
         self.num_classes = check_num_classes(num_classes)
         self._group = check_group(process_group)
         self.geodesic_ts: Tensor | None = _check_ts(geodesic_ts)
-        if isinstance(cache_bytes, bool) or not isinstance(cache_bytes, int) or cache_bytes < 0:
-            raise MetricInputError(f"cache_bytes must be an int >= 0, got {cache_bytes!r}")
-        self.cache_bytes = cache_bytes
-        if not (isinstance(epsilon, int | float) and math.isfinite(epsilon) and 0 <= epsilon <= 1):
-            raise MetricInputError(f"epsilon must be a number in [0, 1], got {epsilon!r}")
-        self.epsilon = float(epsilon)
-        if classifier_bias is not None and classifier_weight is None:
-            raise MetricInputError("classifier_bias given without classifier_weight")
-        if precision not in PRECISIONS:
-            raise MetricInputError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-        self.precision = precision
+        _check_args(cache_bytes, epsilon, classifier_weight, classifier_bias, precision)
+        self.cache_bytes, self.epsilon, self.precision = cache_bytes, float(epsilon), precision
         self._weight = classifier_weight.detach() if classifier_weight is not None else None
         self._bias = classifier_bias.detach() if classifier_bias is not None else None
         # phase: pass1 -> (await2 -> pass2 ->) done -> computed
@@ -218,13 +232,8 @@ class LayerRunTracker:
         O(L K d + K T), independent of the number of samples N."""
         if self._dims is None:
             return 0
-        total = self._ws.nbytes
-        for obj in (self, *self._accs.values(), getattr(self, "_kernel", None)):
-            for v in vars(obj).values() if obj is not None else ():
-                for t in v if isinstance(v, list | tuple) else [v]:
-                    if isinstance(t, Tensor) and t is not self._weight and t is not self._bias:
-                        total += t.numel() * t.element_size()
-        return total
+        objs = (self, *self._accs.values(), getattr(self, "_kernel", None))
+        return self._ws.nbytes + _tensor_bytes(objs, (self._weight, self._bias))
 
     @property
     def cached_bytes(self) -> int:
@@ -256,17 +265,7 @@ class LayerRunTracker:
         layers = _flatten_layers(features)
         _check_same_batch(layers)
         if self._dims is not None:
-            dims = [h.shape[1] for h in layers]
-            if dims != self._dims:
-                raise MetricInputError(
-                    f"layer dims {dims} differ from the first batch's {self._dims} "
-                    f"({len(dims)} vs {len(self._dims)} layers); every batch of every pass "
-                    "must come from the same layers"
-                )
-            if layers[0].device != self._device:
-                raise MetricInputError(
-                    f"features on {layers[0].device}, earlier batches on {self._device}"
-                )
+            _check_like_first(layers, self._dims, self._device)
         return layers, _check_labels(labels, layers[0].shape[0], layers[0].device)
 
     # ----------------------------------------------------------------------------- protocol
@@ -433,56 +432,5 @@ class LayerRunTracker:
         rel = self._r.cpu().tolist() if self._r is not None else [math.nan] * n_layers
         ts = self.geodesic_ts.tolist() if self.geodesic_ts is not None else []
         transport = n_layers >= 2 and self._dims[0] == self._dims[-1]
-        vals = _collect(self._accs, self._n, self._means, self.epsilon, transport)
-        return CollapseResult(table=_table(rel, *vals[:3]), curves=_curves(ts, vals[3]))
-
-
-def _collect(accs: dict, n: int, lm, epsilon: float, transport: bool) -> tuple[dict, ...]:
-    """Every accumulator's metrics: (per layer, last layer, run level, curves)."""
-    layer_vals = accs["within"].compute(n, lm)  # (S,) each
-    last_vals, run_vals, curves = {}, {}, {}
-    if "geodesic" in accs:
-        geo = accs["geodesic"].compute(n, lm, layer_vals[TR_SW] * n, layer_vals)
-        curves = geo.pop("curves")
-        layer_vals |= geo
-    if "classifier" in accs:
-        last_vals |= accs["classifier"].compute(n, lm)
-    run_vals |= acc.EffectiveDepth(epsilon).compute(layer_vals[PFC3].cpu().tolist())
-    if "path" in accs:
-        run_vals |= accs["path"].compute()
-    if transport:
-        run_vals |= acc.Transport().compute(lm)
-    return layer_vals, last_vals, run_vals, curves
-
-
-def _table(rel: list[float], layer_vals: dict, last_vals: dict, run_vals: dict) -> pd.DataFrame:
-    """Rows in the order of the schema's name lists; one device->host transfer per group."""
-    last = len(rel) - 1
-    known = {*LAYER_METRICS, *GEODESIC_ERR_METRICS, *LAST_LAYER_METRICS, *PATH_METRICS}
-    unknown = sorted({*layer_vals, *last_vals, *run_vals} - known)
-    if unknown:  # every metric name lives in pfc_sweeps.results.schema
-        raise KeyError(f"metric(s) {unknown} are not in pfc_sweeps.results.schema's name lists")
-    names = [m for m in (*LAYER_METRICS, *GEODESIC_ERR_METRICS) if m in layer_vals]
-    host = torch.stack([layer_vals[m].to(F64) for m in names]).cpu().tolist() if names else []
-    rows = []
-    for j, key in enumerate(names):
-        rows += [(i, rel[i], key, host[j][i]) for i in range(len(rel))]
-    rows += [
-        (last, rel[last], m, float(last_vals[m])) for m in LAST_LAYER_METRICS if m in last_vals
-    ]
-    rows += [(RUN_LAYER, math.nan, m, float(run_vals[m])) for m in PATH_METRICS if m in run_vals]
-    return pd.DataFrame(rows, columns=["layer", "rel_pos", "metric", "value"]).astype(
-        {"layer": "int64", "rel_pos": "float64", "metric": str, "value": "float64"}
-    )
-
-
-def _curves(ts: list[float], curves: dict[str, Tensor]) -> pd.DataFrame:
-    keys = [k for k in PFC_METRICS if k in curves]
-    values = torch.cat([curves[k].to(F64) for k in keys]).cpu().numpy() if keys else []
-    return pd.DataFrame(
-        {
-            "t": np.tile(np.asarray(ts, dtype=np.float64), len(keys)),
-            "metric": [k for k in keys for _ in ts],
-            "value": np.asarray(values, dtype=np.float64),
-        }
-    ).astype({"metric": str})
+        vals = collect(self._accs, self._n, self._means, self.epsilon, transport)
+        return CollapseResult(table=long_table(rel, *vals[:3]), curves=curves_table(ts, vals[3]))
