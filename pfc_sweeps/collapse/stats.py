@@ -35,8 +35,15 @@ from pfc_sweeps.results.schema import (
 def class_moments(counts: Tensor, sums: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Class means, global mean, Htilde and its Gram from pass-1 sums.
 
-    counts (K,) float64, sums (K, d) float64 -> means (K, d), g (d,) (mean of class means,
-    docs/metrics.md), Ht (K, d) = rows m_k - g (the transpose of docs/metrics.md's Htilde), G (K, K) = Ht Ht^T.
+    Paper section III (notation); docs/metrics.md "Notation".
+
+    Args:
+        counts: (K,) float64 class counts (all > 0).
+        sums: (K, d) float64 class sums.
+
+    Returns:
+        means (K, d); g (d,) the mean of the class means; Ht (K, d) rows m_k - g (the
+        transpose of docs/metrics.md's Htilde); G (K, K) = Ht Ht^T.
     """
     means = sums / counts[:, None]  # (K, d)
     g = means.mean(dim=0)  # (d,)
@@ -237,11 +244,21 @@ def geodesic_ncc_correct(
 
 
 def pfc_from_stats(n: int, trw_sum: Tensor, gram: Tensor, correct: Tensor) -> dict[str, Tensor]:
-    """PFC1-3 (docs/metrics.md; paper eq. 7-9), batched over a leading axis.
+    """PFC1-3 from sufficient statistics, batched over a leading axis.
 
-    n samples, trw_sum (T,) = sum_i ||h_i - m_{y_i}||^2, gram (T, K, K), correct (T,).
-    Returns tensors (T,) keyed by the schema names PFC1, PFC2, PFC3, TR_SW, TR_SB.
-    Raises DegenerateFeaturesError where Tr Sigma_B = 0 (all class means equal).
+    Paper eq. 7-9; docs/metrics.md "The three PFC metrics".
+
+    Args:
+        n: number of samples N.
+        trw_sum: (T,) sum_i ||h_i - m_{y_i}||^2.
+        gram: (T, K, K) G = Ht Ht^T.
+        correct: (T,) NCC hit counts.
+
+    Returns:
+        (T,) tensors keyed by the schema names PFC1, PFC2, PFC3, TR_SW, TR_SB.
+
+    Raises:
+        DegenerateFeaturesError: Tr Sigma_B = 0 (all class means equal).
     """
     k = gram.shape[-1]
     tr_sw = trw_sum.to(F64).clamp_min(0.0) / n  # >= 0; rounding may give -1e-16
@@ -373,10 +390,22 @@ def geodesic_from_stats(
     gl: Tensor,
     correct: Tensor,
 ) -> dict[str, Tensor]:
-    """Geodesic PFC curves from sufficient statistics (docs/metrics.md "Geodesic-curve prediction").
+    """Geodesic PFC curves from sufficient statistics.
 
-    trw0 = A*N, trw_cross = B*N, trwl = C*N (sums over samples); Tr Sigma_W(t) =
-    (1-t)^2 A + 2t(1-t) B + t^2 C; G(t) from G0, X = Ht0 HtL^T, GL; correct (T,) NCC counts.
+    Paper Fig. 3, eq. 17-19; docs/metrics.md "Geodesic-curve prediction".
+    Tr Sigma_W(t) = (1-t)^2 A + 2t(1-t) B + t^2 C; G(t) = (1-t)^2 G0 + t(1-t)(X + X^T) + t^2 GL.
+
+    Args:
+        ts: (T,) values of t; n: number of samples.
+        trw0, trw_cross, trwl: A N, B N, C N (sums over samples, 0-d).
+        g0, x01, gl: (K, K) G0, X = Ht0 HtL^T, GL.
+        correct: (T,) NCC hit counts along the curve.
+
+    Returns:
+        (T,) tensors keyed by PFC1, PFC2, PFC3, TR_SW, TR_SB.
+
+    Raises:
+        DegenerateFeaturesError: Tr Sigma_B(t) = 0 at some t.
     """
     coef = geodesic_coefficients(ts.to(g0.device))  # (T, 3)
     trw = coef[:, 0] * trw0 + 2.0 * coef[:, 1] * trw_cross + coef[:, 2] * trwl  # (T,)
