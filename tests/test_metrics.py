@@ -465,3 +465,20 @@ def test_metrics_on_gpu_match_cpu():
         torch.testing.assert_close(c_gpu[key], c_cpu[key], rtol=1e-10, atol=1e-12)
     rp = relative_positions([h0.cuda(), hl.cuda()])
     assert rp.tolist() == [0.0, 1.0]
+
+
+def test_geodesic_frobenius_route_equals_the_matrices(monkeypatch):
+    """At many classes the curve's PFC2(t) comes from 3 x 3 Frobenius products instead of
+    the (T, K, K) G(t): both give the same curve (stats.GEO_FROBENIUS_MIN_K)."""
+    gen = torch.Generator().manual_seed(7)
+    y = torch.arange(120) % 6
+    h0 = torch.randn(6, 5, generator=gen, dtype=torch.float64)[y] + torch.randn(
+        120, 5, generator=gen, dtype=torch.float64
+    )
+    hl = h0 + torch.randn(6, 5, generator=gen, dtype=torch.float64)[y]
+    ts = torch.linspace(0, 1, 11)
+    matrices = oneshot.geodesic_curve(h0, hl, y, 6, ts)
+    monkeypatch.setattr(M, "GEO_FROBENIUS_MIN_K", 2)
+    frobenius = oneshot.geodesic_curve(h0, hl, y, 6, ts)
+    for key, value in matrices.items():
+        torch.testing.assert_close(frobenius[key], value, rtol=1e-10, atol=1e-13)

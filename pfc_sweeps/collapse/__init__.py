@@ -4,8 +4,9 @@ path's straightness (docs/metrics.md), as one-shot functions and as a streaming 
 - :mod:`.metrics`: one-shot functions on all features at once (the float64 reference);
 - :mod:`.stats`: the sufficient-statistics algebra they and the tracker share;
 - :mod:`.inputs`: input checks, errors and work-chunk sizes;
-- :mod:`.kernels`, :mod:`.accumulators`, :mod:`.tracker`: the streaming tracker
-  (:class:`~pfc_sweeps.collapse.tracker.CollapseTracker`);
+- :mod:`.kernels`, :mod:`.accumulators`, :mod:`.core`, :mod:`.table`, :mod:`.tracker`: the
+  streaming tracker (:class:`~pfc_sweeps.collapse.tracker.CollapseTracker`: layers of any
+  shapes; :mod:`.core`: one run of layers; :mod:`.distributed`: its exact all-reduce);
 - :mod:`.network`: the tracker over a network's studied layers (what ``train`` and
   ``measure`` share);
 - :mod:`.allocator`: keeps freed CPU memory between metric passes.

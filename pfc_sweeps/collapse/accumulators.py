@@ -17,8 +17,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from pfc_sweeps.collapse.inputs import DegenerateFeaturesError, MetricInputError, one_hot64
-from pfc_sweeps.collapse.kernels import F32, LayerMeans, Pass2Block, Workspace
+from pfc_sweeps.collapse.inputs import (
+    DegenerateFeaturesError,
+    MetricInputError,
+    add_counts,
+    one_hot,
+)
+from pfc_sweeps.collapse.kernels import F32, LayerMeans, Pass2Block, Routes, Workspace
 from pfc_sweeps.collapse.metrics import (
     F64,
     effective_depth,
@@ -32,7 +37,9 @@ from pfc_sweeps.collapse.stats import (
     geodesic_from_stats,
     geodesic_ncc_correct,
     geodesic_score_matrix,
-    nc_from_stats,
+    nc1_from_gram,
+    nc1_from_scatter,
+    nc2_from_gram,
     pfc_from_stats,
 )
 from pfc_sweeps.results.schema import (
@@ -81,7 +88,10 @@ class ClassSums:
     every FLUSH_ROWS_PER_CLASS * K rows, so a float32 partial sum never adds many rows.
     """
 
-    def __init__(self, k: int, dims: list[int], device: torch.device, dtype: torch.dtype):
+    def __init__(
+        self, num_classes: int, dims: list[int], device: torch.device, dtype: torch.dtype
+    ) -> None:
+        k = num_classes
         self.k, self.dtype = k, dtype
         self.counts = torch.zeros(k, dtype=F64, device=device)
         self.sums = [torch.zeros(k, d, dtype=F64, device=device) for d in dims]
@@ -90,6 +100,7 @@ class ClassSums:
             [] if dtype == F64 else [torch.zeros(k, d, dtype=F32, device=device) for d in dims]
         )
         self._since, self._flush_rows = 0, FLUSH_ROWS_PER_CLASS * k
+        self._onehot: Tensor | None = None
 
     def update(self, i: int, x: Tensor, y: Tensor, ws: Workspace) -> None:
         """Layer i's chunk x (b, d) in the work dtype, labels y (b,)."""
@@ -105,10 +116,13 @@ class ClassSums:
         if x.device.type == "cpu":  # index_add_ is fastest on CPU, the one-hot GEMM elsewhere
             target.index_add_(0, y, src)
         else:
-            target.addmm_(one_hot64(y, self.k).to(src.dtype).T, src)
+            if self._onehot is None:  # one (b, K) one-hot per chunk, in the work dtype
+                self._onehot = one_hot(y, self.k, src.dtype)
+            target.addmm_(self._onehot.T, src)
 
     def end_chunk(self, y: Tensor) -> None:
-        self.counts += torch.bincount(y, minlength=self.k)
+        add_counts(self.counts, y)  # on the device: no host sync
+        self._onehot = None
         self._since += y.shape[0]
         if self.part and self._since >= self._flush_rows:
             self.flush()
@@ -118,6 +132,16 @@ class ClassSums:
             s += p
             p.zero_()
         self._since = 0
+
+    def sum_tensors(self) -> list[Tensor]:
+        """[counts (K,), class sums (K, d_l) per layer], float64, for a distributed all-reduce.
+        The float32 path's sums of h - ref are first made sums of h (ranks' refs differ)."""
+        self.flush()
+        if self.ref is not None:
+            for s, r in zip(self.sums, self.ref, strict=True):
+                s += self.counts[:, None] * r.to(F64)
+            self.ref = None
+        return [self.counts, *self.sums]
 
     def compute(self, geodesic: bool, weight: Tensor | None) -> LayerMeans:
         """The means of every layer. Pass-2 right-hand sides: with the geodesic, layer 0 is also
@@ -182,6 +206,10 @@ class PathLengths:
             torch.linalg.vector_norm(diff, dim=1, out=self._norms[i])
             self._x0 = self._prev = None
 
+    def sum_tensors(self) -> list[Tensor]:
+        """[path-length sums (2, L+1)] for a distributed all-reduce."""
+        return [self.sums]
+
     def end_chunk(self, y: Tensor) -> None:
         n64 = self._norms.to(F64)  # (steps + 1, b)
         self.sums += torch.stack([n64.sum(1), n64.square().sum(1)])
@@ -202,23 +230,44 @@ class PathLengths:
 # pass 2
 # --------------------------------------------------------------------------------------------
 class WithinClass:
-    """Tr Sigma_W, the NC1 projection Z^T Z and NCC hits of every layer: PFC1-3 (eq. 7-9),
-    NC1, NC2, Tr Sigma_W, Tr Sigma_B (docs/metrics.md "Classic NC metrics")."""
+    """Tr Sigma_W, NC1's within-class statistic and NCC hits of every layer: PFC1-3 (eq. 7-9),
+    NC1, NC2, Tr Sigma_W, Tr Sigma_B (docs/metrics.md "Classic NC metrics", "NC1 routes").
+
+    NC1 per layer by the cheaper exact route: the K x K product Z^T Z where K <= d, the d x d
+    within-class scatter where d < K (``routes``). The per-block products arrive in the
+    kernel's dtype and are summed in float64."""
 
     names = (PFC1, PFC2, PFC3, TR_SW, TR_SB, NC1, NC2_EQUINORM, NC2_EQUIANGLE)
 
-    def __init__(self, n_layers: int, k: int, device: torch.device) -> None:
-        self.trw = torch.zeros(n_layers, dtype=F64, device=device)
-        self.zz = torch.zeros(n_layers, k, k, dtype=F64, device=device)
-        self.correct = torch.zeros(n_layers, dtype=torch.int64, device=device)
+    def __init__(
+        self, dims: list[int], num_classes: int, routes: Routes, device: torch.device
+    ) -> None:
+        k, self.routes = num_classes, routes
+        self.trw = torch.zeros(len(dims), dtype=F64, device=device)
+        self.zz = torch.zeros(len(routes.gram), k, k, dtype=F64, device=device)
+        self.sw = {
+            i: torch.zeros(dims[i], dims[i], dtype=F64, device=device) for i in routes.scatter
+        }
+        self.correct = torch.zeros(len(dims), dtype=torch.int64, device=device)
 
     def update(self, c: Pass2Block) -> None:
         self.trw += c.rr
-        self.zz += torch.bmm(c.z, c.z.transpose(1, 2))  # (S, K, b) @ (S, b, K)
+        if c.z is not None:
+            self.zz += torch.bmm(c.z, c.z.transpose(1, 2))  # (S_g, K, b) @ (S_g, b, K)
+        for i, part in c.scatter.items():
+            self.sw[i] += part
         self.correct += c.ncc_correct()
 
+    def sum_tensors(self) -> list[Tensor]:
+        """[Tr Sigma_W sums (S,), Z^T Z (S_g, K, K), NCC hits (S,), scatters (d, d)...] for a
+        distributed all-reduce."""
+        return [self.trw, self.zz, self.correct, *self.sw.values()]
+
     def check_finite(self) -> None:
-        if not bool(torch.isfinite(self.trw).all() & torch.isfinite(self.zz).all()):
+        ok = torch.isfinite(self.trw).all() & torch.isfinite(self.zz).all()
+        for sw in self.sw.values():
+            ok &= torch.isfinite(sw).all()
+        if not bool(ok):
             bad = (~torch.isfinite(self.trw)).nonzero().flatten().tolist()
             raise MetricInputError(f"features of layer(s) {bad} contain NaN or inf in pass 2")
 
@@ -230,10 +279,16 @@ class WithinClass:
                 f"layer(s) {bad}: Tr(Sigma_B) = 0 (all class means coincide); PFC1/PFC2 undefined"
             )
         out = pfc_from_stats(n, self.trw, lm.gram, self.correct)
+        zz = dict(zip(self.routes.gram, self.zz, strict=True))
         rows = []
         for i in range(lm.gram.shape[0]):
             try:
-                rows.append(nc_from_stats(n, lm.gram[i], self.zz[i]))
+                nc1 = (
+                    nc1_from_gram(n, lm.gram[i], zz[i])
+                    if i in zz
+                    else nc1_from_scatter(n, lm.ht[i], self.sw[i])
+                )
+                rows.append({NC1: nc1} | nc2_from_gram(lm.gram[i]))
             except DegenerateFeaturesError as err:
                 raise DegenerateFeaturesError(f"layer {i}: {err}") from None
         return out | {key: torch.stack([r[key] for r in rows]) for key in rows[0]}
@@ -264,6 +319,10 @@ class GeodesicCurve:
         self.correct += geodesic_ncc_correct(
             self.smat, self.bern, c.own[0].T, mixed.T, c.own[last].T, c.y
         )
+
+    def sum_tensors(self) -> list[Tensor]:
+        """[cross term (), NCC hits along the curve (T',)] for a distributed all-reduce."""
+        return [self.cross, self.correct]
 
     def compute(self, n: int, lm: LayerMeans, trw: Tensor, per_layer: dict) -> dict[str, Any]:
         """geodesic_err_* per layer, and "curves": {pfc*: (T,)} at ts."""
@@ -305,6 +364,10 @@ class Classifier:
         last = c.own.shape[0] - 1
         logits = c.extra[last][-self.k :].T + self.shift  # (b, K)
         self.disagree += (logits.argmax(dim=1) != c.ncc_pred(last)).sum()
+
+    def sum_tensors(self) -> list[Tensor]:
+        """[classifier vs NCC disagreements ()] for a distributed all-reduce."""
+        return [self.disagree]
 
     def compute(self, n: int, lm: LayerMeans) -> dict[str, Tensor]:
         if not bool(torch.linalg.norm(self.w64) > 0):

@@ -16,6 +16,10 @@ _CPU_CHUNK_BYTES = 2**20
 # per-row statistics (rows x layers x classes) are processed in blocks of this many elements
 # on CPU (8 MiB in float64): per-op overhead is paid per block, not per chunk
 _CPU_BLOCK_ELEMENTS = 2**20
+# ... but a block has at least _MIN_BLOCK_ROWS rows (at large K) as long as it stays within
+# _MAX_BLOCK_ELEMENTS (64 MiB in float64 on CPU; the block budget is independent of N)
+_MIN_BLOCK_ROWS = 512
+_MAX_BLOCK_ELEMENTS = 2**23
 # Elements of one (K, T, b) block of geodesic NCC scores (32 MiB in float64).
 _GEO_SCORE_ELEMENTS = 2**22
 
@@ -108,6 +112,15 @@ def block_elements(device: torch.device | str | None = None) -> int:
     return _CPU_BLOCK_ELEMENTS if dev.type == "cpu" else _CHUNK_ELEMENTS
 
 
+def block_rows(device: torch.device | str | None, row_elements: int) -> int:
+    """Rows of one pass-2 block whose per-row statistics have ``row_elements`` elements
+    (layers x (K + extra rows)): :func:`block_elements` // row_elements, but at least
+    ``_MIN_BLOCK_ROWS`` (GEMM-efficient products, few per-block fixed costs) as long as the
+    block stays within ``_MAX_BLOCK_ELEMENTS`` (the memory budget, independent of N)."""
+    floor = min(_MIN_BLOCK_ROWS, _MAX_BLOCK_ELEMENTS // max(row_elements, 1))
+    return max(1, block_elements(device) // max(row_elements, 1), floor)
+
+
 def _chunks(n: int, d: int, device=None) -> list[slice]:
     step = rows_per_chunk(d, device)
     return [slice(i, min(i + step, n)) for i in range(0, n, step)]
@@ -115,9 +128,22 @@ def _chunks(n: int, d: int, device=None) -> list[slice]:
 
 def one_hot64(labels: Tensor, num_classes: int) -> Tensor:
     """(B,) labels -> (B, K) float64 indicator matrix (class sums become one matmul)."""
-    out = torch.zeros(labels.shape[0], num_classes, dtype=F64, device=labels.device)
+    return one_hot(labels, num_classes, F64)
+
+
+def one_hot(labels: Tensor, num_classes: int, dtype: torch.dtype) -> Tensor:
+    """(B,) labels -> (B, K) indicator matrix of ``dtype`` (class sums become one matmul)."""
+    out = torch.zeros(labels.shape[0], num_classes, dtype=dtype, device=labels.device)
     out.scatter_(1, labels.view(-1, 1), 1.0)
     return out
+
+
+def add_counts(counts: Tensor, labels: Tensor) -> None:
+    """counts (K,) += per-class counts of labels (B,), in place on the device (index_add_:
+    no host-device sync, unlike torch.bincount on CUDA)."""
+    counts.index_add_(
+        0, labels, torch.ones(1, dtype=counts.dtype, device=counts.device).expand(labels.shape[0])
+    )
 
 
 def simplex_etf(num_classes: int, *, dtype=F64, device=None) -> Tensor:

@@ -1,25 +1,11 @@
-"""Exact PFC / NC metrics from sufficient statistics (docs/metrics.md, paper eq. 7-9 / 17-19).
-
-Every function here is pure, works on the device of its inputs, computes in float64 and never
-builds a d x d matrix: all second-order quantities live in the K x K Gram algebra of
-Htilde = [m_1 - g, ..., m_K - g] (docs/metrics.md "Notation").
-
-Two kinds of helpers live here:
-
-* the public metric functions (``pfc_metrics``, ``geodesic_curve``, ``relative_positions``, ...),
-  which take whole feature matrices;
-* the small streaming kernels they are built from (``class_moments``, ``second_moments``,
-  ``cross_within``, ``geodesic_ncc_correct``, ``pfc_from_stats``, ``nc_from_stats``), which the
-  streaming :class:`pfc_sweeps.collapse.tracker.CollapseTracker` reuses chunk by chunk, so the one-shot
-  and the streaming numbers come from the same formulas. The tracker's float32 fast path
-  (float32 row operations, float64 statistics) lives in :mod:`pfc_sweeps.collapse.kernels`
-  (docs/precision.md); everything here computes in float64.
-
-Numerics: pass 1 accumulates class sums (K, d) in float64; pass 2 centres each chunk at the
-global mean g (u = h - g, float64) and needs one matmul u [Ht; ...]^T and one dot <u, u> per
-layer: Tr Sigma_W uses ||h - m_y||^2 = ||u||^2 - 2 <u, Ht_y> + G_yy, whose rounding is
-~ eps (1 + 1/PFC1) relative (float64 eps = 1.1e-16). NC1 = Tr(G^+ Z^T Z G^+) / N with
-Z = Htilde^T (h - m_y) (K x K; no d x d matrix, pinv of the K x K Gram only).
+"""Exact one-shot PFC / NC metrics on whole feature matrices (docs/metrics.md, paper eq. 7-9 /
+17-19): pure functions, on the device of their inputs, in float64, never a d x d matrix (the
+K x K Gram algebra of Htilde = [m_1 - g, ..., m_K - g], docs/metrics.md "Notation"). They are
+built from the kernels of :mod:`pfc_sweeps.collapse.stats`, which the streaming
+:class:`~pfc_sweeps.collapse.tracker.CollapseTracker` reuses chunk by chunk, so one-shot and
+streaming numbers come from the same formulas (the tracker's float32 fast path:
+docs/precision.md). Rounding ~ eps64 (1 + 1/PFC1) relative (Tr Sigma_W from
+||h - m_y||^2 = ||u||^2 - 2 <u, Ht_y> + G_yy with u = h - g).
 """
 
 from __future__ import annotations
@@ -57,14 +43,9 @@ from pfc_sweeps.collapse.stats import (
     ncc_scores,
     pfc_from_stats,
 )
-from pfc_sweeps.results.schema import (
-    PFC_METRICS,
-)
+from pfc_sweeps.results.schema import PFC_METRICS
 
 
-# --------------------------------------------------------------------------------------------
-# one-shot public functions
-# --------------------------------------------------------------------------------------------
 def _layer_pass1(x: Tensor, labels: Tensor, num_classes: int) -> tuple[Tensor, Tensor]:
     counts = torch.bincount(labels, minlength=num_classes).to(F64)  # (K,)
     sums = torch.zeros(num_classes, x.shape[1], dtype=F64, device=x.device)
@@ -99,12 +80,21 @@ def _layer_stats(x: Tensor, labels: Tensor, num_classes: int) -> dict:
 
 
 def pfc_metrics(features: Tensor, labels: Tensor, num_classes: int) -> dict[str, float]:
-    """PFC1-3 and NC1/NC2 of one layer (docs/metrics.md; paper eq. 7-9).
+    """PFC1-3 and NC1/NC2 of one layer, exact in float64 (no d x d matrix).
 
-    features (N, d) any float dtype/device, labels (N,) ints in [0, K). Exact, float64, streamed
-    over row chunks, no d x d matrix. Keys: schema PFC1-3, NC1, NC2_EQUINORM, NC2_EQUIANGLE.
-    Raises MetricInputError (bad shapes, labels out of range, NaN/inf), EmptyClassError,
-    DegenerateFeaturesError (all class means equal).
+    Paper eq. 7-9 (PFC1-3); Papyan et al. (2020) NC1/NC2; docs/metrics.md.
+
+    Args:
+        features: (N, d) any float dtype/device.
+        labels: (N,) integers in [0, num_classes).
+        num_classes: K >= 2.
+
+    Returns:
+        Floats keyed by schema PFC1, PFC2, PFC3, TR_SW, TR_SB, NC1, NC2_EQUINORM, NC2_EQUIANGLE.
+
+    Raises:
+        MetricInputError: bad shapes, labels out of range, NaN/inf; EmptyClassError: a class
+        without samples; DegenerateFeaturesError: all class means equal.
     """
     labels = _check_inputs(features, labels, num_classes)
     n = features.shape[0]
@@ -117,7 +107,19 @@ def pfc_metrics(features: Tensor, labels: Tensor, num_classes: int) -> dict[str,
 
 
 def ncc_predict(features: Tensor, labels: Tensor, num_classes: int) -> Tensor:
-    """Nearest-class-center prediction (N,) with the class means of (features, labels)."""
+    """Nearest-class-center prediction with the class means of (features, labels).
+
+    Paper eq. 9 (the NCC classifier of PFC3); docs/metrics.md.
+
+    Args:
+        features, labels, num_classes: as :func:`pfc_metrics`.
+
+    Returns:
+        (N,) int64 argmin_c ||h - m_c||^2 (ties to the lowest class index).
+
+    Raises:
+        MetricInputError, EmptyClassError: as :func:`pfc_metrics`.
+    """
     labels = _check_inputs(features, labels, num_classes)
     counts, sums = _layer_pass1(features, labels, num_classes)
     _, g, ht, gram = class_moments(counts, sums)
@@ -155,11 +157,21 @@ def geodesic_curve(
     num_classes: int,
     ts: Tensor | Sequence[float],
 ) -> dict[str, Tensor]:
-    """PFC1-3 of h(t) = (1-t) h0 + t hL at each t (docs/metrics.md "Geodesic-curve prediction", Fig. 3).
+    """PFC1-3 of h(t) = (1-t) h0 + t hL at each t, exact, never building h(t).
 
-    Exact quadratics in sufficient statistics; the interpolated features are never built.
-    h0, hL (N, d), labels (N,), ts (T,) (any real t; [0, 1] is the geodesic).
-    Returns float64 CPU tensors (T,) keyed by schema.PFC_METRICS.
+    Paper Fig. 3 and eq. 17-19; docs/metrics.md "Geodesic-curve prediction".
+
+    Args:
+        h0, hl: (N, d) features of the first and the last layer.
+        labels: (N,) integers in [0, num_classes).
+        num_classes: K >= 2.
+        ts: (T,) values of t (any real t; [0, 1] is the geodesic).
+
+    Returns:
+        float64 CPU tensors (T,) keyed by schema.PFC_METRICS.
+
+    Raises:
+        MetricInputError: bad shapes or labels, non-finite ts; DegenerateFeaturesError.
     """
     check_num_classes(num_classes)
     _check_pair(h0, hl)
@@ -229,7 +241,19 @@ def _path_stats(layers: list[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
 
 
 def relative_positions_from_lengths(step_lengths: Tensor) -> Tensor:
-    """r_l = sum_{j<l} len_j / sum_j len_j, (L,) -> (L+1,) float64 (docs/metrics.md "Depth coordinate")."""
+    """Relative depth from the path lengths of the L steps: r_l = sum_{j<l} len_j / sum_j len_j.
+
+    Paper section IV-A; docs/metrics.md "Depth coordinate".
+
+    Args:
+        step_lengths: (L,) float64 sum_i ||h_i^{l+1} - h_i^l|| per step.
+
+    Returns:
+        (L+1,) float64, r_0 = 0 and r_L = 1 exactly.
+
+    Raises:
+        DegenerateFeaturesError: the path has length 0.
+    """
     total = step_lengths.sum()
     if not bool(total > 0):
         raise DegenerateFeaturesError(
@@ -242,10 +266,20 @@ def relative_positions_from_lengths(step_lengths: Tensor) -> Tensor:
 
 
 def relative_positions(features_per_layer: Sequence[Tensor]) -> Tensor:
-    """Relative depth r_l of layers 0..L from path lengths (paper section IV-A, docs/metrics.md).
+    """Relative depth r_l of layers 0..L from path lengths (no labels, no means).
 
-    r_l = sum_{j<l} sum_i ||h_i^{j+1} - h_i^j|| / sum_{j<L} sum_i ||h_i^{j+1} - h_i^j||,
-    so r_0 = 0 and r_L = 1. Needs no labels and no means. Returns a float64 CPU tensor (L+1,).
+    Paper section IV-A; docs/metrics.md "Depth coordinate":
+    r_l = sum_{j<l} sum_i ||h_i^{j+1} - h_i^j|| / sum_{j<L} sum_i ||h_i^{j+1} - h_i^j||.
+
+    Args:
+        features_per_layer: L+1 tensors (N, d) of one shape.
+
+    Returns:
+        float64 CPU tensor (L+1,), r_0 = 0 and r_L = 1.
+
+    Raises:
+        MetricInputError: fewer than 2 layers, shapes differ, NaN/inf;
+        DegenerateFeaturesError: the path has length 0.
     """
     layers = _check_layers(features_per_layer)
     plen, _, _, _ = _path_stats(layers)
@@ -253,7 +287,19 @@ def relative_positions(features_per_layer: Sequence[Tensor]) -> Tensor:
 
 
 def straightness(features_per_layer: Sequence[Tensor]) -> float:
-    """sum_i ||h_i^L - h_i^0|| / sum_i sum_l ||h_i^{l+1} - h_i^l|| in (0, 1] (docs/metrics.md)."""
+    """How straight the forward path is: sum_i ||h_i^L - h_i^0|| / sum_i sum_l ||h_i^{l+1} - h_i^l||.
+
+    Beyond the paper; docs/metrics.md "Beyond the paper".
+
+    Args:
+        features_per_layer: as :func:`relative_positions`.
+
+    Returns:
+        A float in (0, 1] (1: every sample moves on a straight line).
+
+    Raises:
+        MetricInputError: as :func:`relative_positions`; DegenerateFeaturesError: length 0.
+    """
     layers = _check_layers(features_per_layer)
     plen, _, disp, _ = _path_stats(layers)
     total = plen.sum()
@@ -263,7 +309,20 @@ def straightness(features_per_layer: Sequence[Tensor]) -> float:
 
 
 def energy_ratio(features_per_layer: Sequence[Tensor]) -> float:
-    """L sum_l sum_i ||h_i^{l+1} - h_i^l||^2 / sum_i ||h_i^L - h_i^0||^2 >= 1 (docs/metrics.md)."""
+    """Kinetic energy of the path over that of the straight line: L sum_l sum_i
+    ||h_i^{l+1} - h_i^l||^2 / sum_i ||h_i^L - h_i^0||^2.
+
+    Beyond the paper; docs/metrics.md "Beyond the paper".
+
+    Args:
+        features_per_layer: as :func:`relative_positions`.
+
+    Returns:
+        A float >= 1 (1: equal steps along straight lines).
+
+    Raises:
+        MetricInputError: as :func:`relative_positions`; DegenerateFeaturesError: h^L == h^0.
+    """
     layers = _check_layers(features_per_layer)
     _, psq, _, disp_sq = _path_stats(layers)
     if not bool(disp_sq > 0):
@@ -281,13 +340,37 @@ def _htilde_pair(h0: Tensor, hl: Tensor, labels: Tensor, num_classes: int) -> tu
 
 
 def thm1_inner(h0: Tensor, hl: Tensor, labels: Tensor, num_classes: int) -> float:
-    """Theorem 1's assumption: sum_k <Htilde^0_k, Htilde^L_k> = trace(Htilde^0^T Htilde^L)."""
+    """Theorem 1's assumption: sum_k <Htilde^0_k, Htilde^L_k> = trace(Htilde^0^T Htilde^L).
+
+    Paper Theorem 1; docs/metrics.md.
+
+    Args:
+        h0, hl, labels, num_classes: as :func:`geodesic_curve`.
+
+    Returns:
+        A float.
+
+    Raises:
+        MetricInputError, EmptyClassError: as :func:`pfc_metrics`.
+    """
     ht0, htl = _htilde_pair(h0, hl, labels, num_classes)
     return float((ht0 * htl).sum())
 
 
 def transport_cost(h0: Tensor, hl: Tensor, labels: Tensor, num_classes: int) -> float:
-    """Theorem 2's transport cost ||Htilde^L - Htilde^0||_F^2."""
+    """Theorem 2's transport cost ||Htilde^L - Htilde^0||_F^2.
+
+    Paper Theorem 2; docs/metrics.md.
+
+    Args:
+        h0, hl, labels, num_classes: as :func:`geodesic_curve`.
+
+    Returns:
+        A float >= 0.
+
+    Raises:
+        MetricInputError, EmptyClassError: as :func:`pfc_metrics`.
+    """
     ht0, htl = _htilde_pair(h0, hl, labels, num_classes)
     return float(((htl - ht0) ** 2).sum())
 
@@ -309,13 +392,36 @@ def _check_classifier(weight: Tensor, d: int, num_classes: int, bias: Tensor | N
 
 
 def nc3_from_stats(weight: Tensor, ht: Tensor) -> Tensor:
-    """|| W^T/||W||_F - Htilde/||Htilde||_F ||_F^2 with weight (K, d), ht (K, d) = Htilde^T."""
+    """NC3 from the class means: || W^T/||W||_F - Htilde/||Htilde||_F ||_F^2.
+
+    Papyan et al. (2020) NC3; docs/metrics.md.
+
+    Args:
+        weight: (K, d) classifier weight.
+        ht: (K, d) = Htilde^T, rows m_c - g.
+
+    Returns:
+        0-d float64 tensor on ht's device.
+    """
     w = weight.to(device=ht.device, dtype=F64)
     return ((w / torch.linalg.norm(w) - ht / torch.linalg.norm(ht)) ** 2).sum()
 
 
 def nc3(classifier_weight: Tensor, features: Tensor, labels: Tensor, num_classes: int) -> float:
-    """NC3 self-duality of the last layer (docs/metrics.md): ||W^T/||W||_F - Htilde/||Htilde||_F||_F^2."""
+    """NC3 self-duality of the last layer: ||W^T/||W||_F - Htilde/||Htilde||_F||_F^2.
+
+    Papyan et al. (2020) NC3; docs/metrics.md.
+
+    Args:
+        classifier_weight: (K, d); features: (N, d) features entering the classifier.
+        labels, num_classes: as :func:`pfc_metrics`.
+
+    Returns:
+        A float in [0, 4].
+
+    Raises:
+        MetricInputError: bad shapes, labels, an all-zero weight; DegenerateFeaturesError.
+    """
     labels = _check_inputs(features, labels, num_classes)
     _check_classifier(classifier_weight, features.shape[1], num_classes)
     counts, sums = _layer_pass1(features, labels, num_classes)
@@ -334,9 +440,20 @@ def nc4(
     labels: Tensor,
     num_classes: int,
 ) -> float:
-    """NC4: fraction of samples where argmax_c (W h + b)_c differs from the NCC argmin (docs/metrics.md).
+    """NC4: fraction of samples where argmax_c (W h + b)_c differs from the NCC argmin.
 
-    A missing bias (None) counts as zero. Ties go to the lowest class index in both.
+    Papyan et al. (2020) NC4; docs/metrics.md. Ties go to the lowest class index in both.
+
+    Args:
+        classifier_weight: (K, d); classifier_bias: (K,) or None (zero).
+        features: (N, d) features entering the classifier.
+        labels, num_classes: as :func:`pfc_metrics`.
+
+    Returns:
+        A float in [0, 1].
+
+    Raises:
+        MetricInputError: bad shapes, labels, non-finite classifier; EmptyClassError.
     """
     labels = _check_inputs(features, labels, num_classes)
     _check_classifier(classifier_weight, features.shape[1], num_classes, classifier_bias)
@@ -355,10 +472,20 @@ def nc4(
 
 
 def effective_depth(ncc_errors: Sequence[float] | Tensor, epsilon: float = 0.01) -> int:
-    """Smallest layer index l with NCC error (1 - PFC3) <= epsilon (docs/metrics.md).
+    """Smallest layer index l with NCC error (1 - PFC3) <= epsilon.
 
-    Returns -1 when no layer reaches epsilon (the sentinel is never a valid layer index;
-    aggregations must treat it as "not reached within L layers").
+    Paper section IV (effective depth); docs/metrics.md.
+
+    Args:
+        ncc_errors: one NCC error per layer.
+        epsilon: the threshold, a finite number >= 0.
+
+    Returns:
+        The layer index, or -1 when no layer reaches epsilon (never a valid layer index;
+        aggregations must treat it as "not reached within L layers").
+
+    Raises:
+        MetricInputError: empty or non-finite errors, a bad epsilon.
     """
     errs = torch.as_tensor(ncc_errors, dtype=F64).flatten()
     if errs.numel() == 0:

@@ -1,22 +1,17 @@
 """The metric engine over a network's studied layers: :func:`collapse_table`.
 
-It feeds the features of every studied layer to :class:`~pfc_sweeps.collapse.tracker.CollapseTracker` and returns the per-layer table and the geodesic curves. Studied layers may differ in shape (``arch=module``):
-
-- every layer gets its per-layer metrics (PFC1-3, NC1, NC2, traces);
-- the path quantities (relative depth ``rel_pos``, geodesic curves and errors, straightness,
-  energy ratio, transport cost, Thm. 1 inner product) need one dimension along the path, so
-  they are computed over the *trailing run* of layers of equal shape (as paper Table I
-  studies the last stage); the layers before it get ``rel_pos`` NaN and no path rows;
-- NC3/NC4 use the classifier's weights and the features that enter the classifier. When
-  those are the last studied layer's features (the built-in nets) they are that layer's;
-  otherwise (e.g. a ResNet's pooled features) they are measured on the classifier's input
-  and reported at the last layer index;
-- the effective depth is taken over all studied layers.
+It feeds the features of every studied layer to
+:class:`~pfc_sweeps.collapse.tracker.CollapseTracker`, which handles layers of any shapes
+(per-layer metrics for every layer, path quantities over the trailing equal-shape run; see its
+module docstring), and returns the per-layer table and the geodesic curves. NC3/NC4 use the
+classifier's weights and the features that enter the classifier: when those are the last
+studied layer's features (the built-in nets) they are that layer's; otherwise (e.g. a ResNet's
+pooled features) they are fed as ``classifier_input`` and reported at the last layer index.
+A trailing run of a single layer has no geodesic curves (``geodesic_ts`` is dropped).
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 from typing import Protocol
 
@@ -24,14 +19,7 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
-from pfc_sweeps.collapse.metrics import effective_depth
-from pfc_sweeps.collapse.tracker import CollapseTracker
-from pfc_sweeps.results.schema import (
-    EFFECTIVE_DEPTH,
-    LAST_LAYER_METRICS,
-    PFC3,
-    RUN_LAYER,
-)
+from pfc_sweeps.collapse.tracker import CollapseTracker, run_start
 
 
 class Data(Protocol):
@@ -51,62 +39,6 @@ def _features(model: nn.Module, x: Tensor) -> tuple[list[Tensor], Tensor]:
     return feats, feats[-1]
 
 
-def _run_start(feats: list[Tensor]) -> int:
-    """Index of the first layer of the trailing run of equal-shape layers."""
-    s = len(feats) - 1
-    while s > 0 and feats[s - 1].shape[1:] == feats[-1].shape[1:]:
-        s -= 1
-    return s
-
-
-class _Trackers:
-    """The trackers of one measurement: one per layer before the path run (per-layer
-    metrics only), one for the run (path quantities too), one for the classifier's input
-    when it is not the last layer's features (NC3, NC4)."""
-
-    def __init__(
-        self,
-        model: nn.Module,
-        feats: list[Tensor],
-        clf_in: Tensor,
-        k: int,
-        ts: Tensor | None,
-        cache_bytes: int,
-    ) -> None:
-        self.s = s = _run_start(feats)
-        last = feats[-1].flatten(1)
-        self.own_clf = clf_in.shape == last.shape and bool(torch.equal(clf_in, last))
-        dims = [h[0].numel() for h in feats] + [0 if self.own_clf else clf_in.shape[1]]
-        budget = [int(cache_bytes * d / sum(dims)) for d in dims]
-        w, b = model.classifier.weight, model.classifier.bias
-        self.head = [CollapseTracker(k, cache_bytes=budget[i]) for i in range(s)]
-        self.run = CollapseTracker(
-            k,
-            geodesic_ts=ts if len(feats) - s >= 2 else None,
-            cache_bytes=sum(budget[s:-1]),
-            classifier_weight=w if self.own_clf else None,
-            classifier_bias=b if self.own_clf else None,
-        )
-        self.clf = (
-            None
-            if self.own_clf
-            else CollapseTracker(k, cache_bytes=budget[-1], classifier_weight=w, classifier_bias=b)
-        )
-
-    def all(self) -> list[CollapseTracker]:
-        return [*self.head, self.run, *([self.clf] if self.clf is not None else [])]
-
-    def update(
-        self, feats: list[Tensor], clf_in: Tensor, y: Tensor, only: list[CollapseTracker]
-    ) -> None:
-        parts = {id(t): [feats[i]] for i, t in enumerate(self.head)}
-        parts[id(self.run)] = feats[self.s :]
-        if self.clf is not None:
-            parts[id(self.clf)] = [clf_in]
-        for t in only:
-            t.update(parts[id(t)], y)
-
-
 @torch.no_grad()
 def collapse_table(
     model: nn.Module,
@@ -117,53 +49,54 @@ def collapse_table(
     geodesic_ts: Tensor | None,
     cache_bytes: int,
     batch: int,
+    process_group: object = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The metric engine over ``split`` in eval mode: (per-layer table, geodesic curves).
 
     One forward pass when all layers' features fit ``cache_bytes``; two otherwise.
+    With a ``process_group`` (torch.distributed), ``data`` is this rank's shard: the
+    trackers all-reduce their sums and every rank returns the table of all shards.
     """
     model.eval()
     order = torch.arange(data.size(split))
-    trackers: _Trackers | None = None
-    active: list[CollapseTracker] = []
+    tracker: CollapseTracker | None = None
+    own_clf = True
     for _ in range(2):
         for x, y in data.batches(split, order, batch):
             feats, clf_in = _features(model, x)
-            if trackers is None:
-                trackers = _Trackers(model, feats, clf_in, num_classes, geodesic_ts, cache_bytes)
-                active = trackers.all()
-            trackers.update(feats, clf_in, y, active)
-        for t in active:
-            t.end_pass()
-        active = [t for t in active if t.needs_second_pass]
-        if not active:
+            if tracker is None:
+                tracker, own_clf = _tracker(
+                    model, feats, clf_in, num_classes, geodesic_ts, cache_bytes, process_group
+                )
+            tracker.update(feats, y, None if own_clf else clf_in)
+        tracker.end_pass()
+        if not tracker.needs_second_pass:
             break
-    assert trackers is not None
-    return _merge(trackers)
+    assert tracker is not None
+    res = tracker.compute()
+    return res.table, res.curves
 
 
-def _merge(tr: _Trackers) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """One table over all layers from the head, run and classifier trackers."""
-    run = tr.run.compute()
-    if not tr.head and tr.clf is None:
-        return run.table, run.curves
-    table = run.table.copy()
-    table.loc[table["layer"] >= 0, "layer"] += tr.s
-    parts = []
-    for i, t in enumerate(tr.head):
-        head = t.compute().table
-        parts.append(head[head["layer"] >= 0].assign(layer=i, rel_pos=math.nan))
-    parts.append(table[table["metric"] != EFFECTIVE_DEPTH])
-    if tr.clf is not None:
-        last = int(table["layer"].max())
-        rel = table.loc[table["layer"] == last, "rel_pos"].iloc[0]
-        nc = tr.clf.compute().table
-        parts.append(nc[nc["metric"].isin(LAST_LAYER_METRICS)].assign(layer=last, rel_pos=rel))
-    out = pd.concat(parts, ignore_index=True)
-    pfc3 = out[out["metric"] == PFC3].sort_values("layer")["value"]
-    depth = effective_depth([1.0 - v for v in pfc3], tr.run.epsilon)
-    row = pd.DataFrame(
-        [(RUN_LAYER, math.nan, EFFECTIVE_DEPTH, float(depth))], columns=list(out.columns)
+def _tracker(
+    model: nn.Module,
+    feats: list[Tensor],
+    clf_in: Tensor,
+    num_classes: int,
+    ts: Tensor | None,
+    cache_bytes: int,
+    group: object,
+) -> tuple[CollapseTracker, bool]:
+    """The tracker of this measurement, and whether the classifier's input is the last
+    layer's features (else it is fed as ``classifier_input``)."""
+    last = feats[-1].flatten(1)
+    own_clf = clf_in.shape == last.shape and bool(torch.equal(clf_in, last))
+    path = len(feats) - run_start([h.shape[1:] for h in feats]) >= 2
+    tracker = CollapseTracker(
+        num_classes,
+        geodesic_ts=ts if path else None,
+        cache_bytes=cache_bytes,
+        classifier_weight=model.classifier.weight,
+        classifier_bias=model.classifier.bias,
+        process_group=group,
     )
-    out = pd.concat([out, row], ignore_index=True).astype(run.table.dtypes.to_dict())
-    return out, run.curves
+    return tracker, own_clf

@@ -35,8 +35,15 @@ from pfc_sweeps.results.schema import (
 def class_moments(counts: Tensor, sums: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Class means, global mean, Htilde and its Gram from pass-1 sums.
 
-    counts (K,) float64, sums (K, d) float64 -> means (K, d), g (d,) (mean of class means,
-    docs/metrics.md), Ht (K, d) = rows m_k - g (the transpose of docs/metrics.md's Htilde), G (K, K) = Ht Ht^T.
+    Paper section III (notation); docs/metrics.md "Notation".
+
+    Args:
+        counts: (K,) float64 class counts (all > 0).
+        sums: (K, d) float64 class sums.
+
+    Returns:
+        means (K, d); g (d,) the mean of the class means; Ht (K, d) rows m_k - g (the
+        transpose of docs/metrics.md's Htilde); G (K, K) = Ht Ht^T.
     """
     means = sums / counts[:, None]  # (K, d)
     g = means.mean(dim=0)  # (d,)
@@ -237,11 +244,21 @@ def geodesic_ncc_correct(
 
 
 def pfc_from_stats(n: int, trw_sum: Tensor, gram: Tensor, correct: Tensor) -> dict[str, Tensor]:
-    """PFC1-3 (docs/metrics.md; paper eq. 7-9), batched over a leading axis.
+    """PFC1-3 from sufficient statistics, batched over a leading axis.
 
-    n samples, trw_sum (T,) = sum_i ||h_i - m_{y_i}||^2, gram (T, K, K), correct (T,).
-    Returns tensors (T,) keyed by the schema names PFC1, PFC2, PFC3, TR_SW, TR_SB.
-    Raises DegenerateFeaturesError where Tr Sigma_B = 0 (all class means equal).
+    Paper eq. 7-9; docs/metrics.md "The three PFC metrics".
+
+    Args:
+        n: number of samples N.
+        trw_sum: (T,) sum_i ||h_i - m_{y_i}||^2.
+        gram: (T, K, K) G = Ht Ht^T.
+        correct: (T,) NCC hit counts.
+
+    Returns:
+        (T,) tensors keyed by the schema names PFC1, PFC2, PFC3, TR_SW, TR_SB.
+
+    Raises:
+        DegenerateFeaturesError: Tr Sigma_B = 0 (all class means equal).
     """
     k = gram.shape[-1]
     tr_sw = trw_sum.to(F64).clamp_min(0.0) / n  # >= 0; rounding may give -1e-16
@@ -262,21 +279,74 @@ def pfc_from_stats(n: int, trw_sum: Tensor, gram: Tensor, correct: Tensor) -> di
     }
 
 
-def nc_from_stats(n: int, gram: Tensor, zz: Tensor) -> dict[str, Tensor]:
-    """NC1 and NC2 from the K x K statistics of one layer (docs/metrics.md "Classic NC metrics").
+def _pinv_diag(lam: Tensor, size: int, power: int = 1) -> Tensor:
+    """lam^-power over the eigenvalues kept by pinv's default cutoff (eps * size * max|lam|),
+    else 0."""
+    keep = lam.abs() > torch.finfo(lam.dtype).eps * size * lam.abs().max()
+    kept = torch.where(keep, lam, 1.0)
+    return torch.where(keep, 1.0 / (kept.square() if power == 2 else kept), 0.0)
 
-    NC1 = Tr(Sigma_W Sigma_B^+)/K. With Sigma_B = Htilde Htilde^T / K, G = Htilde^T Htilde and
-    Z_i = Htilde^T (h_i - m_{y_i}): (Htilde Htilde^T)^+ = Htilde G^{+2} Htilde^T, hence
-    NC1 = Tr(G^+ (Z^T Z / N) G^+) -- exact, no d x d matrix. zz = Z^T Z (K, K).
-    NC2 equinorm uses the unbiased std over classes (as Papyan et al.'s code: torch.std).
+
+def nc1_from_gram(n: int, gram: Tensor, zz: Tensor) -> Tensor:
+    """NC1 = Tr(Sigma_W Sigma_B^+) / K from K x K statistics (the K x K route, K <= d).
+
+    Paper / reference: Papyan et al. (2020) NC1; docs/metrics.md "Classic NC metrics".
+    With Sigma_B = Htilde Htilde^T / K, G = Htilde^T Htilde and Z_i = Htilde^T (h_i - m_{y_i}):
+    (Htilde Htilde^T)^+ = Htilde G^{+2} Htilde^T, hence NC1 = Tr(G^+ (Z^T Z / N) G^+): one
+    K x K eigendecomposition.
+
+    Args:
+        n: number of samples N.
+        gram: (K, K) float64 G.
+        zz: (K, K) float64 Z^T Z summed over the samples.
+
+    Returns:
+        0-d float64 tensor.
+    """
+    lam, vec = torch.linalg.eigh(gram)  # (K,), (K, K)
+    inv2 = _pinv_diag(lam, gram.shape[0], power=2)
+    return (inv2 * ((zz / n) @ vec * vec).sum(0)).sum()
+
+
+def nc1_from_scatter(n: int, ht: Tensor, scatter: Tensor) -> Tensor:
+    """NC1 = Tr(Sigma_W Sigma_B^+) / K from the d x d within-class scatter (the d x d route,
+    d < K).
+
+    Paper / reference: Papyan et al. (2020) NC1; docs/metrics.md "Classic NC metrics".
+    Sigma_W = S_W / N with S_W = sum_i (h_i - m_{y_i})(h_i - m_{y_i})^T, Sigma_B = Ht^T Ht / K;
+    one d x d eigendecomposition Sigma_B = V diag(lam) V^T gives
+    Tr(Sigma_W Sigma_B^+) = sum_j lam_j^+ (V^T Sigma_W V)_jj.
+
+    Args:
+        n: number of samples N.
+        ht: (K, d) float64 rows m_c - g.
+        scatter: (d, d) float64 S_W.
+
+    Returns:
+        0-d float64 tensor.
+    """
+    k, d = ht.shape
+    lam, vec = torch.linalg.eigh(ht.T @ ht / k)  # (d,), (d, d)
+    inv = _pinv_diag(lam, max(k, d))
+    return (inv * ((scatter / n) @ vec * vec).sum(0)).sum() / k
+
+
+def nc2_from_gram(gram: Tensor) -> dict[str, Tensor]:
+    """NC2 equinorm and equiangle of one layer from its Gram G (K, K) (docs/metrics.md).
+
+    Paper / reference: Papyan et al. (2020) NC2; equinorm uses the unbiased std over classes
+    (as their code: torch.std).
+
+    Args:
+        gram: (K, K) float64 G = Ht Ht^T.
+
+    Returns:
+        0-d tensors keyed by NC2_EQUINORM, NC2_EQUIANGLE.
+
+    Raises:
+        DegenerateFeaturesError: a class mean equals the global mean (cosine undefined).
     """
     k = gram.shape[0]
-    # G^+ = V diag(1/lam) V^T over the eigenvalues kept by pinv's default cutoff, so
-    # Tr(G^+ zz G^+) = sum_j lam_j^-2 (V^T zz V)_jj: one eigh and one K x K x K product
-    lam, vec = torch.linalg.eigh(gram)  # (K,), (K, K)
-    keep = lam.abs() > torch.finfo(lam.dtype).eps * k * lam.abs().max()
-    inv2 = torch.where(keep, 1.0 / torch.where(keep, lam, 1.0).square(), 0.0)
-    nc1 = (inv2 * ((zz / n) @ vec * vec).sum(0)).sum()
     norms = torch.diagonal(gram).clamp_min(0).sqrt()  # (K,) ||m_k - g||
     if bool((norms == 0).any()):
         bad = (norms == 0).nonzero().flatten().tolist()
@@ -287,7 +357,26 @@ def nc_from_stats(n: int, gram: Tensor, zz: Tensor) -> dict[str, Tensor]:
     cos = gram / (norms[:, None] * norms[None, :])
     off = ~torch.eye(k, dtype=torch.bool, device=gram.device)
     equiangle = (cos[off] + 1.0 / (k - 1)).abs().mean()
-    return {NC1: nc1, NC2_EQUINORM: equinorm, NC2_EQUIANGLE: equiangle}
+    return {NC2_EQUINORM: equinorm, NC2_EQUIANGLE: equiangle}
+
+
+def nc_from_stats(n: int, gram: Tensor, zz: Tensor) -> dict[str, Tensor]:
+    """NC1 (the K x K route, :func:`nc1_from_gram`) and NC2 (:func:`nc2_from_gram`).
+
+    Paper / reference: Papyan et al. (2020); docs/metrics.md "Classic NC metrics".
+
+    Args:
+        n: number of samples N.
+        gram: (K, K) float64 G.
+        zz: (K, K) float64 Z^T Z.
+
+    Returns:
+        0-d tensors keyed by NC1, NC2_EQUINORM, NC2_EQUIANGLE.
+
+    Raises:
+        DegenerateFeaturesError: a class mean equals the global mean.
+    """
+    return {NC1: nc1_from_gram(n, gram, zz)} | nc2_from_gram(gram)
 
 
 def geodesic_from_stats(
@@ -301,14 +390,28 @@ def geodesic_from_stats(
     gl: Tensor,
     correct: Tensor,
 ) -> dict[str, Tensor]:
-    """Geodesic PFC curves from sufficient statistics (docs/metrics.md "Geodesic-curve prediction").
+    """Geodesic PFC curves from sufficient statistics.
 
-    trw0 = A*N, trw_cross = B*N, trwl = C*N (sums over samples); Tr Sigma_W(t) =
-    (1-t)^2 A + 2t(1-t) B + t^2 C; G(t) from G0, X = Ht0 HtL^T, GL; correct (T,) NCC counts.
+    Paper Fig. 3, eq. 17-19; docs/metrics.md "Geodesic-curve prediction".
+    Tr Sigma_W(t) = (1-t)^2 A + 2t(1-t) B + t^2 C; G(t) = (1-t)^2 G0 + t(1-t)(X + X^T) + t^2 GL.
+
+    Args:
+        ts: (T,) values of t; n: number of samples.
+        trw0, trw_cross, trwl: A N, B N, C N (sums over samples, 0-d).
+        g0, x01, gl: (K, K) G0, X = Ht0 HtL^T, GL.
+        correct: (T,) NCC hit counts along the curve.
+
+    Returns:
+        (T,) tensors keyed by PFC1, PFC2, PFC3, TR_SW, TR_SB.
+
+    Raises:
+        DegenerateFeaturesError: Tr Sigma_B(t) = 0 at some t.
     """
     coef = geodesic_coefficients(ts.to(g0.device))  # (T, 3)
     trw = coef[:, 0] * trw0 + 2.0 * coef[:, 1] * trw_cross + coef[:, 2] * trwl  # (T,)
     k = g0.shape[0]
+    if k >= GEO_FROBENIUS_MIN_K:
+        return _geodesic_from_frobenius(n, coef, trw, g0, x01, gl, correct)
     step = max(1, _GEO_SCORE_ELEMENTS // (k * k))  # G(t) for a block of t at a time
     parts = []
     for s in range(0, coef.shape[0], step):
@@ -319,3 +422,51 @@ def geodesic_from_stats(
             raise DegenerateFeaturesError(f"on the geodesic curve: {err}") from None
         parts.append(out)
     return {key: torch.cat([p[key] for p in parts]) for key in PFC_METRICS}
+
+
+#: from this many classes on, the geodesic curve's PFC2(t) comes from 3 x 3 Frobenius inner
+#: products (no (T, K, K) G(t)): T K^2 work per pass would otherwise rival the pass itself
+GEO_FROBENIUS_MIN_K = 256
+
+
+def _geodesic_from_frobenius(
+    n: int, coef: Tensor, trw: Tensor, g0: Tensor, x01: Tensor, gl: Tensor, correct: Tensor
+) -> dict[str, Tensor]:
+    """PFC1-3 along the curve without forming G(t) (docs/metrics.md "Geodesic-curve
+    prediction"): G(t) = sum_i c_i(t) A_i with A = (G0, X + X^T, GL), so
+    ||G(t)||_F^2 = c^T M c with M_ij = <A_i, A_j>_F, Tr G(t) = c . (Tr A_i), 1^T G(t) 1 likewise,
+    and with the unit-norm ETF E: ||G/||G|| - E||_F^2 = 2 - 2 <G, E> / ||G||,
+    <G, E> = (Tr G - 1^T G 1 / K) / sqrt(K - 1). Rounding ~ eps / PFC2^2 relative (PFC2 > 1e-4
+    keeps it below 1e-8).
+
+    Args:
+        n: number of samples; coef (T, 3) from :func:`geodesic_coefficients`; trw (T,) sums of
+            ||h(t) - m_y(t)||^2; g0, x01, gl (K, K); correct (T,) NCC counts.
+
+    Returns:
+        (T,) tensors keyed by PFC1, PFC2, PFC3, TR_SW, TR_SB.
+
+    Raises:
+        DegenerateFeaturesError: Tr Sigma_B(t) = 0 at some t.
+    """
+    k = g0.shape[0]
+    mats = (g0, x01 + x01.T, gl)
+    gram_m = torch.stack([torch.stack([(a * b).sum() for b in mats]) for a in mats])  # (3, 3)
+    traces = torch.stack([torch.diagonal(a).sum() for a in mats])  # (3,)
+    totals = torch.stack([a.sum() for a in mats])  # (3,) 1^T A 1
+    tr_g = coef @ traces  # (T,)
+    gnorm = ((coef @ gram_m) * coef).sum(1).clamp_min(0).sqrt()  # (T,)
+    if bool((tr_g <= 0).any()):
+        raise DegenerateFeaturesError(
+            "on the geodesic curve: Tr(Sigma_B) = 0: all class means coincide, PFC1 and PFC2 "
+            "are undefined"
+        )
+    inner = (tr_g - (coef @ totals) / k) / math.sqrt(k - 1)
+    tr_sw, tr_sb = trw.clamp_min(0.0) / n, tr_g / k
+    return {
+        PFC1: tr_sw / tr_sb,
+        PFC2: (2.0 - 2.0 * inner / gnorm).clamp_min(0).sqrt(),
+        PFC3: correct.to(F64) / n,
+        TR_SW: tr_sw,
+        TR_SB: tr_sb,
+    }

@@ -1,11 +1,11 @@
-"""Streaming per-layer collapse tracker (paper Fig. 2-3): the pass protocol and the table.
+"""Streaming per-layer collapse tracker (paper Fig. 2-3): the public API and the table.
 
 Usage::
 
     tracker = CollapseTracker(num_classes, geodesic_ts=torch.linspace(0, 1, 101))
     for x, y in batches:                       # pass 1
         logits, feats = model(x)
-        tracker.update(feats, y)               # feats: list of (B, d_l), layers 0..L
+        tracker.update(feats, y)               # feats: list of (B, *shape_l), layers 0..L
     tracker.end_pass()
     if tracker.needs_second_pass:              # the features did not fit `cache_bytes`
         for x, y in batches:                   # same samples, any order / batching
@@ -13,163 +13,73 @@ Usage::
         tracker.end_pass()
     result = tracker.compute()                 # result.table, result.curves
 
-The statistics are the accumulators of :mod:`pfc_sweeps.collapse.accumulators`: pass 1 gathers the
-class sums and the path lengths (so the relative positions r_l are known after it); pass 2
-needs the final means: within-class traces, the NC1 projection, NCC hits, the geodesic terms
-at ts and every r_l, and NC4. State is O(L K d + K T), independent of N. When every layer's
-features fit in `cache_bytes`, they are kept (by reference, on their own device) and pass 2
-runs on the cache inside ``end_pass``; then one forward pass suffices.
-
-Precision (docs/precision.md): float64 features take the exact float64 path; float32, bf16
-and fp16 features the fast path (float32 row operations, float64 statistics), unless
-``precision="float64"``. Features must not be modified in place after ``update``.
+Layers may differ in shape (docs/metrics.md "Layers of different shapes"): every layer gets its
+per-layer metrics (PFC1-3, NC1, NC2, traces); the path quantities (``rel_pos``, geodesic curves
+and errors, straightness, energy ratio, transport cost, Thm. 1 inner product) are computed over
+the *trailing run* of layers of equal shape, and the layers before it get ``rel_pos`` NaN; NC3
+and NC4 are measured on ``classifier_input`` when given (reported at the last layer), else on
+the last layer; the effective depth is taken over all layers. Each leading layer, the run and a
+separate classifier input have their own :class:`~pfc_sweeps.collapse.core.LayerRunTracker`,
+sharing ``cache_bytes`` in proportion to their widths.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 
-import numpy as np
 import pandas as pd
-import torch
 from torch import Tensor
 
-from pfc_sweeps.collapse import accumulators as acc
-from pfc_sweeps.collapse.inputs import (
-    MetricInputError,
-    block_elements,
-    check_counts,
-    check_num_classes,
-    rows_per_chunk,
+from pfc_sweeps.collapse.core import (
+    PRECISIONS,
+    CollapseResult,
+    LayerRunTracker,
+    TrackerStateError,
+    _check_same_batch,
+    _flatten_layers,
 )
-from pfc_sweeps.collapse.kernels import ExactKernel, FastKernel, Workspace, work_dtype
-from pfc_sweeps.collapse.metrics import F64, _check_classifier
-from pfc_sweeps.results.schema import (
-    GEODESIC_ERR_METRICS,
-    LAST_LAYER_METRICS,
-    LAYER_METRICS,
-    PATH_METRICS,
-    PFC3,
-    PFC_METRICS,
-    RUN_LAYER,
-    TR_SW,
-)
+from pfc_sweeps.collapse.inputs import MetricInputError
+from pfc_sweeps.collapse.metrics import effective_depth
+from pfc_sweeps.results.schema import EFFECTIVE_DEPTH, LAST_LAYER_METRICS, PFC3, RUN_LAYER
 
-__all__ = ["PRECISIONS", "CollapseResult", "CollapseTracker", "TrackerStateError"]
-
-#: ``precision`` of the tracker: "auto" (float64 features exact, others fast) or "float64".
-PRECISIONS = ("auto", "float64")
+__all__ = ["PRECISIONS", "CollapseResult", "CollapseTracker", "TrackerStateError", "run_start"]
 
 
-class TrackerStateError(RuntimeError):
-    """The tracker was used out of order (fed after it was finalized, passes mixed...)."""
+def run_start(shapes: Sequence[Sequence[int]]) -> int:
+    """Index of the first layer of the trailing run of layers of equal shape.
 
+    Args:
+        shapes: per-layer feature shapes without the batch axis.
 
-@dataclass
-class CollapseResult:
-    """table: DataFrame[layer:int64, rel_pos:float64, metric:str, value:float64];
-    curves: DataFrame[t:float64, metric:str (pfc1/pfc2/pfc3), value:float64] (empty if no ts)."""
-
-    table: pd.DataFrame
-    curves: pd.DataFrame
-
-
-def _flatten_layers(features: Sequence[Tensor]) -> list[Tensor]:
-    if isinstance(features, Tensor) or not isinstance(features, Sequence) or not features:
-        raise MetricInputError(
-            "features must be a non-empty list of per-layer tensors (B, d_l), got "
-            f"{type(features).__name__}"
-        )
-    out = []
-    for i, h in enumerate(features):
-        if not isinstance(h, Tensor) or h.dim() < 2 or not h.is_floating_point():
-            desc = f"{h.dtype} {tuple(h.shape)}" if isinstance(h, Tensor) else type(h).__name__
-            raise MetricInputError(
-                f"features of layer {i} must be a floating tensor (B, ...), got {desc}"
-            )
-        out.append(h.detach().flatten(1))
-    return out
-
-
-def _check_same_batch(layers: list[Tensor]) -> None:
-    b = layers[0].shape[0]
-    for i, h in enumerate(layers):
-        if h.shape[0] != b:
-            raise MetricInputError(
-                f"all layers need the same batch size; layer 0 has {b}, layer {i} has {h.shape[0]}"
-            )
-        if h.device != layers[0].device:
-            raise MetricInputError(
-                f"all layers must be on one device; layer 0 on {layers[0].device}, "
-                f"layer {i} on {h.device}"
-            )
-
-
-def _check_labels(labels: Tensor, b: int, device: torch.device) -> Tensor:
-    if not isinstance(labels, Tensor) or labels.dim() != 1 or labels.shape[0] != b:
-        shape = tuple(labels.shape) if isinstance(labels, Tensor) else type(labels).__name__
-        raise MetricInputError(f"labels must have shape ({b},), got {shape}")
-    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
-        raise MetricInputError(f"labels must be an integer tensor, got dtype {labels.dtype}")
-    return labels.to(device=device, dtype=torch.int64)
-
-
-def _check_ts(geodesic_ts) -> Tensor | None:
-    if geodesic_ts is None:
-        return None
-    ts = torch.as_tensor(geodesic_ts, dtype=F64).detach().cpu()
-    if ts.dim() != 1 or ts.numel() == 0:
-        raise MetricInputError(
-            f"geodesic_ts must be a non-empty 1-D sequence, got shape {tuple(ts.shape)}"
-        )
-    if not bool(torch.isfinite(ts).all() & (ts >= 0).all() & (ts <= 1).all()):
-        raise MetricInputError(f"geodesic_ts must lie in [0, 1], got {ts.tolist()}")
-    return ts
-
-
-def _range_checked(labels: Tensor, k: int, oob: Tensor) -> Tensor:
-    """Range check: immediate on CPU; on CUDA counted into ``oob`` (checked at end_pass, so
-    no host sync per batch) and clamped meanwhile."""
-    if labels.device.type == "cpu":
-        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= k):
-            raise MetricInputError(
-                f"labels out of range: min {int(labels.min())}, max {int(labels.max())}; "
-                f"allowed 0..{k - 1}"
-            )
-        return labels
-    oob += ((labels < 0) | (labels >= k)).sum()
-    return labels.clamp(0, k - 1)
-
-
-class _full_precision:
-    """No autocast and no TF32/reduced-precision float32 matmuls inside the tracker."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-
-    def __enter__(self) -> None:
-        self._prec = torch.get_float32_matmul_precision()
-        self._cudnn = torch.backends.cudnn.allow_tf32
-        torch.set_float32_matmul_precision("highest")
-        torch.backends.cudnn.allow_tf32 = False
-        self._auto = torch.autocast(self.device.type, enabled=False)
-        self._auto.__enter__()
-
-    def __exit__(self, *exc) -> None:
-        self._auto.__exit__(*exc)
-        torch.set_float32_matmul_precision(self._prec)
-        torch.backends.cudnn.allow_tf32 = self._cudnn
+    Returns:
+        s such that shapes[s:] are all equal and shapes[s - 1] differs (0 if all are equal).
+    """
+    s = len(shapes) - 1
+    while s > 0 and tuple(shapes[s - 1]) == tuple(shapes[-1]):
+        s -= 1
+    return s
 
 
 class CollapseTracker:
-    """Streaming PFC/NC metrics of all layers (the protocol: module docstring).
+    """Streaming PFC/NC metrics of all layers, of any shapes (the protocol: module docstring).
 
-    num_classes: K >= 2. geodesic_ts: t in [0, 1] of the geodesic curves (None: no curves, no
-    geodesic_err_*; else all layers share one dimension). cache_bytes: budget for caching one
-    pass's features (0: two passes). epsilon: NCC-error threshold of the effective depth.
-    classifier_weight (K, d_L), classifier_bias (K,): NC3/NC4. precision: one of PRECISIONS."""
+    Args:
+        num_classes: K >= 2.
+        geodesic_ts: t in [0, 1] of the geodesic curves h(t) = (1-t) h_s + t h_L between the
+            first and the last layer of the trailing equal-shape run (None: no curves, no
+            geodesic_err_*; else the run must have >= 2 layers).
+        cache_bytes: budget for caching one pass's features (0: two passes).
+        epsilon: NCC-error threshold of the effective depth.
+        classifier_weight: (K, d_c), with classifier_bias (K,): NC3/NC4.
+        precision: one of PRECISIONS (docs/precision.md).
+        process_group: None, or a torch.distributed ProcessGroup whose ranks each feed a shard
+            of the data (docs/metrics.md "Distributed use").
+
+    Raises:
+        MetricInputError: an argument out of range (at construction) or features that do not
+            fit them (at the first update).
+    """
 
     def __init__(
         self,
@@ -181,290 +91,152 @@ class CollapseTracker:
         classifier_weight: Tensor | None = None,
         classifier_bias: Tensor | None = None,
         precision: str = "auto",
+        process_group: object = None,
     ) -> None:
-        self.num_classes = check_num_classes(num_classes)
-        self.geodesic_ts: Tensor | None = _check_ts(geodesic_ts)
-        if isinstance(cache_bytes, bool) or not isinstance(cache_bytes, int) or cache_bytes < 0:
-            raise MetricInputError(f"cache_bytes must be an int >= 0, got {cache_bytes!r}")
-        self.cache_bytes = cache_bytes
-        if not (isinstance(epsilon, int | float) and math.isfinite(epsilon) and 0 <= epsilon <= 1):
-            raise MetricInputError(f"epsilon must be a number in [0, 1], got {epsilon!r}")
-        self.epsilon = float(epsilon)
-        if classifier_bias is not None and classifier_weight is None:
-            raise MetricInputError("classifier_bias given without classifier_weight")
-        if precision not in PRECISIONS:
-            raise MetricInputError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-        self.precision = precision
-        self._weight = classifier_weight.detach() if classifier_weight is not None else None
-        self._bias = classifier_bias.detach() if classifier_bias is not None else None
-        # phase: pass1 -> (await2 -> pass2 ->) done -> computed
-        self._phase = "pass1"
-        self._dims: list[int] | None = None
-        self._device: torch.device | None = None
-        self._result: CollapseResult | None = None
-        self._cache: list[tuple[list[Tensor], Tensor]] | None = [] if cache_bytes > 0 else None
-        self._cached = 0
-        self._batches = 0
+        self._kw = {"epsilon": epsilon, "precision": precision, "process_group": process_group}
+        self._clf = {"classifier_weight": classifier_weight, "classifier_bias": classifier_bias}
+        self._ts = geodesic_ts
+        # validates every argument now (a tracker of the same settings, never fed)
+        probe = LayerRunTracker(
+            num_classes, geodesic_ts=geodesic_ts, cache_bytes=cache_bytes, **self._clf, **self._kw
+        )
+        self.num_classes, self.cache_bytes, self.epsilon = num_classes, cache_bytes, probe.epsilon
+        self.geodesic_ts = probe.geodesic_ts
+        self._shapes: list[tuple[int, ...]] | None = None
+        self._head: list[LayerRunTracker] = []
+        self._run: LayerRunTracker | None = None
+        self._own: LayerRunTracker | None = None  # classifier_input's tracker
+        self._active: list[LayerRunTracker] = []
 
-    # ----------------------------------------------------------------------------- properties
+    @property
+    def _cores(self) -> list[LayerRunTracker]:
+        own = [self._own] if self._own is not None else []
+        return [*self._head, *([self._run] if self._run is not None else []), *own]
+
     @property
     def needs_second_pass(self) -> bool:
-        """True after pass 1 when the features were not cached and pass 2 is still due."""
-        return self._phase in ("await2", "pass2")
+        """True after pass 1 when some features were not cached and pass 2 is still due."""
+        return any(c.needs_second_pass for c in self._cores)
 
     @property
     def state_bytes(self) -> int:
-        """Bytes of all accumulators plus the chunk workspace, excluding the feature cache:
-        O(L K d + K T), independent of the number of samples N."""
-        if self._dims is None:
-            return 0
-        total = self._ws.nbytes
-        for obj in (self, *self._accs.values(), getattr(self, "_kernel", None)):
-            for v in vars(obj).values() if obj is not None else ():
-                for t in v if isinstance(v, list | tuple) else [v]:
-                    if isinstance(t, Tensor) and t is not self._weight and t is not self._bias:
-                        total += t.numel() * t.element_size()
-        return total
+        """Bytes of all accumulators and work buffers, excluding the feature cache: O(L K d +
+        K T), independent of the number of samples N."""
+        return sum(c.state_bytes for c in self._cores)
 
     @property
     def cached_bytes(self) -> int:
-        return self._cached if self._cache is not None else 0
+        """Bytes of features held in the cache for pass 2."""
+        return sum(c.cached_bytes for c in self._cores)
 
-    # ----------------------------------------------------------------------------- setup
-    def _init_state(self, layers: list[Tensor]) -> None:
-        k = self.num_classes
-        self._dims = [h.shape[1] for h in layers]
-        dev = self._device = layers[0].device
-        self._path = all(d == self._dims[0] for d in self._dims) and len(layers) >= 2
-        if self.geodesic_ts is not None and not self._path:
+    def _setup(self, shapes: list[tuple[int, ...]], clf_width: int | None) -> None:
+        """The trackers of the leading layers, the trailing run and the classifier input."""
+        k, s = self.num_classes, run_start(shapes)
+        dims = [math.prod(sh) for sh in shapes] + [clf_width or 0]
+        budget = [int(self.cache_bytes * d / sum(dims)) for d in dims]
+        if self._ts is not None and len(shapes) - s < 2:
             raise MetricInputError(
-                "geodesic_ts needs >= 2 layers of one dimension (h(t) = (1-t) h0 + t hL and "
-                f"path lengths); got layer dims {self._dims}"
+                "geodesic_ts needs >= 2 layers of one dimension at the end of the layer list "
+                "(the geodesic joins the first and last layer of the trailing equal-shape run); "
+                f"got layer dims {dims[:-1]}"
             )
-        if self._weight is not None:
-            _check_classifier(self._weight, self._dims[-1], k, self._bias)
-        self._dtype = work_dtype(layers[0].dtype, self.precision)
-        dmax = max(self._dims)
-        rows = rows_per_chunk(dmax, dev, self._dtype.itemsize)
-        self._ws = Workspace(rows, dmax, dev, self._dtype)
-        self._oob = torch.zeros((), dtype=torch.int64, device=dev)
-        self._accs: dict[str, object] = {"sums": acc.ClassSums(k, self._dims, dev, self._dtype)}
-        if self._path:
-            self._accs["path"] = acc.PathLengths(len(layers) - 1, dev)
+        self._head = [LayerRunTracker(k, cache_bytes=budget[i], **self._kw) for i in range(s)]
+        clf = self._clf if clf_width is None else {}
+        self._run = LayerRunTracker(
+            k, geodesic_ts=self._ts, cache_bytes=sum(budget[s:-1]), **clf, **self._kw
+        )
+        if clf_width is not None:
+            self._own = LayerRunTracker(k, cache_bytes=budget[-1], **self._clf, **self._kw)
+        self._shapes, self._s, self._active = shapes, s, self._cores
 
-    def _check_batch(self, features: Sequence[Tensor], labels: Tensor) -> tuple[list, Tensor]:
+    def update(
+        self, features: Sequence[Tensor], labels: Tensor, classifier_input: Tensor | None = None
+    ) -> None:
+        """Feed one batch.
+
+        Args:
+            features: list of per-layer tensors (B, *shape_l) (flattened to (B, d_l)).
+            labels: (B,) integer class labels in 0..K-1.
+            classifier_input: (B, d_c) the classifier's input when it is not the last layer's
+                features (NC3/NC4 are then measured on it); given in every batch or in none.
+
+        Raises:
+            MetricInputError: bad features or labels, or shapes that differ from the first batch.
+            TrackerStateError: fed after the last pass ended.
+        """
+        if (
+            self._shapes is None
+            and classifier_input is not None
+            and self._clf["classifier_weight"] is None
+        ):
+            raise MetricInputError("classifier_input given without classifier_weight")
         layers = _flatten_layers(features)
         _check_same_batch(layers)
-        if self._dims is not None:
-            dims = [h.shape[1] for h in layers]
-            if dims != self._dims:
-                raise MetricInputError(
-                    f"layer dims {dims} differ from the first batch's {self._dims} "
-                    f"({len(dims)} vs {len(self._dims)} layers); every batch of every pass "
-                    "must come from the same layers"
-                )
-            if layers[0].device != self._device:
-                raise MetricInputError(
-                    f"features on {layers[0].device}, earlier batches on {self._device}"
-                )
-        return layers, _check_labels(labels, layers[0].shape[0], layers[0].device)
-
-    # ----------------------------------------------------------------------------- protocol
-    def update(self, features: Sequence[Tensor], labels: Tensor) -> None:
-        """Feed one batch: features = list of (B, d_l) (or (B, ...), flattened), labels (B,)."""
-        if self._phase in ("done", "computed"):
-            raise TrackerStateError(
-                "update() after the tracker was finalized (end_pass() already produced all "
-                f"statistics; needs_second_pass is False; phase {self._phase!r}); "
-                "create a new CollapseTracker for new data"
+        shapes = [tuple(h.shape[1:]) for h in features]
+        if self._shapes is None:
+            clf_w = None if classifier_input is None else _flatten_layers([classifier_input])[0]
+            self._setup(shapes, None if clf_w is None else clf_w.shape[1])
+        elif shapes != self._shapes or (classifier_input is None) != (self._own is None):
+            raise MetricInputError(
+                f"layer shapes {shapes} (classifier_input {classifier_input is not None}) differ "
+                f"from the first batch's {self._shapes} ({self._own is not None}); every batch "
+                "of every pass must come from the same layers"
             )
-        layers, labels = self._check_batch(features, labels)
-        if self._dims is None:
-            self._init_state(layers)
-        labels = _range_checked(labels, self.num_classes, self._oob)
-        with _full_precision(self._device):
-            if self._phase == "pass1":
-                self._pass1_batch(layers, labels)
-                self._cache_batch(layers, labels)
-            else:  # await2 / pass2
-                self._phase = "pass2"
-                self._pass2_batch(layers, labels)
-        self._batches += 1
+        parts = {id(c): [layers[i]] for i, c in enumerate(self._head)}
+        parts[id(self._run)] = layers[self._s :]
+        if self._own is not None:
+            parts[id(self._own)] = [classifier_input]
+        for c in self._active or self._cores:
+            c.update(parts[id(c)], labels)
 
     def end_pass(self) -> None:
-        """Close the current pass. After pass 1 with everything cached, also run pass 2."""
-        if self._phase == "pass1":
-            if self._batches == 0:
-                raise TrackerStateError("end_pass() before any update(): pass 1 saw no batches")
-            cache, self._cache = self._cache, None
-            with _full_precision(self._device):
-                self._finish_pass1()
-                for layers, labels in cache or ():
-                    self._pass2_batch(layers, labels)
-                if cache is not None:
-                    self._finish_pass2()
-            self._phase = "done" if cache is not None else "await2"
-        elif self._phase == "pass2":
-            self._check_oob()
-            self._finish_pass2()
-            self._phase = "done"
-        elif self._phase == "await2":
-            raise TrackerStateError(
-                "end_pass() for pass 2 but no batch was fed since pass 1 ended; feed the same "
-                "data again (needs_second_pass is True)"
-            )
-        else:
-            raise TrackerStateError(
-                f"end_pass() called again after the last pass ended (phase {self._phase!r})"
-            )
+        """Close the current pass. After pass 1 with everything cached, also run pass 2.
+
+        Raises:
+            TrackerStateError: no batch in this pass, or the last pass already ended.
+        """
+        if self._shapes is None:
+            raise TrackerStateError("end_pass() before any update(): pass 1 saw no batches")
+        for c in self._active or self._cores:
+            c.end_pass()
+        self._active = [c for c in self._cores if c.needs_second_pass]
 
     def compute(self) -> CollapseResult:
-        """All metrics as a CollapseResult (valid once the last pass has ended)."""
-        if self._phase == "computed":
-            assert self._result is not None
-            return self._result
-        if self._phase != "done":
-            what = {
-                "pass1": "pass 1 is still open: call end_pass() first",
-                "await2": "needs_second_pass is True: feed the data again and call end_pass()",
-                "pass2": "pass 2 is still open: call end_pass() first",
-            }[self._phase]
-            raise TrackerStateError(f"compute() too early: {what}")
-        with _full_precision(self._device):
-            self._result = self._compute()
-        self._phase = "computed"
-        return self._result
+        """All metrics (valid once the last pass has ended).
 
-    # ----------------------------------------------------------------------------- passes
-    def _cache_batch(self, layers: list[Tensor], labels: Tensor) -> None:
-        if self._cache is None:
-            return
-        self._cached += sum(h.numel() * h.element_size() for h in layers)
-        self._cached += labels.numel() * labels.element_size()
-        if self._cached > self.cache_bytes:
-            self._cache = None  # does not fit: drop it, pass 2 will be fed by the caller
-        else:
-            self._cache.append((layers, labels))
+        Returns:
+            CollapseResult: table DataFrame[layer, rel_pos, metric, value] and curves
+            DataFrame[t, metric, value] (docs/metrics.md).
 
-    def _pass1_batch(self, layers: list[Tensor], labels: Tensor) -> None:
-        # the float64 path keeps 4 chunk buffers alive (x0, a, b, d): halve its rows on CPU so
-        # the working set stays cache resident
-        ws, pass1 = self._ws, list(self._accs.values())
-        rows = ws.rows // 2 if self._dtype == F64 and self._device.type == "cpu" else ws.rows
-        splits = [h.split(max(rows, 1)) for h in layers]
-        for c, y in enumerate(labels.split(max(rows, 1))):
-            for i, chunks in enumerate(splits):
-                x = ws.load("x0" if i == 0 else "ab"[i % 2], chunks[c])  # (b, d) work dtype
-                for a in pass1:
-                    a.update(i, x, y, ws)
-            for a in pass1:
-                a.end_chunk(y)
+        Raises:
+            TrackerStateError: a pass is still open or due.
+            DegenerateFeaturesError: a metric is undefined on these features.
+        """
+        if self._run is None:
+            raise TrackerStateError("compute() too early: pass 1 is still open: call end_pass()")
+        run = self._run.compute()
+        if not self._head and self._own is None:
+            return run
+        return CollapseResult(table=self._merge(run.table), curves=run.curves)
 
-    def _pass2_batch(self, layers: list[Tensor], labels: Tensor) -> None:
-        """Blocks of rows: the kernel chunks the (b, d) work; accumulators see whole blocks."""
-        rows = self._block_rows
-        splits = [h.split(rows) for h in layers]
-        for c, y in enumerate(labels.split(rows)):
-            block = self._kernel.pass2([chunks[c] for chunks in splits], y)
-            self._counts2 += torch.bincount(y, minlength=self.num_classes)
-            for a in self._pass2:
-                a.update(block)
-
-    def _check_oob(self) -> None:
-        bad = int(self._oob)
-        if bad:
-            raise MetricInputError(
-                f"{bad} label(s) out of range; allowed 0..{self.num_classes - 1}"
-            )
-
-    def _finish_pass1(self) -> None:
-        self._check_oob()
-        sums = self._accs["sums"]
-        check_counts(sums.counts, " in pass 1")
-        self._n = int(sums.counts.sum())
-        geodesic = self.geodesic_ts is not None
-        lm = self._means = sums.compute(geodesic, self._weight)
-        self._r = self._accs["path"].positions() if self._path else None
-        kernel = ExactKernel if self._dtype == F64 else FastKernel
-        self._kernel = kernel(lm, self._ws, geodesic)
-        width = max(r.shape[0] for r in lm.rhs)  # (S, rows, K + e) float64 per block
-        self._block_rows = max(1, block_elements(self._device) // (len(self._dims) * width))
-        n_layers, k, dev = len(self._dims), self.num_classes, self._device
-        self._counts2 = torch.zeros(k, dtype=F64, device=dev)
-        self._accs["within"] = acc.WithinClass(n_layers, k, dev)
-        if geodesic:
-            self._accs["geodesic"] = acc.GeodesicCurve(self.geodesic_ts, self._r, lm)
-        if self._weight is not None:
-            self._accs["classifier"] = acc.Classifier(self._weight, self._bias, lm)
-        self._pass2 = [
-            self._accs[n] for n in ("within", "geodesic", "classifier") if n in self._accs
-        ]
-
-    def _finish_pass2(self) -> None:
-        if not bool(torch.equal(self._counts2, self._accs["sums"].counts)):
-            raise MetricInputError(
-                "pass 2 saw different data than pass 1: class counts "
-                f"{self._counts2.long().tolist()} vs {self._accs['sums'].counts.long().tolist()}; "
-                "feed the same samples in both passes"
-            )
-        self._accs["within"].check_finite()
-
-    # ----------------------------------------------------------------------------- results
-    def _compute(self) -> CollapseResult:
-        n_layers = len(self._dims)
-        rel = self._r.cpu().tolist() if self._r is not None else [math.nan] * n_layers
-        ts = self.geodesic_ts.tolist() if self.geodesic_ts is not None else []
-        transport = n_layers >= 2 and self._dims[0] == self._dims[-1]
-        vals = _collect(self._accs, self._n, self._means, self.epsilon, transport)
-        return CollapseResult(table=_table(rel, *vals[:3]), curves=_curves(ts, vals[3]))
-
-
-def _collect(accs: dict, n: int, lm, epsilon: float, transport: bool) -> tuple[dict, ...]:
-    """Every accumulator's metrics: (per layer, last layer, run level, curves)."""
-    layer_vals = accs["within"].compute(n, lm)  # (S,) each
-    last_vals, run_vals, curves = {}, {}, {}
-    if "geodesic" in accs:
-        geo = accs["geodesic"].compute(n, lm, layer_vals[TR_SW] * n, layer_vals)
-        curves = geo.pop("curves")
-        layer_vals |= geo
-    if "classifier" in accs:
-        last_vals |= accs["classifier"].compute(n, lm)
-    run_vals |= acc.EffectiveDepth(epsilon).compute(layer_vals[PFC3].cpu().tolist())
-    if "path" in accs:
-        run_vals |= accs["path"].compute()
-    if transport:
-        run_vals |= acc.Transport().compute(lm)
-    return layer_vals, last_vals, run_vals, curves
-
-
-def _table(rel: list[float], layer_vals: dict, last_vals: dict, run_vals: dict) -> pd.DataFrame:
-    """Rows in the order of the schema's name lists; one device->host transfer per group."""
-    last = len(rel) - 1
-    known = {*LAYER_METRICS, *GEODESIC_ERR_METRICS, *LAST_LAYER_METRICS, *PATH_METRICS}
-    unknown = sorted({*layer_vals, *last_vals, *run_vals} - known)
-    if unknown:  # every metric name lives in pfc_sweeps.results.schema
-        raise KeyError(f"metric(s) {unknown} are not in pfc_sweeps.results.schema's name lists")
-    names = [m for m in (*LAYER_METRICS, *GEODESIC_ERR_METRICS) if m in layer_vals]
-    host = torch.stack([layer_vals[m].to(F64) for m in names]).cpu().tolist() if names else []
-    rows = []
-    for j, key in enumerate(names):
-        rows += [(i, rel[i], key, host[j][i]) for i in range(len(rel))]
-    rows += [
-        (last, rel[last], m, float(last_vals[m])) for m in LAST_LAYER_METRICS if m in last_vals
-    ]
-    rows += [(RUN_LAYER, math.nan, m, float(run_vals[m])) for m in PATH_METRICS if m in run_vals]
-    return pd.DataFrame(rows, columns=["layer", "rel_pos", "metric", "value"]).astype(
-        {"layer": "int64", "rel_pos": "float64", "metric": str, "value": "float64"}
-    )
-
-
-def _curves(ts: list[float], curves: dict[str, Tensor]) -> pd.DataFrame:
-    keys = [k for k in PFC_METRICS if k in curves]
-    values = torch.cat([curves[k].to(F64) for k in keys]).cpu().numpy() if keys else []
-    return pd.DataFrame(
-        {
-            "t": np.tile(np.asarray(ts, dtype=np.float64), len(keys)),
-            "metric": [k for k in keys for _ in ts],
-            "value": np.asarray(values, dtype=np.float64),
-        }
-    ).astype({"metric": str})
+    def _merge(self, run_table: pd.DataFrame) -> pd.DataFrame:
+        """One table over all layers from the head, run and classifier-input trackers."""
+        table = run_table.copy()
+        table.loc[table["layer"] >= 0, "layer"] += self._s
+        parts = []
+        for i, t in enumerate(self._head):
+            head = t.compute().table
+            parts.append(head[head["layer"] >= 0].assign(layer=i, rel_pos=math.nan))
+        parts.append(table[table["metric"] != EFFECTIVE_DEPTH])
+        if self._own is not None:
+            last = len(self._shapes) - 1
+            rel = table.loc[table["layer"] == last, "rel_pos"].iloc[0]
+            nc = self._own.compute().table
+            parts.append(nc[nc["metric"].isin(LAST_LAYER_METRICS)].assign(layer=last, rel_pos=rel))
+        out = pd.concat(parts, ignore_index=True)
+        pfc3 = out[out["metric"] == PFC3].sort_values("layer")["value"]
+        depth = effective_depth([1.0 - v for v in pfc3], self.epsilon)
+        row = pd.DataFrame(
+            [(RUN_LAYER, math.nan, EFFECTIVE_DEPTH, float(depth))], columns=list(out.columns)
+        )
+        return pd.concat([out, row], ignore_index=True).astype(run_table.dtypes.to_dict())

@@ -1,0 +1,185 @@
+"""Many classes (issue 18): NC1's two exact routes (d x d scatter where d < K, K x K where
+K <= d) against a vectorized float64 numpy oracle over all samples, with and without the
+feature cache, with single-sample classes and classes absent from most batches."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from pfc_sweeps.collapse import kernels
+from pfc_sweeps.collapse.kernels import Routes
+from pfc_sweeps.collapse.tracker import CollapseTracker
+from pfc_sweeps.results.schema import (
+    ENERGY_RATIO,
+    GEODESIC_ERR_METRICS,
+    NC1,
+    NC2_EQUIANGLE,
+    NC2_EQUINORM,
+    NC3,
+    NC4,
+    PFC1,
+    PFC2,
+    PFC3,
+    PFC_METRICS,
+    STRAIGHTNESS,
+    THM1_INNER,
+    TR_SB,
+    TR_SW,
+    TRANSPORT_COST,
+)
+
+TS = [0.0, 0.3, 0.7, 1.0]
+FAST_RTOL = 1e-5  # docs/precision.md: the float32 path's bound
+
+
+def oracle(h: np.ndarray, y: np.ndarray, k: int, w=None, b=None) -> dict:
+    """Every per-layer metric from d x d matrices over all samples (float64, pinv)."""
+    n, d = h.shape
+    counts = np.bincount(y, minlength=k).astype(np.float64)
+    means = np.zeros((k, d))
+    np.add.at(means, y, h)
+    means /= counts[:, None]
+    g = means.mean(0)
+    ht = means - g  # (K, d)
+    r = h - means[y]
+    sw, sb = r.T @ r / n, ht.T @ ht / k
+    gram = ht @ ht.T
+    etf = (np.eye(k) - 1.0 / k) / math.sqrt(k - 1)
+    pred = np.concatenate(
+        [((h[s : s + 64, None, :] - means[None]) ** 2).sum(-1).argmin(1) for s in range(0, n, 64)]
+    )
+    norms = np.linalg.norm(ht, axis=1)
+    cos = gram / np.outer(norms, norms)
+    off = ~np.eye(k, dtype=bool)
+    out = {
+        PFC1: np.trace(sw) / np.trace(sb),
+        PFC2: np.linalg.norm(gram / np.linalg.norm(gram) - etf),
+        PFC3: float((pred == y).mean()),
+        NC1: np.trace(sw @ np.linalg.pinv(sb)) / k,
+        NC2_EQUINORM: np.std(norms, ddof=1) / np.mean(norms),
+        NC2_EQUIANGLE: np.mean(np.abs(cos[off] + 1 / (k - 1))),
+        TR_SW: np.trace(sw),
+        TR_SB: np.trace(sb),
+        "_ht": ht,
+    }
+    if w is not None:
+        nc3 = np.linalg.norm(w / np.linalg.norm(w) - ht / np.linalg.norm(ht)) ** 2
+        out[NC3], out[NC4] = nc3, float(((h @ w.T + b).argmax(1) != pred).mean())
+    return out
+
+
+def make_data(k: int, d: int, n: int, layers: int = 3, seed: int = 0):
+    """Classes 0..K-1 each present, classes 0..4 with a single sample (so absent from most
+    batches); class structure that grows with depth (every layer one width d)."""
+    gen = np.random.default_rng(seed)
+    y = np.concatenate([np.arange(k), gen.integers(5, k, size=n - k)])
+    gen.shuffle(y)
+    centres = gen.normal(size=(k, d))
+    hs = [centres[y] * 0.5 + gen.normal(size=(n, d))]
+    for _ in range(layers - 1):
+        mix = gen.normal(size=(d, d)) / math.sqrt(d)
+        hs.append(hs[-1] + np.tanh(hs[-1] @ mix) * 0.5 + 0.3 * centres[y])
+    w, b = gen.normal(size=(k, d)), gen.normal(size=k)
+    return hs, y, w, b
+
+
+def run(hs, y, k, w, b, dtype, cache_bytes, batch=700):
+    tr = CollapseTracker(
+        k,
+        geodesic_ts=TS,
+        cache_bytes=cache_bytes,
+        classifier_weight=torch.tensor(w, dtype=dtype),
+        classifier_bias=torch.tensor(b, dtype=dtype),
+    )
+    th = [torch.tensor(h, dtype=dtype) for h in hs]
+    ty = torch.tensor(y)
+    for _ in range(2):
+        for s in range(0, len(y), batch):
+            tr.update([h[s : s + batch] for h in th], ty[s : s + batch])
+        tr.end_pass()
+        if not tr.needs_second_pass:
+            break
+    return tr.compute()
+
+
+def check(res, hs, y, k, w, b, rtol):
+    tab = {(int(r.layer), r.metric): r.value for r in res.table.itertuples()}
+    want = [oracle(h, y, k) for h in hs]
+    for layer, wl in enumerate(want):
+        for key in (PFC1, PFC2, NC1, NC2_EQUINORM, NC2_EQUIANGLE, TR_SW, TR_SB):
+            assert tab[(layer, key)] == pytest.approx(wl[key], rel=rtol), (layer, key)
+        assert abs(tab[(layer, PFC3)] - wl[PFC3]) <= (0 if rtol < 1e-6 else 2 / len(y))
+    last = oracle(hs[-1], y, k, w, b)
+    assert tab[(len(hs) - 1, NC3)] == pytest.approx(last[NC3], rel=rtol)
+    assert abs(tab[(len(hs) - 1, NC4)] - last[NC4]) <= (0 if rtol < 1e-6 else 2 / len(y))
+    # path: relative positions, straightness, energy ratio, Thm. 1, transport
+    steps = [np.linalg.norm(hs[j + 1] - hs[j], axis=1) for j in range(len(hs) - 1)]
+    rel = np.concatenate([[0.0], np.cumsum([s.sum() for s in steps])]) / sum(s.sum() for s in steps)
+    got_rel = res.table[res.table.layer >= 0].groupby("layer")["rel_pos"].first().to_numpy()
+    np.testing.assert_allclose(got_rel, rel, rtol=rtol)
+    disp = np.linalg.norm(hs[-1] - hs[0], axis=1)
+    assert tab[(-1, STRAIGHTNESS)] == pytest.approx(
+        disp.sum() / sum(s.sum() for s in steps), rel=rtol
+    )
+    energy = (len(hs) - 1) * sum((s**2).sum() for s in steps) / (disp**2).sum()
+    assert tab[(-1, ENERGY_RATIO)] == pytest.approx(energy, rel=rtol)
+    ht0, htl = want[0]["_ht"], want[-1]["_ht"]
+    assert tab[(-1, THM1_INNER)] == pytest.approx((ht0 * htl).sum(), rel=rtol)
+    assert tab[(-1, TRANSPORT_COST)] == pytest.approx(((htl - ht0) ** 2).sum(), rel=rtol)
+    # geodesic curves and errors: the oracle on the interpolated features
+    for t in TS:
+        at = oracle((1 - t) * hs[0] + t * hs[-1], y, k)
+        rows = res.curves[res.curves.t == t].set_index("metric")["value"]
+        for key in (PFC1, PFC2):
+            assert rows[key] == pytest.approx(at[key], rel=rtol), (t, key)
+        assert abs(rows[PFC3] - at[PFC3]) <= (0 if rtol < 1e-6 else 2 / len(y))
+    for layer, r_l in enumerate(rel):
+        at = oracle((1 - r_l) * hs[0] + r_l * hs[-1], y, k)
+        for key, err in zip(PFC_METRICS[:2], GEODESIC_ERR_METRICS[:2], strict=True):
+            want_err = abs(want[layer][key] - at[key])
+            assert tab[(layer, err)] == pytest.approx(want_err, rel=1e-6, abs=rtol * at[key])
+
+
+@pytest.mark.parametrize(
+    ("k", "d", "n"),
+    [(300, 40, 1500), (20, 64, 600), pytest.param(1000, 64, 2600, marks=pytest.mark.slow)],
+)
+@pytest.mark.parametrize("cache_bytes", [2**30, 0])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_routes_equal_the_oracle(k, d, n, cache_bytes, dtype):
+    """float64: every metric to 1e-9 (counts exactly); float32: within the 1e-5 bound (NCC
+    counts within 2 near-tie flips). Routes: d x d scatter at K > d, K x K at K <= d."""
+    hs, y, w, b = make_data(k, d, n)
+    res = run(hs, y, k, w, b, dtype, cache_bytes)
+    check(res, hs, y, k, w, b, 1e-9 if dtype == torch.float64 else FAST_RTOL)
+    routes = Routes.of([d] * len(hs), k)
+    assert (routes.scatter, routes.gram) == (([0, 1, 2], []) if d < k else ([], [0, 1, 2]))
+
+
+@pytest.mark.parametrize("cache_bytes", [2**30, 0])
+def test_float32_gram_products_within_bound(monkeypatch, cache_bytes):
+    """The accelerators' rule (K x K route products in float32) run on CPU: within 1e-5."""
+    monkeypatch.setattr(kernels, "F64_GRAM_PRODUCTS_ON", ())
+    hs, y, w, b = make_data(20, 64, 600, seed=1)
+    res = run(hs, y, 20, w, b, torch.float32, cache_bytes)
+    check(res, hs, y, 20, w, b, FAST_RTOL)
+
+
+def test_state_independent_of_n_at_many_classes():
+    """K > d (the d x d route): the tracker's state (two passes, no cache) is the same for N
+    and 2N samples."""
+    hs, y, _, _ = make_data(300, 40, 1500)
+    th, ty = [torch.tensor(h) for h in hs], torch.tensor(y)
+    states = []
+    for reps in (1, 2):
+        tr = CollapseTracker(300, cache_bytes=0)
+        for s in range(0, 1500 * reps, 500):
+            idx = torch.arange(s, s + 500) % 1500
+            tr.update([h[idx] for h in th], ty[idx])
+        tr.end_pass()
+        states.append(tr.state_bytes)
+    assert states[0] == states[1] > 0
