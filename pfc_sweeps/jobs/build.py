@@ -16,6 +16,7 @@ from pfc_sweeps.config import ArchConfig, Config, ConfigError
 from pfc_sweeps.data.builtin import load_dataset
 from pfc_sweeps.data.bundles import DataBundle, StreamBundle
 from pfc_sweeps.data.module import load_module_dataset
+from pfc_sweeps.jobs.distributed import local_device
 from pfc_sweeps.nets.hooks import FeatureNet, ModelSpecError, build_module
 from pfc_sweeps.nets.resnets import build_model
 
@@ -23,11 +24,12 @@ __all__ = ["build_data", "build_net", "load_weights", "resolve_device"]
 
 
 def resolve_device(name: str) -> torch.device:
+    """The device of ``train.device`` (under several ranks, CUDA device ``LOCAL_RANK``)."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return local_device(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     if name == "cuda" and not torch.cuda.is_available():
         raise ValueError("train.device='cuda' but no CUDA device is available; use auto or cpu")
-    return torch.device(name)
+    return local_device(torch.device(name))
 
 
 def build_data(cfg: Config, device: torch.device) -> DataBundle | StreamBundle:

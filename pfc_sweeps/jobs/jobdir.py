@@ -52,6 +52,12 @@ EXCLUDED = (
     "train.data_gb",  # in memory or streamed: the same batches, the same rows
     "train.num_workers",
     "train.eval_batch_size",
+    # how many processes run it and how they talk: a job resumes on any world size
+    # (docs/distributed.md); sync_bn only matters with several ranks
+    "train.distributed",
+    "train.dist_timeout_s",
+    "train.sync_bn",
+    "train.metric_precision",  # float64 or fast path: the same metrics to ~1e-6 or better
     "dataset.root",
     "dataset.download",
 )

@@ -33,6 +33,7 @@ from pfc_sweeps.collapse.allocator import retain_freed_memory
 from pfc_sweeps.collapse.network import Data, collapse_table
 from pfc_sweeps.config import Config
 from pfc_sweeps.errors import Diverged, PFCError
+from pfc_sweeps.jobs import distributed
 from pfc_sweeps.jobs.accel import Accelerator, prepare_model
 from pfc_sweeps.jobs.build import build_data, build_net, resolve_device
 from pfc_sweeps.jobs.checkpoint import CheckpointWriter
@@ -75,6 +76,7 @@ def evaluate(
         logits = model.forward_logits(xb)
         total += float(loss_fn(loss, logits, yb)) * len(yb)
         correct += int((logits.argmax(1) == yb).sum())
+    total, correct = distributed.all_reduce_sum(total, correct)  # several ranks: their shards
     return total / n, correct / n
 
 
@@ -140,7 +142,13 @@ class Trainer:
         self.data = build_data(cfg, self.device)
         self.model = build_net(cfg.arch, self.data.in_shape, self.data.num_classes)
         self.model.to(self.device)
+        self.model = distributed.sync_batchnorm(self.model, tr)  # several ranks (DDP)
         self.model = prepare_model(self.model, tr, self.device)
+        self.forward = distributed.training_forward(
+            self.model, self.device, unused=cfg.arch.kind == "module"
+        )
+        self.eval_data = distributed.shard(self.data)  # this rank's part of each pass
+        distributed.check_shard_sizes(self.data.size("train"), tr.batch_size)
         self.accel = Accelerator(tr, self.device)
         self.opt, self.sched = _optimiser(cfg, self.model)
         self.shuffle = torch.Generator().manual_seed(cfg.seed)
@@ -182,6 +190,8 @@ class Trainer:
         )
 
     def _save(self, epoch: int) -> None:
+        if not distributed.is_main():
+            return  # rank 0 writes the checkpoint
         state = {
             "epoch": epoch,
             "model": self.model.state_dict(),
@@ -210,14 +220,15 @@ class Trainer:
         perm = torch.randperm(n, generator=self.shuffle)
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         correct = torch.zeros((), dtype=torch.int64, device=self.device)
-        for xb, yb in self.data.batches("train", perm, self.cfg.train.batch_size):
+        for xb, yb, w in distributed.train_batches(self.data, perm, self.cfg.train.batch_size):
             with self.accel.autocast():
-                logits = self.model.forward_logits(self.accel.inputs(xb))
+                logits = self.forward(self.accel.inputs(xb))
                 loss = loss_fn(self.cfg.loss.name, logits, yb)
-            self.accel.step(loss, self.opt)
+            self.accel.step(distributed.rescale(loss, w), self.opt)
             loss_sum += loss.detach().double() * len(yb)
             correct += (logits.detach().argmax(1) == yb).sum()
         self.sched.step()
+        loss_sum, correct = distributed.all_reduce_sum(loss_sum, correct)  # the global epoch's
         return float(loss_sum) / n, int(correct) / n
 
     def _epoch_scalars(self, epoch: int) -> pd.DataFrame:
@@ -230,7 +241,7 @@ class Trainer:
                 "lower optim.lr"
             )
         test_loss, test_acc = evaluate(
-            self.model, self.data, "test", self.cfg.loss.name, self.cfg.train.eval_batch_size
+            self.model, self.eval_data, "test", self.cfg.loss.name, self.cfg.train.eval_batch_size
         )
         scalars = {
             TRAIN_LOSS: ("train", train_loss),
@@ -249,13 +260,14 @@ class Trainer:
         if not (last or epoch % tr.metrics_every == 0):
             return None
         table, curves = collapse_table(
-            self.model,
-            self.data,
+            distributed.metric_net(self.model, tr),
+            self.eval_data,
             "train",
             self.data.num_classes,
             geodesic_ts=self.ts if (last or tr.geodesic_every_metrics) else None,
             cache_bytes=self.cache_bytes,
             batch=tr.eval_batch_size,
+            **distributed.table_kwargs(),
         )
         self.last_table = table
         return record_metrics(self.sink, table, curves, epoch, "train")
@@ -275,7 +287,7 @@ class Trainer:
 
 def _progress(cfg: Config, start: int):
     """A tqdm bar over the epochs on a terminal, else None (a log line per epoch)."""
-    if not sys.stderr.isatty():
+    if not sys.stderr.isatty() or not distributed.is_main():
         return None
     from tqdm.auto import tqdm
 
