@@ -205,15 +205,10 @@ class TrainConfig:
     channels_last: bool = False
     tf32: bool = False
     compile: bool = False
-    # Several processes (torchrun, or a multi-task SLURM job; pfc_sweeps.jobs.distributed,
-    # docs/distributed.md): auto joins a process group when the launcher started several,
-    # off runs every process alone. BatchNorm over the global batch (SyncBatchNorm) by
-    # default; a rank that stops answering fails the job after dist_timeout_s seconds.
+    # Several processes (auto|off), global-batch BatchNorm, etc.: docs/distributed.md
     distributed: str = "auto"
     sync_bn: bool = True
     dist_timeout_s: float = 300.0
-    # The metric pass's arithmetic (docs/precision.md): auto (float32 features take the fast
-    # path) or float64 (the exact path; tables then agree across world sizes to ~1e-12).
     metric_precision: str = "auto"
 
 
@@ -466,16 +461,12 @@ def _validate_train(cfg: Config) -> None:
         _check("train.device", tr.device, torch.cuda.is_available(), "no CUDA device is available")
     _number("train.data_gb", tr.data_gb, 0, 2**20)
     _check("train.num_workers", tr.num_workers, tr.num_workers >= 0, "must be >= 0")
-    _one_of("measure.split", cfg.measure.split, MEASURE_SPLITS)
-    _one_of("logger.name", lg.name, LOGGERS)
-    _one_of("logger.mode", lg.mode, WANDB_MODES)
-
-
-def _validate_distributed(tr: TrainConfig) -> None:
-    """``train.distributed``, ``train.dist_timeout_s``, ``train.metric_precision``."""
     _one_of("train.distributed", tr.distributed, DISTRIBUTED_MODES)
     _number("train.dist_timeout_s", tr.dist_timeout_s, 0, 7 * 86400, open_lo=True)
     _one_of("train.metric_precision", tr.metric_precision, METRIC_PRECISIONS)
+    _one_of("measure.split", cfg.measure.split, MEASURE_SPLITS)
+    _one_of("logger.name", lg.name, LOGGERS)
+    _one_of("logger.mode", lg.mode, WANDB_MODES)
 
 
 def _is_target(node: Any) -> bool:
@@ -512,5 +503,4 @@ def validate(cfg: DictConfig | Config) -> Config:
     _validate_surrogate(cfg)
     _validate_model(cfg)
     _validate_train(cfg)
-    _validate_distributed(cfg.train)
     return cfg
