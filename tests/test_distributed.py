@@ -188,7 +188,10 @@ def single_job(tmp_path_factory):
 def two_rank_job(tmp_path_factory):
     """The same run on 2 ranks, with the default job dir and an offline W&B run."""
     cwd = tmp_path_factory.mktemp("two")
-    _ok(torchrun(2, *TRAIN3, "logger=wandb", cwd=cwd))
+    p = torchrun(2, *TRAIN3, "logger=wandb", cwd=cwd)
+    _ok(p)
+    said = p.stdout + p.stderr  # rank 0 alone logs and prints
+    assert said.count("epoch 1/3") == 1 and said.count("Results:") == 1, said[-3000:]
     dirs = [p.parent for p in (cwd / "outputs").glob("*/*/" + RESULTS_FILE)]
     assert len(list((cwd / "outputs").glob("*/*"))) == 1 and len(dirs) == 1  # one job dir
     return dirs[0]
@@ -237,6 +240,15 @@ def test_ddp_training_equals_one_process(single_job, two_rank_job):
     assert files.count(RESULTS_FILE) == 1 and files.count(CHECKPOINT_FILE) == 1
     runs = list((two_rank_job / "wandb").glob("offline-run-*"))
     assert len(runs) == 1, runs
+
+
+@pytest.mark.slow
+def test_surrogate_job_runs_on_rank_0_alone(tmp_path):
+    args = ["task=mufm", "surrogate.steps=50", "logger=none"]
+    run_in_process(tmp_path / "one", *args)
+    _ok(torchrun(2, *args, f"hydra.run.dir={tmp_path / 'two'}"))
+    pd.testing.assert_frame_equal(_table(tmp_path / "two"), _table(tmp_path / "one"))
+    assert not list(tmp_path.glob("two/**/wandb"))
 
 
 # ----------------------------------------------------------------------------- faults (slow)
