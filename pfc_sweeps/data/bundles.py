@@ -158,7 +158,17 @@ def train_shares(order: Tensor, batch: int, rank: int, world: int) -> list[Tenso
 def index_batches(
     data: object, split: str, parts: Sequence[Tensor]
 ) -> Iterator[tuple[Tensor, Tensor]]:
-    """(x (B_i, *in_shape), y (B_i,)) of the samples ``parts[i]``, one batch per part."""
+    """(x (B_i, *in_shape), y (B_i,)) of the samples ``parts[i]``, one batch per part.
+
+    Args:
+        data: a :class:`DataBundle`, :class:`StreamBundle` (one ``DataLoader`` for all
+            parts) or any object with ``batches(split, order, batch)``.
+        split: "train" or "test".
+        parts: index tensors (B_i,).
+
+    Returns:
+        An iterator of the batches, in the order of ``parts``.
+    """
     if isinstance(data, StreamBundle):
         ds = data.train_set if split == "train" else data.test_set
         yield from _stream(ds, [p.cpu() for p in parts], data.device, data.num_workers)

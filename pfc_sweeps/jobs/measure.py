@@ -14,7 +14,7 @@ from torch import Tensor
 
 from pfc_sweeps.collapse.network import collapse_table
 from pfc_sweeps.config import Config, TrainConfig
-from pfc_sweeps.jobs import distributed
+from pfc_sweeps.jobs import ddp
 from pfc_sweeps.jobs.build import build_data, build_net, load_weights, resolve_device
 from pfc_sweeps.results.loggers import RunLogger
 from pfc_sweeps.results.schema import (
@@ -62,14 +62,14 @@ def run_measure(cfg: Config, out_dir: Path, sink: ResultsSink, logger: RunLogger
     epoch = load_weights(net, cfg.arch.checkpoint, device)
     split = cfg.measure.split
     table, curves = collapse_table(
-        distributed.metric_net(net, tr),
-        distributed.shard(data),  # several ranks: each measures its batches of the pass
+        ddp.metric_net(net, tr),
+        ddp.shard(data),  # several ranks: each measures its batches of the pass
         split,
         data.num_classes,
         geodesic_ts=geodesic_ts(tr),
         cache_bytes=int(tr.cache_gb * 2**30),
         batch=tr.eval_batch_size,
-        **distributed.table_kwargs(),
+        **ddp.table_kwargs(),
     )
     rows = record_metrics(sink, table, curves, epoch, split)
     sink.add(rows)

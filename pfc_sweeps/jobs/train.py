@@ -33,7 +33,7 @@ from pfc_sweeps.collapse.allocator import retain_freed_memory
 from pfc_sweeps.collapse.network import Data, collapse_table
 from pfc_sweeps.config import Config
 from pfc_sweeps.errors import Diverged, PFCError
-from pfc_sweeps.jobs import distributed
+from pfc_sweeps.jobs import ddp, distributed
 from pfc_sweeps.jobs.accel import Accelerator, prepare_model
 from pfc_sweeps.jobs.build import build_data, build_net, resolve_device
 from pfc_sweeps.jobs.checkpoint import CheckpointWriter
@@ -142,13 +142,13 @@ class Trainer:
         self.data = build_data(cfg, self.device)
         self.model = build_net(cfg.arch, self.data.in_shape, self.data.num_classes)
         self.model.to(self.device)
-        self.model = distributed.sync_batchnorm(self.model, tr)  # several ranks (DDP)
+        self.model = ddp.sync_batchnorm(self.model, tr)  # several ranks (DDP)
         self.model = prepare_model(self.model, tr, self.device)
-        self.forward = distributed.training_forward(
+        self.forward = ddp.training_forward(
             self.model, self.device, unused=cfg.arch.kind == "module"
         )
-        self.eval_data = distributed.shard(self.data)  # this rank's part of each pass
-        distributed.check_shard_sizes(self.data.size("train"), tr.batch_size)
+        self.eval_data = ddp.shard(self.data)  # this rank's part of each pass
+        ddp.check_shard_sizes(self.data.size("train"), tr.batch_size)
         self.accel = Accelerator(tr, self.device)
         self.opt, self.sched = _optimiser(cfg, self.model)
         self.shuffle = torch.Generator().manual_seed(cfg.seed)
@@ -220,11 +220,11 @@ class Trainer:
         perm = torch.randperm(n, generator=self.shuffle)
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         correct = torch.zeros((), dtype=torch.int64, device=self.device)
-        for xb, yb, w in distributed.train_batches(self.data, perm, self.cfg.train.batch_size):
+        for xb, yb, w in ddp.train_batches(self.data, perm, self.cfg.train.batch_size):
             with self.accel.autocast():
                 logits = self.forward(self.accel.inputs(xb))
                 loss = loss_fn(self.cfg.loss.name, logits, yb)
-            self.accel.step(distributed.rescale(loss, w), self.opt)
+            self.accel.step(ddp.rescale(loss, w), self.opt)
             loss_sum += loss.detach().double() * len(yb)
             correct += (logits.detach().argmax(1) == yb).sum()
         self.sched.step()
@@ -260,14 +260,14 @@ class Trainer:
         if not (last or epoch % tr.metrics_every == 0):
             return None
         table, curves = collapse_table(
-            distributed.metric_net(self.model, tr),
+            ddp.metric_net(self.model, tr),
             self.eval_data,
             "train",
             self.data.num_classes,
             geodesic_ts=self.ts if (last or tr.geodesic_every_metrics) else None,
             cache_bytes=self.cache_bytes,
             batch=tr.eval_batch_size,
-            **distributed.table_kwargs(),
+            **ddp.table_kwargs(),
         )
         self.last_table = table
         return record_metrics(self.sink, table, curves, epoch, "train")
