@@ -103,20 +103,24 @@ def main() -> None:
         t1, m1, d1 = run([*launch, *args, f"hydra.run.dir={one}"], one)
         tn, mn, dn = run([*torchrun, *args, f"hydra.run.dir={many}"], many)
     keys = ["epoch", "split", "layer", "metric"]
-    last = d1.epoch.max()
-    m = d1[d1.epoch == last].merge(dn[dn.epoch == last], on=keys)
-    rel = ((m.value_x - m.value_y).abs() / m.value_x.abs().clip(lower=1e-12)).max()
+    m = d1.merge(dn, on=keys)
+    rel = (m.value_x - m.value_y).abs() / m.value_x.abs().clip(lower=1e-12)
+    loss = rel[m.metric == "train_loss"].max()
+    real = rel[(m.epoch == m.epoch.max()) & m.metric.isin(["pfc1", "pfc2", "nc1", "nc2"])].max()
     med1, medn = statistics.median(t1[1:] or t1), statistics.median(tn[1:] or tn)
-    print(
-        f"device {a.device}, digits width 128 x 10 blocks, {a.epochs} epochs (median of epochs 2..)"
-    )
+    print(f"device {a.device}, digits 128 x 10 blocks, {a.epochs} epochs (median of epochs 2..)")
     print(
         f"epoch time: 1 process {med1:.3f}s, {a.nproc} ranks {medn:.3f}s, ratio {medn / med1:.2f}"
     )
-    print(f"peak RSS MiB: 1 process {m1}; {a.nproc} ranks {mn}")
-    extra = max(v for k, v in mn.items() if k.startswith("rank")) - m1.get("process", 0)
-    print(f"extra memory per rank: {extra} MiB")
-    print(f"max rel diff of last-epoch rows, {a.nproc} ranks vs 1 process: {rel:.3g}")
+    ranks = {k: v for k, v in mn.items() if k.startswith("rank")}
+    print(f"peak RSS MiB: 1 process {m1.get('process')}; ranks {ranks}; agent {mn.get('agent')}")
+    extra = max(ranks.values()) - m1.get("process", 0)
+    print(f"extra memory per rank vs 1 process: {extra} MiB (each rank is a whole process)")
+    # float rounding (the order of the sums) grows over a few epochs of this deep net: compare
+    # with a single process on 2 threads, which differs from 1 thread by as much
+    print(
+        f"max rel diff vs 1 process: train loss curve {loss:.3g}, last pfc1/pfc2/nc1/nc2 {real:.3g}"
+    )
 
 
 if __name__ == "__main__":
