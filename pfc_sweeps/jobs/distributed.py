@@ -22,6 +22,7 @@ import atexit
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -215,8 +216,23 @@ class RankLost(PFCError):
     """A collective failed: another rank died, hung past the timeout, or is unreachable."""
 
 
+def _silent_ranks(wait_s: float = 2.0) -> list[int] | None:
+    """After a failed collective: the ranks that do not check in at the group's store within
+    ``wait_s`` (the survivors all do); None when the store is gone too."""
+    g = _GROUP
+    if g is None:
+        return None
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        store.set(f"pfc_alive/{g.rank}", "1")
+        time.sleep(wait_s)
+        return [r for r in range(g.world) if not store.check([f"pfc_alive/{r}"])]
+    except Exception:  # the store lived in the dead process
+        return None
+
+
 def lost_rank(e: BaseException) -> RankLost:
-    """The one-line error of a failed collective, naming this rank and the timeout.
+    """The one-line error of a failed collective, naming the silent ranks and the timeout.
 
     Args:
         e: the collective's exception.
@@ -228,8 +244,10 @@ def lost_rank(e: BaseException) -> RankLost:
     who = f"rank {g.rank} of {g.world}" if g is not None else "this rank"
     msg = " ".join(str(e).split())[:160]
     timeout = g.timeout_s if g is not None else float("nan")
+    silent = _silent_ranks()
+    lost = f"rank {', '.join(map(str, silent))}" if silent else "another rank"
     return RankLost(
-        f"{who}: another rank stopped answering (it died, or hung past "
+        f"{who}: {lost} stopped answering (it died, or hung past "
         f"train.dist_timeout_s={timeout:g}): {type(e).__name__}: {msg}"
     )
 
