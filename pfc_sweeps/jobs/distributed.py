@@ -12,7 +12,9 @@ per rank (``LOCAL_RANK``), gloo on CPU, with ``train.dist_timeout_s`` as its tim
   (:func:`announce`); they wait for that (:func:`receive`), then do the same work and write
   nothing.
 - A collective that fails (a rank died or hung past the timeout) becomes one line naming
-  this rank (:class:`RankLost`, :func:`translate`).
+  this rank and the silent ones (:class:`RankLost`, :func:`translate`).
+- ``launch.py`` calls :func:`prelaunch` first: torchrun's ranks 1.. run Hydra in a private
+  temporary dir, and every rank dies with the torchrun agent.
 - DDP training and the sharded metric pass: :mod:`pfc_sweeps.jobs.ddp`.
 """
 
