@@ -13,8 +13,8 @@ per rank (``LOCAL_RANK``), gloo on CPU, with ``train.dist_timeout_s`` as its tim
   nothing.
 - A collective that fails (a rank died or hung past the timeout) becomes one line naming
   this rank and the silent ones (:class:`RankLost`, :func:`translate`).
-- ``launch.py`` calls :func:`prelaunch` first: torchrun's ranks 1.. run Hydra in a private
-  temporary dir, and every rank dies with the torchrun agent.
+- ``launch.py`` calls :func:`prelaunch` first: torchrun's ranks 1.. run Hydra in a temporary
+  dir, and every rank dies with the torchrun agent.
 - DDP training and the sharded metric pass: :mod:`pfc_sweeps.jobs.ddp`.
 """
 
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import atexit
 import os
-import shutil
 import tempfile
 import time
 from dataclasses import dataclass
@@ -323,8 +322,8 @@ def _die_with_parent() -> None:
 def prelaunch(argv: list[str]) -> list[str]:
     """``launch.py``'s argv for this torchrun worker, before Hydra starts.
 
-    Ranks 1.. run Hydra in a private temporary dir (removed at exit; rank 0 tells them the
-    job dir), so that they leave nothing in the output tree. Every torchrun worker dies with
+    Ranks 1.. run Hydra in a shared temporary dir without its log file (rank 0 tells them
+    the job dir), so that they leave nothing in the output tree. Every torchrun worker dies with
     its agent (Linux), so that no orphan keeps the job dir busy.
 
     Args:
@@ -340,7 +339,10 @@ def prelaunch(argv: list[str]) -> list[str]:
         _die_with_parent()
     if rank == 0:
         return argv
-    tmp = tempfile.mkdtemp(prefix=f"pfc-rank{rank}-")
-    atexit.register(shutil.rmtree, tmp, ignore_errors=True)
-    keep = [a for a in argv[1:] if not a.startswith(("hydra.run.dir=", "hydra.sweep.dir="))]
-    return [argv[0], *keep, f"hydra.run.dir={tmp}/run", f"hydra.sweep.dir={tmp}/sweep"]
+    # one shared place per user, never cleaned: Hydra only creates empty dirs there (no log
+    # file, no .hydra/), so that a rank killed by SIGKILL leaves nothing behind either
+    tmp = Path(tempfile.gettempdir()) / f"pfc-sweeps-ranks-{os.getuid()}"
+    drop = ("hydra.run.dir=", "hydra.sweep.dir=", "hydra/job_logging=")
+    keep = [a for a in argv[1:] if not a.startswith(drop)]
+    dirs = [f"hydra.run.dir={tmp}/run", f"hydra.sweep.dir={tmp}/sweep"]
+    return [argv[0], *keep, *dirs, "hydra/job_logging=disabled"]
