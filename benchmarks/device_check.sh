@@ -63,6 +63,16 @@ step bench_metrics 90 "^\(c\)" "$PY" benchmarks/bench_metrics.py --scale 0.25 --
 step bench_scaling 90 "^ +(n|d|layers|k) +-?[0-9.]+ +-?[0-9.]+ " \
     "$PY" benchmarks/bench_scaling.py --repeat 1 --png "$logs/bench_scaling.png"
 
+# --- ddp (issue 17): NCCL on 2 GPUs, torchrun 2 ranks vs 1 process (docs/distributed.md) -------
+ngpu=$("$PY" -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)
+if [ "${ngpu:-0}" -ge 2 ]; then
+    step ddp-nccl 150 "max rel diff" \
+        "$PY" benchmarks/bench_ddp.py --nproc 2 --epochs 3 --device cuda
+else
+    echo "ddp-nccl: $ngpu GPU visible; the NCCL 2-rank check needs 2: single-GPU checks only"
+fi
+# --- end ddp ---------------------------------------------------------------------------------
+
 echo
 echo "device_check summary: $((SECONDS - start))s of a ${BUDGET}s budget (logs in $logs)"
 printf '%-16s %-13s %5s %5s  %s\n' step status sec limit "key figure"

@@ -18,17 +18,19 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import AnyNode, DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from pfc_sweeps.choices import (
     ARCH_KINDS,
     BLOCKS,
     DATASETS,
     DEVICES,
+    DISTRIBUTED_MODES,
     H_STEPS,
     LOGGERS,
     LOSSES,
     MEASURE_SPLITS,
+    METRIC_PRECISIONS,
     OPTIMIZERS,
     TASKS,
     TRAIN_PRECISIONS,
@@ -63,7 +65,6 @@ __all__ = [
     "SurrogateConfig",
     "TaskConfig",
     "TrainConfig",
-    "check_override_keys",
     "register_configs",
     "schema_keys",
     "validate",
@@ -204,6 +205,11 @@ class TrainConfig:
     tf32: bool = False
     compile: bool = False
     deterministic: bool = True  # bit-identical resume on CUDA (conditions, cost: docs/gpu.md)
+    # Several processes (auto|off), global-batch BatchNorm, etc.: docs/distributed.md
+    distributed: str = "auto"
+    sync_bn: bool = True
+    dist_timeout_s: float = 300.0
+    metric_precision: str = "auto"
 
 
 @dataclass
@@ -279,75 +285,6 @@ def _unknown_keys(cfg: DictConfig) -> None:
             close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.6)
             hint = f"; did you mean {close[0]}?" if close else ""
             raise ConfigError(f"{key} is not a config key{hint}")
-
-
-def check_override_keys(overrides: list[str], groups: dict[str, list[str]]) -> None:
-    """Raise a one-line ConfigError for a command-line override Hydra would reject verbosely.
-
-    Run before Hydra composes the config: an unknown key (``train.epoch=5``, with the nearest
-    valid key), an option a config group does not have (``dataset=nosuch``, with the options
-    in ``groups``) and a value of the wrong type (``seed=x``). ``hydra.*`` keys are left to
-    Hydra, and so are sweep values (``-m seed=0,1``), which Hydra checks job by job.
-    """
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.errors import OverrideParseException
-
-    known = set(schema_keys())
-    try:
-        parsed = OverridesParser.create().parse_overrides(overrides)
-    except OverrideParseException:
-        return  # Hydra reports its own grammar errors
-    typed = OmegaConf.structured(Config)
-    for o in parsed:
-        key = o.key_or_group
-        if key.split(".")[0].split("/")[0] == "hydra" or "@" in key:
-            continue
-        if key in groups:
-            _check_group_option(key, o, groups[key])
-            continue
-        if key not in known and not any(key.startswith(k + ".") for k in _free_nodes()):
-            close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.6)
-            hint = f"; did you mean {close[0]}?" if close else ""
-            raise ConfigError(f"{key} is not a config key{hint}")
-        if not o.is_sweep_override() and not o.is_delete():
-            _check_type(typed, key, o.value())
-
-
-def _check_group_option(group: str, override: Any, options: list[str]) -> None:
-    """``dataset=nosuch``: the option must be one of the group's YAML files."""
-    if override.is_sweep_override() or override.is_delete():
-        return
-    value = override.value()
-    if isinstance(value, str) and value not in options:
-        raise ConfigError(
-            f"{group}={value} is not an option of the {group} group; "
-            f"available: {', '.join(sorted(options))}"
-        )
-
-
-def _check_type(typed: DictConfig, key: str, value: Any) -> None:
-    """``seed=x``: the value must fit the schema's type for ``key``."""
-    from omegaconf.errors import OmegaConfBaseException
-
-    try:
-        OmegaConf.update(typed, key, value, merge=True, force_add=False)
-    except OmegaConfBaseException as e:
-        kind = getattr(e, "msg", str(e)).splitlines()[0]
-        raise ConfigError(f"{key}={value!r} is invalid: {kind}") from None
-
-
-def _free_nodes() -> list[str]:
-    """Keys whose value is free-form (typed ``Any``): any sub-key is allowed."""
-
-    def walk(node: DictConfig, prefix: str) -> Iterator[str]:
-        for key in node.keys():
-            child = node._get_node(key)
-            if isinstance(child, AnyNode):
-                yield f"{prefix}{key}"
-            elif isinstance(child, DictConfig):
-                yield from walk(child, f"{prefix}{key}.")
-
-    return list(walk(OmegaConf.structured(Config), ""))
 
 
 # --------------------------------------------------------------------------- validation
@@ -458,6 +395,9 @@ def _validate_train(cfg: Config) -> None:
         _check("train.device", tr.device, torch.cuda.is_available(), "no CUDA device is available")
     _number("train.data_gb", tr.data_gb, 0, 2**20)
     _check("train.num_workers", tr.num_workers, tr.num_workers >= 0, "must be >= 0")
+    _one_of("train.distributed", tr.distributed, DISTRIBUTED_MODES)
+    _number("train.dist_timeout_s", tr.dist_timeout_s, 0, 7 * 86400, open_lo=True)
+    _one_of("train.metric_precision", tr.metric_precision, METRIC_PRECISIONS)
     _one_of("measure.split", cfg.measure.split, MEASURE_SPLITS)
     _one_of("logger.name", lg.name, LOGGERS)
     _one_of("logger.mode", lg.mode, WANDB_MODES)

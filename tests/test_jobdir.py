@@ -25,11 +25,11 @@ from hydra import compose, initialize_config_dir
 from pfc_sweeps.config import (
     Config,
     ConfigError,
-    check_override_keys,
     register_configs,
     schema_keys,
     validate,
 )
+from pfc_sweeps.jobs.cli import check_override_keys
 from pfc_sweeps.jobs.jobdir import (
     JobDirError,
     JobLock,

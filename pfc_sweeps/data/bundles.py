@@ -117,3 +117,88 @@ def _stream(
             x.to(device, torch.float32, non_blocking=True),
             torch.as_tensor(y).to(device, torch.int64, non_blocking=True),
         )
+
+
+# ----------------------------------------------------------------------------- several ranks
+
+
+def eval_shard(order: Tensor, batch: int, rank: int, world: int) -> Tensor:
+    """This rank's samples of a pass over ``order`` (N,) split among ``world`` ranks.
+
+    The pass's batches of ``batch`` (those a single process forms) go to the ranks in turn,
+    so every sample is seen once, in the very batch the single process puts it in (its
+    features, hence the metrics, are computed alike). With fewer batches than ranks the
+    order is cut into ``world`` contiguous parts instead. No sample is dropped or repeated
+    for any N; a part is empty only when N < ``world``.
+
+    Args:
+        order: (N,) sample indices.
+        batch: the pass's batch size.
+        rank, world: this process's rank and the number of ranks.
+
+    Returns:
+        (N_r,) this rank's indices, whose split by ``batch`` gives its batches.
+    """
+    chunks = order.split(batch)
+    if len(chunks) < world:
+        return order.tensor_split(world)[rank]
+    mine = chunks[rank::world]  # only the last chunk of the pass may be short, and it is last
+    return torch.cat(mine)
+
+
+def train_shares(order: Tensor, batch: int, rank: int, world: int) -> list[Tensor]:
+    """This rank's share of each global batch of ``order`` (N,), ``batch`` at a time.
+
+    Every rank draws the same ``order`` (one seeded permutation), cuts it into the global
+    batches a single process uses and takes its contiguous part of each (sizes differ by
+    at most one), so the union of the ranks' shares is the single process's batch.
+
+    Returns:
+        One (B_r,) index tensor per global batch.
+    """
+    return [g.tensor_split(world)[rank] for g in order.split(batch)]
+
+
+def index_batches(
+    data: object, split: str, parts: Sequence[Tensor]
+) -> Iterator[tuple[Tensor, Tensor]]:
+    """(x (B_i, *in_shape), y (B_i,)) of the samples ``parts[i]``, one batch per part.
+
+    Args:
+        data: a :class:`DataBundle`, :class:`StreamBundle` (one ``DataLoader`` for all
+            parts) or any object with ``batches(split, order, batch)``.
+        split: "train" or "test".
+        parts: index tensors (B_i,).
+
+    Returns:
+        An iterator of the batches, in the order of ``parts``.
+    """
+    if isinstance(data, StreamBundle):
+        ds = data.train_set if split == "train" else data.test_set
+        yield from _stream(ds, [p.cpu() for p in parts], data.device, data.num_workers)
+        return
+    for idx in parts:
+        yield from data.batches(split, idx, max(len(idx), 1))  # type: ignore[attr-defined]
+
+
+class ShardedData:
+    """A data set as one rank of ``world`` sees it in a sharded pass (:func:`eval_shard`).
+
+    :meth:`size` is the whole split's size; :meth:`batches` yields this rank's batches only,
+    so that sums over them, added over the ranks, are the single-process sums. Every other
+    attribute (``num_classes``, ``in_shape``...) is the wrapped data's.
+    """
+
+    def __init__(self, data: object, rank: int, world: int) -> None:
+        self.data, self.rank, self.world = data, rank, world
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.__dict__["data"], name)
+
+    def size(self, split: str) -> int:
+        return self.data.size(split)  # type: ignore[attr-defined]
+
+    def batches(self, split: str, order: Tensor, batch: int) -> Iterator[tuple[Tensor, Tensor]]:
+        """(x (B, *in_shape), y (B,)) of this rank's batches of ``order`` (N,)."""
+        mine = eval_shard(order, batch, self.rank, self.world)
+        return self.data.batches(split, mine, batch)  # type: ignore[attr-defined]

@@ -17,6 +17,7 @@ from pfc_sweeps.data.builtin import load_dataset
 from pfc_sweeps.data.bundles import DataBundle, StreamBundle
 from pfc_sweeps.data.module import load_module_dataset
 from pfc_sweeps.jobs.devices import local_job_device
+from pfc_sweeps.jobs.distributed import local_device
 from pfc_sweeps.nets.hooks import FeatureNet, ModelSpecError, build_module
 from pfc_sweeps.nets.resnets import build_model
 
@@ -24,12 +25,13 @@ __all__ = ["build_data", "build_net", "load_weights", "resolve_device"]
 
 
 def resolve_device(name: str) -> torch.device:
-    """``train.device`` as a device; in a job of a local sweep, its own GPU (jobs/devices.py)."""
+    """``train.device`` as a device: under several ranks CUDA device ``LOCAL_RANK``
+    (jobs/distributed.py); in a job of a local sweep, its own GPU (jobs/devices.py)."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
         raise ValueError("train.device='cuda' but no CUDA device is available; use auto or cpu")
-    return local_job_device(torch.device(name))
+    return local_job_device(local_device(torch.device(name)))
 
 
 def build_data(cfg: Config, device: torch.device) -> DataBundle | StreamBundle:

@@ -33,6 +33,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from pfc_sweeps.config import Config, ConfigError, validate
 from pfc_sweeps.errors import Diverged, PFCError
+from pfc_sweeps.jobs import distributed
 from pfc_sweeps.jobs.jobdir import (
     JobDirError,
     JobLock,
@@ -215,6 +216,7 @@ def _run_locked(cfg: DictConfig, out_dir: Path, lock: JobLock) -> None:
         log.info(f"removed {p.name}, left by an interrupted write")
     (out_dir / ERROR_FILE).unlink(missing_ok=True)
     _save_hydra_config(cfg, out_dir)
+    distributed.announce(out_dir, None)  # several ranks: the others start the job now
     run_job(typed, ctx)
 
 
@@ -242,7 +244,87 @@ def _record(line: str, out_dir: Path, owned: bool) -> None:
 
 
 def main(cfg: DictConfig) -> None:
-    """Hydra task function: lock the job dir, validate, run; one line per expected failure."""
+    """Hydra task function: lock the job dir, validate, run; one line per expected failure.
+
+    Under a multi-process launch (:mod:`pfc_sweeps.jobs.distributed`) rank 0 does all of
+    this and the other ranks run :func:`_run_worker`.
+    """
+    try:
+        group = distributed.join(cfg)
+    except PFCError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
+    if group is not None and group.rank != 0:
+        _run_worker(cfg)
+        return
+    distributed.new_job()
+    try:
+        _main(cfg)
+    finally:  # a job that stopped before its start stops the other ranks too
+        distributed.announce(Path(HydraConfig.get().runtime.output_dir), "rank 0 stopped")
+
+
+def _run_worker(cfg: DictConfig) -> None:
+    """Ranks 1..: rank 0's job dir and go, then the same work, writing and printing nothing.
+
+    Errors that every rank meets (a bad config, divergence) are rank 0's to report; a lost
+    rank, or a failure of this rank alone, is reported here, as one line naming the rank.
+    """
+    multirun = HydraConfig.get().mode == RunMode.MULTIRUN
+    rank = distributed.current().rank  # type: ignore[union-attr]
+    try:
+        out_dir, error = distributed.receive()
+        if error is None:
+            _work(cfg, out_dir)
+            return
+    except Exception as e:
+        e = distributed.translate(e)
+        if isinstance(e, distributed.RankLost):
+            print(f"error: {e}", file=sys.stderr)
+        elif not _expected(e):
+            print(f"error: rank {rank}: {type(e).__name__}: {_one_line(e)}", file=sys.stderr)
+    if not multirun:
+        raise SystemExit(1)
+
+
+def _work(cfg: DictConfig, out_dir: Path) -> None:
+    """One worker rank's share of the job in ``out_dir`` (its rows are kept, not written)."""
+    import contextlib
+
+    from pfc_sweeps.results.loggers import NullLogger
+
+    typed = validate(cfg)
+    if is_done(out_dir) or typed.task.name not in ("train", "measure"):
+        return  # surrogate jobs run on rank 0 alone
+    ctx = job_context(cfg)
+    sink = _WorkerSink(out_dir, _meta(typed, ctx), ctx.config)
+    logging.disable(logging.INFO)  # progress and log lines: rank 0's
+    try:
+        with open(os.devnull, "w") as null, contextlib.redirect_stdout(null):
+            if typed.task.name == "train":
+                from pfc_sweeps.jobs.train import run_training
+
+                run_training(typed, out_dir, sink, NullLogger())
+            else:
+                from pfc_sweeps.jobs.measure import run_measure
+
+                run_measure(typed, out_dir, sink, NullLogger())
+    finally:
+        logging.disable(logging.NOTSET)
+
+
+class _WorkerSink(ResultsSink):
+    """A worker rank's sink: it keeps the rows (a checkpoint needs them) and writes nothing."""
+
+    def write(self, status: str = "running") -> Path:
+        return self.path
+
+    def finish(self, status: str = "done") -> Path:
+        return self.path
+
+
+def _main(cfg: DictConfig) -> None:
+    """:func:`main` of a single process (or rank 0)."""
     hc = HydraConfig.get()
     multirun = hc.mode == RunMode.MULTIRUN
     full = os.environ.get("HYDRA_FULL_ERROR") == "1"
@@ -257,6 +339,7 @@ def main(cfg: DictConfig) -> None:
                 owned = False  # the dir holds another config: leave it untouched
                 raise
     except Exception as e:
+        e = distributed.translate(e)  # a failed collective: one line naming the rank
         expected = _expected(e)
         line = _one_line(e) if expected else f"{type(e).__name__}: {_one_line(e)}"
         owned = owned and not isinstance(e, JobDirError)

@@ -54,6 +54,12 @@ EXCLUDED = (
     "train.num_workers",
     "train.eval_batch_size",
     "train.deterministic",  # how kernels reduce: rows equal within float32 rounding
+    # how many processes run it and how they talk: a job resumes on any world size
+    # (docs/distributed.md); sync_bn only matters with several ranks
+    "train.distributed",
+    "train.dist_timeout_s",
+    "train.sync_bn",
+    "train.metric_precision",  # float64 or fast path: the same metrics to ~1e-6 or better
     "dataset.root",
     "dataset.download",
 )

@@ -14,6 +14,7 @@ from torch import Tensor
 
 from pfc_sweeps.collapse.network import collapse_table
 from pfc_sweeps.config import Config, TrainConfig
+from pfc_sweeps.jobs import ddp
 from pfc_sweeps.jobs.accel import configure_job, full_float32, metric_cache_bytes
 from pfc_sweeps.jobs.build import build_data, build_net, load_weights, resolve_device
 from pfc_sweeps.results.loggers import RunLogger
@@ -65,13 +66,14 @@ def run_measure(cfg: Config, out_dir: Path, sink: ResultsSink, logger: RunLogger
     cache = metric_cache_bytes(net, data, split, int(tr.cache_gb * 2**30), device)
     with full_float32():  # as in training: the same rows for the same weights
         table, curves = collapse_table(
-            net,
-            data,
+            ddp.metric_net(net, tr),
+            ddp.shard(data),  # several ranks: each measures its batches of the pass
             split,
             data.num_classes,
             geodesic_ts=geodesic_ts(tr),
             cache_bytes=cache,
             batch=tr.eval_batch_size,
+            **ddp.table_kwargs(),
         )
     rows = record_metrics(sink, table, curves, epoch, split)
     sink.add(rows)

@@ -32,6 +32,7 @@ from pfc_sweeps.collapse.allocator import retain_freed_memory
 from pfc_sweeps.collapse.network import Data, collapse_table
 from pfc_sweeps.config import Config
 from pfc_sweeps.errors import Diverged, PFCError
+from pfc_sweeps.jobs import ddp, distributed
 from pfc_sweeps.jobs.accel import (
     Accelerator,
     configure_job,
@@ -80,6 +81,7 @@ def evaluate(
         logits = model.forward_logits(xb)
         total += float(loss_fn(loss, logits, yb)) * len(yb)
         correct += int((logits.argmax(1) == yb).sum())
+    total, correct = distributed.all_reduce_sum(total, correct)  # several ranks: their shards
     return total / n, correct / n
 
 
@@ -133,7 +135,13 @@ class Trainer:
         self.data = build_data(cfg, self.device)
         self.model = build_net(cfg.arch, self.data.in_shape, self.data.num_classes)
         self.model.to(self.device)
+        self.model = ddp.sync_batchnorm(self.model, tr)  # several ranks (DDP)
         self.model = prepare_model(self.model, tr, self.device)
+        self.forward = ddp.training_forward(
+            self.model, self.device, unused=cfg.arch.kind == "module"
+        )
+        self.eval_data = ddp.shard(self.data)  # this rank's part of each pass
+        ddp.check_shard_sizes(self.data.size("train"), tr.batch_size)
         self.accel = Accelerator(tr, self.device)
         self.opt, self.sched = _optimiser(cfg, self.model)
         self.shuffle = torch.Generator().manual_seed(cfg.seed)
@@ -176,6 +184,8 @@ class Trainer:
         )
 
     def _save(self, epoch: int) -> None:
+        if not distributed.is_main():
+            return  # rank 0 writes the checkpoint
         state = {
             "epoch": epoch,
             "model": self.model.state_dict(),
@@ -204,14 +214,18 @@ class Trainer:
         perm = torch.randperm(n, generator=self.shuffle)
         epoch_loss = self.accel.epoch_loss()  # fp16: steps its scaler skips do not count
         correct = torch.zeros((), dtype=torch.int64, device=self.device)
-        for xb, yb in self.data.batches("train", perm, self.cfg.train.batch_size):
+        for xb, yb, w in ddp.train_batches(self.data, perm, self.cfg.train.batch_size):
             with self.accel.autocast():
-                logits = self.model.forward_logits(self.accel.inputs(xb))
+                logits = self.forward(self.accel.inputs(xb))
                 loss = loss_fn(self.cfg.loss.name, logits, yb)
-            self.accel.step(loss, self.opt)
+            self.accel.step(ddp.rescale(loss, w), self.opt)
             epoch_loss.add(loss, len(yb))
             correct += (logits.detach().argmax(1) == yb).sum()
         self.sched.step()
+        # the global epoch's (one process: unchanged)
+        epoch_loss.total, epoch_loss.count, correct = distributed.all_reduce_sum(
+            epoch_loss.total, epoch_loss.count, correct
+        )
         return epoch_loss.mean(), int(correct) / n
 
     def _epoch_scalars(self, epoch: int) -> pd.DataFrame:
@@ -226,7 +240,7 @@ class Trainer:
                 "lower optim.lr"
             )
         test_loss, test_acc = evaluate(
-            self.model, self.data, "test", self.cfg.loss.name, self.cfg.train.eval_batch_size
+            self.model, self.eval_data, "test", self.cfg.loss.name, self.cfg.train.eval_batch_size
         )
         scalars = {
             TRAIN_LOSS: ("train", train_loss),
@@ -247,13 +261,14 @@ class Trainer:
         cache = metric_cache_bytes(self.model, self.data, "train", self.cache_bytes, self.device)
         with full_float32():  # the features in float32 whatever the training's options
             table, curves = collapse_table(
-                self.model,
-                self.data,
+                ddp.metric_net(self.model, tr),
+                self.eval_data,
                 "train",
                 self.data.num_classes,
                 geodesic_ts=self.ts if (last or tr.geodesic_every_metrics) else None,
                 cache_bytes=cache,
                 batch=tr.eval_batch_size,
+                **ddp.table_kwargs(),
             )
         self.last_table = table
         return record_metrics(self.sink, table, curves, epoch, "train")
@@ -273,7 +288,7 @@ class Trainer:
 
 def _progress(cfg: Config, start: int):
     """A tqdm bar over the epochs on a terminal, else None (a log line per epoch)."""
-    if not sys.stderr.isatty():
+    if not sys.stderr.isatty() or not distributed.is_main():
         return None
     from tqdm.auto import tqdm
 
