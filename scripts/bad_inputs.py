@@ -7,7 +7,7 @@ path, and the job dir holds nothing new but Hydra's ``launch.log`` and ``.hydra/
 ``error.txt`` for sweep jobs): no results, checkpoint, run id, fingerprint or W&B run, and
 no file that existed before was changed. Runs about 75 jobs (several minutes on a laptop).
 The cases of a user's own model and data (``arch=module``, ``dataset=module``) use
-``tests/user_model.py``, ``tests/user_data.py`` and ImageFolders of real PNG files.
+``tests/helpers/user_model.py``, ``tests/helpers/user_data.py`` and ImageFolders of real PNG files.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO / "tests" / "helpers"))
 
 TINY = ["arch.width=16", "arch.blocks=2", "train.geodesic_points=3", "train.epochs=2"]
 SUR = ["task=mufm", "surrogate.steps=40", "surrogate.log_every=20"]
@@ -51,7 +51,9 @@ def _snapshot(d: Path) -> dict[str, bytes]:
 def _run(args: list[str], env_extra: dict | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "HYDRA_FULL_ERROR": "0", "WANDB_MODE": "offline", **(env_extra or {})}
     env.pop("WANDB_DIR", None)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(REPO / "tests")])  # user_model, user_data
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(REPO), str(REPO / "tests" / "helpers")]
+    )  # user_model, user_data
     cmd = [sys.executable, str(REPO / "launch.py"), *args]
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
 

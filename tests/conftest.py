@@ -11,6 +11,10 @@ import pytest
 import torchvision
 
 REPO = Path(__file__).resolve().parents[1]
+#: tests/helpers/: the float64 reference, fake data sets in the real formats, a user's model
+#: and data set (importable as ``user_model``, ``user_data`` by jobs: put on the PYTHONPATH)
+HELPERS = Path(__file__).resolve().parent / "helpers"
+sys.path.insert(0, str(HELPERS))
 SHARED = REPO.parent / "shared"
 
 

@@ -154,7 +154,7 @@ def test_deterministic_after_cuda_started_says_the_workspace_setting_came_late(m
 
 
 def test_tf32_is_off_after_a_tf32_false_job_that_follows_a_tf32_true_one(tmp_path):
-    from test_presets import run_in_process
+    from inprocess import run_in_process
 
     job = [*TINY, "train.epochs=1"]
     run_in_process(tmp_path / "a", *job, "train.tf32=true")
@@ -195,7 +195,7 @@ def _spy_collapse_table(monkeypatch, module) -> list[dict]:
 def test_metric_forward_is_full_float32_in_training_and_in_measure(tmp_path, monkeypatch):
     """With train.tf32=true and bf16 autocast around the job, the metric pass's forward runs
     with TF32 off and autocast off (float32 features), in training and in task=measure."""
-    from test_presets import run_in_process
+    from inprocess import run_in_process
 
     calls = _spy_collapse_table(monkeypatch, train_mod)
     trainer = _trainer(_cfg("train.epochs=1", "train.tf32=true", "train.precision=bf16"), tmp_path)

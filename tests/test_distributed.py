@@ -20,8 +20,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import REPO
-from test_presets import run_in_process
+from conftest import HELPERS, REPO
+from inprocess import run_in_process
 
 from pfc_sweeps.data.bundles import DataBundle, ShardedData, StreamBundle, eval_shard, train_shares
 from pfc_sweeps.jobs.jobdir import fingerprint
@@ -55,7 +55,7 @@ MIXER = [
 
 def _env(**extra: str) -> dict[str, str]:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "HYDRA_FULL_ERROR": "0"}
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO / "tests"), env.get("PYTHONPATH", "")])
+    env["PYTHONPATH"] = os.pathsep.join([str(HELPERS), env.get("PYTHONPATH", "")])
     for var in ("SLURM_JOB_ID", "WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(var, None)
     return {**env, **extra}

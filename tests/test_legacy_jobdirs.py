@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pandas as pd
 from conftest import launch
+from inprocess import run_in_process
 from test_own_model import _metric_rows
-from test_presets import run_in_process
 
 from analysis.aggregate import aggregate
 from pfc_sweeps.nets.legacy import LEGACY_TARGETS, current_target

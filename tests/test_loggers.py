@@ -1,6 +1,6 @@
 """The W&B layout (pfc_sweeps.results.loggers), checked in the offline run files themselves.
 
-The offline ``.wandb`` files are read with tests/wandb_reader.py (no network, no wandb
+The offline ``.wandb`` files are read with tests/helpers/wandb_reader.py (no network, no wandb
 reader); every value is compared with the job's parquet table.
 """
 
@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import REPO, launch
+from conftest import HELPERS, REPO, launch
 from wandb_reader import read_runs, records, wandb_files
 
 from pfc_sweeps.results.loggers import rows_to_keys, run_tags, train_summary, wandb_config
@@ -179,7 +179,7 @@ def test_reader_follows_records_split_over_blocks(tmp_path):
     """A >32 KiB record is split FIRST/MIDDLE/LAST over blocks: the reader joins it."""
     from wandb.proto import wandb_internal_pb2 as pb
 
-    sys.path.insert(0, str(REPO / "tests"))
+    sys.path.insert(0, str(HELPERS))
     import zlib
 
     from wandb_reader import BLOCK, CHUNK, HEADER

@@ -1,6 +1,6 @@
 """Your own model and data set (issue 10): arch=module, task=measure, dataset=module, streaming.
 
-The user model lives in ``tests/user_model.py``, outside the package, and is reached only
+The user model lives in ``tests/helpers/user_model.py``, outside the package, and is reached only
 through ``arch.model._target_``. Its metrics are checked against a float64 brute force on
 features taken by hand with forward hooks.
 """
@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 import torch
 from helpers.reference import layer_metrics, ncc_predict
-from test_presets import run_in_process
+from inprocess import run_in_process
 from user_model import Mixer
 
 from pfc_sweeps.data.builtin import load_dataset
@@ -244,9 +244,9 @@ def test_streaming_killed_and_resumed_equals_in_memory(folder_root, tmp_path):
     import sys
     import time
 
-    from conftest import REPO, launch
+    from conftest import HELPERS, REPO, launch
 
-    env = {"PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])}
+    env = {"PYTHONPATH": os.pathsep.join([str(REPO), str(HELPERS)])}
     args = [*_folder_data(folder_root), "dataset.subset_per_class=100", *MIXER, *FAST]
     args += ["train.epochs=10", "train.batch_size=64", "train.eval_batch_size=128"]
     ref = tmp_path / "mem"

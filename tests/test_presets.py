@@ -4,31 +4,9 @@ from __future__ import annotations
 
 import fakedata
 import pytest
-from conftest import REPO
-from hydra import compose, initialize_config_dir
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import open_dict
+from inprocess import run_in_process
 
-from pfc_sweeps.config import register_configs
-from pfc_sweeps.jobs import dispatch as tasks
 from pfc_sweeps.results.schema import PFC1, read_results
-
-register_configs()
-
-
-def run_in_process(out_dir, *overrides: str) -> None:
-    """What ``python launch.py OVERRIDES hydra.run.dir=OUT_DIR`` does, without a subprocess."""
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=list(overrides), return_hydra_config=True)
-    with open_dict(cfg):
-        cfg.hydra.runtime.output_dir = str(out_dir)
-        cfg.hydra.job.name = "launch"
-    HydraConfig.instance().set_config(cfg)
-    with open_dict(cfg):
-        del cfg["hydra"]
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tasks.main(cfg)
-
 
 TINY_TRAIN = ["logger=none", "train.epochs=2", "train.geodesic_points=3", "dataset.download=false"]
 

@@ -6,8 +6,8 @@ the hook checks of ``arch=module`` (a layer listed twice, a studied module run t
 never, modules run in another order than listed), the data checks of ``dataset=module``
 (labels, features, shapes, empty or one-class splits, unreadable items, in ``ImageFolder``s
 of real PNG files and in a user's ``Dataset`` class, in memory and streamed) and output
-dirs the file system refuses. The model is ``tests/user_model.py``, the data set
-``tests/user_data.py``; both are reached only through ``_target_``.
+dirs the file system refuses. The model is ``tests/helpers/user_model.py``, the data set
+``tests/helpers/user_data.py``; both are reached only through ``_target_``.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pathlib import Path
 import fakedata
 import pytest
 import torch
-from conftest import REPO, launch
+from conftest import HELPERS, REPO, launch
 from user_model import Mixer, Twice
 
 from pfc_sweeps.nets.hooks import FeatureNet, ModelSpecError
@@ -137,7 +137,7 @@ def test_every_metric_forward_is_checked():
 
 # ----------------------------------------------------------------------------- through launch.py
 def _env(extra: Path | None = None) -> dict:
-    paths = [str(REPO), str(REPO / "tests"), *([str(extra)] if extra else [])]
+    paths = [str(REPO), str(HELPERS), *([str(extra)] if extra else [])]
     return {"PYTHONPATH": os.pathsep.join(paths)}
 
 
