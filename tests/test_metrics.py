@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from helpers.reference import class_means, layer_metrics, ncc_predict
 
 from pfc_sweeps.collapse import inputs
 from pfc_sweeps.collapse import metrics as oneshot
@@ -29,64 +30,9 @@ from pfc_sweeps.results.schema import (
     PFC1,
     PFC2,
     PFC3,
-    TR_SB,
-    TR_SW,
 )
 
 RTOL = 1e-8
-
-
-# ------------------------------------------------------------------------------------------
-# brute force: build every matrix (d x d included), loop over classes, pinv
-# ------------------------------------------------------------------------------------------
-def brute_means(h, y, k):
-    h = np.asarray(h, dtype=np.float64)
-    means = np.stack([h[y == c].mean(axis=0) for c in range(k)])  # (K, d)
-    g = means.mean(axis=0)
-    return means, g
-
-
-def brute_ncc(h, y, k):
-    means, _ = brute_means(h, y, k)
-    dist = np.stack([((h - means[c]) ** 2).sum(axis=1) for c in range(k)], axis=1)
-    return dist.argmin(axis=1)
-
-
-def brute_metrics(h, y, k):
-    h = np.asarray(h, dtype=np.float64)
-    y = np.asarray(y)
-    n, d = h.shape
-    means, g = brute_means(h, y, k)
-    sw = np.zeros((d, d))
-    for c in range(k):
-        r = h[y == c] - means[c]
-        sw += r.T @ r
-    sw /= n
-    sb = np.zeros((d, d))
-    for c in range(k):
-        v = (means[c] - g)[:, None]
-        sb += v @ v.T
-    sb /= k
-    htilde = (means - g).T  # (d, K)
-    gram = htilde.T @ htilde
-    e = (np.eye(k) - np.ones((k, k)) / k) / np.sqrt(k - 1)
-    norms = np.linalg.norm(htilde, axis=0)
-    cos = [
-        htilde[:, a] @ htilde[:, b] / (norms[a] * norms[b])
-        for a in range(k)
-        for b in range(k)
-        if a != b
-    ]
-    return {
-        PFC1: np.trace(sw) / np.trace(sb),
-        PFC2: np.linalg.norm(gram / np.linalg.norm(gram) - e),
-        PFC3: float((brute_ncc(h, y, k) == y).mean()),
-        NC1: np.trace(sw @ np.linalg.pinv(sb)) / k,
-        NC2_EQUINORM: norms.std(ddof=1) / norms.mean(),
-        NC2_EQUIANGLE: float(np.mean([abs(c + 1 / (k - 1)) for c in cos])),
-        TR_SW: np.trace(sw),
-        TR_SB: np.trace(sb),
-    }
 
 
 def make_data(seed, n=300, d=12, k=4, sep=1.5, offset=3.0, unbalanced=True, dtype=torch.float64):
@@ -118,13 +64,13 @@ def test_pfc_metrics_matches_brute_force(seed, n, d, k, unbalanced):
     h, y = make_data(seed, n=n, d=d, k=k, unbalanced=unbalanced)
     got = pfc_metrics(h, y, k)
     assert set(got) == {PFC1, PFC2, PFC3, NC1, NC2_EQUINORM, NC2_EQUIANGLE}
-    assert_close(got, brute_metrics(h.numpy(), y.numpy(), k))
+    assert_close(got, layer_metrics(h.numpy(), y.numpy(), k))
     assert all(isinstance(v, float) for v in got.values())
 
 
 def test_pfc_metrics_float32_input_and_chunking(monkeypatch):
     h, y = make_data(5, n=400, d=16, k=5, dtype=torch.float32)
-    want = brute_metrics(h.double().numpy(), y.numpy(), 5)
+    want = layer_metrics(h.double().numpy(), y.numpy(), 5)
     monkeypatch.setattr(inputs, "_CHUNK_ELEMENTS", 16 * 7)  # 7 rows per chunk
     assert_close(pfc_metrics(h, y, 5), want)
 
@@ -140,7 +86,7 @@ def test_pfc_metrics_accepts_any_integer_labels(dtype):
 
 def test_pfc_metrics_d_smaller_than_k_minus_1_nc1_uses_pinv():
     h, y = make_data(6, n=150, d=2, k=6)
-    assert_close(pfc_metrics(h, y, 6), brute_metrics(h.numpy(), y.numpy(), 6))
+    assert_close(pfc_metrics(h, y, 6), layer_metrics(h.numpy(), y.numpy(), 6))
 
 
 # ------------------------------------------------------------------------------------------
@@ -225,7 +171,7 @@ def test_geodesic_curve_matches_interpolated_features(seed):
     curve = geodesic_curve(h0, hl, y, k, ts)
     assert set(curve) == {PFC1, PFC2, PFC3}
     for j, t in enumerate(ts.tolist()):
-        want = brute_metrics(((1 - t) * h0 + t * hl).numpy(), y.numpy(), k)
+        want = layer_metrics(((1 - t) * h0 + t * hl).numpy(), y.numpy(), k)
         for key in (PFC1, PFC2, PFC3):
             assert float(curve[key][j]) == pytest.approx(want[key], rel=RTOL, abs=1e-12), (t, key)
     # endpoints are the layer metrics (same code path: equal to rounding)
@@ -245,7 +191,7 @@ def test_geodesic_pfc3_not_monotone_is_still_exact():
     for j, t in enumerate(ts.tolist()):
         if abs(t - 0.5) < 1e-12:
             continue  # (1-t) h0 + t hL is constant at t=0.5: degenerate
-        want = brute_metrics(((1 - t) * h0 + t * hl).numpy(), y.numpy(), k)[PFC3]
+        want = layer_metrics(((1 - t) * h0 + t * hl).numpy(), y.numpy(), k)[PFC3]
         assert float(curve[PFC3][j]) == pytest.approx(want, abs=1e-12)
 
 
@@ -294,7 +240,7 @@ def test_geodesic_pruning_of_decided_samples_is_exact(monkeypatch):
     assert torch.equal(M.ncc_correct_from_scores(scores, y, keep), want)
     # and all of it equals brute force on the interpolated features
     for j, t in enumerate(ts.tolist()):
-        acc = brute_metrics(((1 - t) * h0 + t * hl).numpy(), y.numpy(), k)[PFC3]
+        acc = layer_metrics(((1 - t) * h0 + t * hl).numpy(), y.numpy(), k)[PFC3]
         assert int(pruned[j]) == round(acc * 400)
 
 
@@ -346,8 +292,8 @@ def test_equal_straight_steps_give_one():
 def test_thm1_inner_and_transport_cost_vs_brute():
     h0, y = make_data(13, n=200, d=7, k=4)
     hl, _ = make_data(14, n=200, d=7, k=4)
-    m0, g0 = brute_means(h0.numpy(), y.numpy(), 4)
-    ml, gl = brute_means(hl.numpy(), y.numpy(), 4)
+    m0, g0 = class_means(h0.numpy(), y.numpy(), 4)
+    ml, gl = class_means(hl.numpy(), y.numpy(), 4)
     t0, tl = (m0 - g0).T, (ml - gl).T  # (d, K)
     assert thm1_inner(h0, hl, y, 4) == pytest.approx(np.trace(t0.T @ tl), rel=RTOL)
     assert transport_cost(h0, hl, y, 4) == pytest.approx(np.linalg.norm(tl - t0) ** 2, rel=RTOL)
@@ -359,7 +305,7 @@ def test_nc3_nc4_vs_brute():
     gen = np.random.default_rng(16)
     w = torch.tensor(gen.normal(size=(k, d)))
     b = torch.tensor(gen.normal(size=k))
-    means, g = brute_means(h.numpy(), y.numpy(), k)
+    means, g = class_means(h.numpy(), y.numpy(), k)
     htilde = (means - g).T
     want3 = (
         np.linalg.norm(w.numpy().T / np.linalg.norm(w.numpy()) - htilde / np.linalg.norm(htilde))
@@ -367,18 +313,18 @@ def test_nc3_nc4_vs_brute():
     )
     assert nc3(w, h, y, k) == pytest.approx(want3, rel=RTOL)
     clf = (h.numpy() @ w.numpy().T + b.numpy()).argmax(axis=1)
-    want4 = float((clf != brute_ncc(h.numpy(), y.numpy(), k)).mean())
+    want4 = float((clf != ncc_predict(h.numpy(), y.numpy(), k)).mean())
     assert 0 < want4 < 1
     assert nc4(w, b, h, y, k) == pytest.approx(want4, abs=1e-15)
     clf0 = (h.numpy() @ w.numpy().T).argmax(axis=1)
     assert nc4(w, None, h, y, k) == pytest.approx(
-        float((clf0 != brute_ncc(h.numpy(), y.numpy(), k)).mean()), abs=1e-15
+        float((clf0 != ncc_predict(h.numpy(), y.numpy(), k)).mean()), abs=1e-15
     )
 
 
 def test_nc3_zero_when_classifier_is_self_dual():
     h, y = make_data(17, n=100, d=5, k=3)
-    means, g = brute_means(h.numpy(), y.numpy(), 3)
+    means, g = class_means(h.numpy(), y.numpy(), 3)
     w = torch.tensor(means - g) * 7.0
     assert nc3(w, h, y, 3) == pytest.approx(0.0, abs=1e-14)
 

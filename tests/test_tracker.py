@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from helpers.reference import layer_metrics
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -20,8 +21,6 @@ from pfc_sweeps.results.schema import (
     GEODESIC_ERR_METRICS,
     LAYER_METRICS,
     NC1,
-    NC2_EQUIANGLE,
-    NC2_EQUINORM,
     NC3,
     NC4,
     PFC1,
@@ -30,42 +29,10 @@ from pfc_sweeps.results.schema import (
     PFC_METRICS,
     STRAIGHTNESS,
     THM1_INNER,
-    TR_SB,
-    TR_SW,
     TRANSPORT_COST,
 )
 
 RTOL = 1e-8
-
-
-# ------------------------------------------------------------------------------------------
-# brute force (independent of pfc_sweeps): full matrices, loops over classes and samples
-# ------------------------------------------------------------------------------------------
-def bf_layer(h, y, k):
-    n = h.shape[0]
-    means = np.stack([h[y == c].mean(axis=0) for c in range(k)])
-    g = means.mean(axis=0)
-    sw = sum((h[i] - means[y[i]])[:, None] @ (h[i] - means[y[i]])[None, :] for i in range(n)) / n
-    sb = sum((means[c] - g)[:, None] @ (means[c] - g)[None, :] for c in range(k)) / k
-    ht = (means - g).T
-    gram = ht.T @ ht
-    e = (np.eye(k) - 1.0 / k) / math.sqrt(k - 1)
-    dist = np.array([[np.sum((h[i] - means[c]) ** 2) for c in range(k)] for i in range(n)])
-    norms = np.linalg.norm(ht, axis=0)
-    cos = ht.T @ ht / np.outer(norms, norms)
-    off = ~np.eye(k, dtype=bool)
-    return {
-        PFC1: np.trace(sw) / np.trace(sb),
-        PFC2: np.linalg.norm(gram / np.linalg.norm(gram) - e),
-        PFC3: float((dist.argmin(axis=1) == y).mean()),
-        NC1: np.trace(sw @ np.linalg.pinv(sb)) / k,
-        NC2_EQUINORM: np.std(norms, ddof=1) / np.mean(norms),
-        NC2_EQUIANGLE: np.mean(np.abs(cos[off] + 1 / (k - 1))),
-        TR_SW: np.trace(sw),
-        TR_SB: np.trace(sb),
-        "_ncc": dist.argmin(axis=1),
-        "_ht": ht,
-    }
 
 
 def make_layers(seed, n=90, d=5, k=4, layers=4, dims=None):
@@ -146,12 +113,12 @@ def test_tracker_matches_brute_force(cache_bytes):
     assert rel.loc[0] == 0.0 and rel.loc[big_l] == 1.0
     assert math.isnan(rel.loc[-1])
 
-    bfs = [bf_layer(h, yn, k) for h in hn]
+    bfs = [layer_metrics(h, yn, k) for h in hn]
     for layer, bf in enumerate(bfs):
         for key in LAYER_METRICS:
             assert tab[(layer, key)] == pytest.approx(bf[key], rel=RTOL, abs=1e-13), (layer, key)
         # geodesic prediction error: brute force builds the interpolated features at t = r_l
-        at = bf_layer((1 - r[layer]) * hn[0] + r[layer] * hn[-1], yn, k)
+        at = layer_metrics((1 - r[layer]) * hn[0] + r[layer] * hn[-1], yn, k)
         for key, err in zip(PFC_METRICS, GEODESIC_ERR_METRICS, strict=True):
             want = abs(bf[key] - at[key])
             assert tab[(layer, err)] == pytest.approx(want, rel=1e-6, abs=1e-9)
@@ -161,7 +128,7 @@ def test_tracker_matches_brute_force(cache_bytes):
 
     # curves
     for t in ts.tolist():
-        at = bf_layer((1 - t) * hn[0] + t * hn[-1], yn, k)
+        at = layer_metrics((1 - t) * hn[0] + t * hn[-1], yn, k)
         rows = res.curves[res.curves.t == t].set_index("metric")["value"]
         for key in (PFC1, PFC2, PFC3):
             assert rows[key] == pytest.approx(at[key], rel=RTOL, abs=1e-13), (t, key)
@@ -226,7 +193,7 @@ def test_no_geodesic_no_classifier_and_mixed_dims():
     res = run_tracker(hs, y, 3)
     tab = lookup(res.table)
     for layer, h in enumerate(hs):
-        bf = bf_layer(h.numpy(), y.numpy(), 3)
+        bf = layer_metrics(h.numpy(), y.numpy(), 3)
         assert tab[(layer, PFC1)] == pytest.approx(bf[PFC1], rel=RTOL)
     # path quantities need one dimension: rel_pos is NaN, run-level path rows absent
     assert res.table[res.table.layer >= 0].rel_pos.isna().all()
@@ -338,7 +305,7 @@ def test_single_layer_with_classifier():
     w = torch.tensor(np.random.default_rng(2).normal(size=(3, 4)))
     res = run_tracker(hs, y, 3, classifier_weight=w, cache_bytes=0)
     tab = lookup(res.table)
-    bf = bf_layer(hs[0].numpy(), y.numpy(), 3)
+    bf = layer_metrics(hs[0].numpy(), y.numpy(), 3)
     for key in (PFC1, PFC2, PFC3, NC1):
         assert tab[(0, key)] == pytest.approx(bf[key], rel=RTOL)
     clf = (hs[0].numpy() @ w.numpy().T).argmax(axis=1)  # bias None counts as 0
@@ -633,46 +600,6 @@ def test_tracker_update_never_syncs_with_the_host(k, d):
 # fast path (float32 features) vs float64 brute force (docs/precision.md)
 # ------------------------------------------------------------------------------------------
 FAST_RTOL = 1e-5  # the documented bound for PFC1-3, NC1-4 and the geodesic curves
-TIE_RTOL = 1e-5  # NCC decisions closer than this (relative) may flip: counted, not compared
-
-
-def np_layer(h, y, k, w=None, b=None):
-    """Vectorized float64 numpy metrics of one layer (d x d matrices, pinv) and its NCC
-    near-tie count: samples whose two smallest distances ||h - m_c||^2 are within TIE_RTOL."""
-    h = np.asarray(h, dtype=np.float64)
-    n = h.shape[0]
-    means = np.stack([h[y == c].mean(0) for c in range(k)])
-    g = means.mean(0)
-    r = h - means[y]
-    sw, ht = r.T @ r / n, means - g
-    sb = ht.T @ ht / k
-    gram = ht @ ht.T
-    e = (np.eye(k) - 1.0 / k) / math.sqrt(k - 1)
-    dist = ((h[:, None, :] - means[None]) ** 2).sum(-1)  # (N, K)
-    part = np.sort(dist, axis=1)
-    scale = part[:, 0] + (ht**2).sum(1).max()
-    ties = int(((part[:, 1] - part[:, 0]) <= TIE_RTOL * scale).sum())
-    norms = np.linalg.norm(ht, axis=1)
-    cos = gram / np.outer(norms, norms)
-    off = ~np.eye(k, dtype=bool)
-    out = {
-        PFC1: np.trace(sw) / np.trace(sb),
-        PFC2: np.linalg.norm(gram / np.linalg.norm(gram) - e),
-        PFC3: float((dist.argmin(1) == y).mean()),
-        NC1: np.trace(sw @ np.linalg.pinv(sb)) / k,
-        NC2_EQUINORM: np.std(norms, ddof=1) / np.mean(norms),
-        NC2_EQUIANGLE: np.mean(np.abs(cos[off] + 1 / (k - 1))),
-        "_ties": ties,
-    }
-    if w is not None:
-        w = np.asarray(w, dtype=np.float64)
-        out[NC3] = np.linalg.norm(w / np.linalg.norm(w) - ht / np.linalg.norm(ht)) ** 2
-        logits = h @ w.T + (0 if b is None else np.asarray(b, dtype=np.float64))
-        top = np.sort(logits, axis=1)
-        out[NC4] = float((logits.argmax(1) != dist.argmin(1)).mean())
-        lscale = np.abs(logits).max(1)
-        out["_ties"] += int(((top[:, -1] - top[:, -2]) <= TIE_RTOL * lscale).sum())
-    return out
 
 
 def assert_fast_close(res, hs, y, k, ts, w=None, b=None):
@@ -682,7 +609,7 @@ def assert_fast_close(res, hs, y, k, ts, w=None, b=None):
     hn = [h.double().numpy() for h in hs]
     n, last = len(yn), len(hs) - 1
     for layer, h in enumerate(hn):
-        want = np_layer(h, yn, k, *((w, b) if layer == last and w is not None else ()))
+        want = layer_metrics(h, yn, k, *((w, b) if layer == last and w is not None else ()))
         for key, v in want.items():
             if key.startswith("_"):
                 continue
@@ -692,7 +619,7 @@ def assert_fast_close(res, hs, y, k, ts, w=None, b=None):
             else:
                 assert got == pytest.approx(v, rel=FAST_RTOL), (layer, key)
     for t in ts:
-        want = np_layer((1 - t) * hn[0] + t * hn[-1], yn, k)
+        want = layer_metrics((1 - t) * hn[0] + t * hn[-1], yn, k)
         rows = res.curves[np.isclose(res.curves.t, t)].set_index("metric")["value"]
         assert rows[PFC1] == pytest.approx(want[PFC1], rel=FAST_RTOL), t
         assert rows[PFC2] == pytest.approx(want[PFC2], rel=FAST_RTOL), t

@@ -9,6 +9,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from helpers.reference import layer_metrics
 
 from pfc_sweeps.collapse import kernels
 from pfc_sweeps.collapse.kernels import Routes
@@ -34,42 +35,6 @@ from pfc_sweeps.results.schema import (
 
 TS = [0.0, 0.3, 0.7, 1.0]
 FAST_RTOL = 1e-5  # docs/precision.md: the float32 path's bound
-
-
-def oracle(h: np.ndarray, y: np.ndarray, k: int, w=None, b=None) -> dict:
-    """Every per-layer metric from d x d matrices over all samples (float64, pinv)."""
-    n, d = h.shape
-    counts = np.bincount(y, minlength=k).astype(np.float64)
-    means = np.zeros((k, d))
-    np.add.at(means, y, h)
-    means /= counts[:, None]
-    g = means.mean(0)
-    ht = means - g  # (K, d)
-    r = h - means[y]
-    sw, sb = r.T @ r / n, ht.T @ ht / k
-    gram = ht @ ht.T
-    etf = (np.eye(k) - 1.0 / k) / math.sqrt(k - 1)
-    pred = np.concatenate(
-        [((h[s : s + 64, None, :] - means[None]) ** 2).sum(-1).argmin(1) for s in range(0, n, 64)]
-    )
-    norms = np.linalg.norm(ht, axis=1)
-    cos = gram / np.outer(norms, norms)
-    off = ~np.eye(k, dtype=bool)
-    out = {
-        PFC1: np.trace(sw) / np.trace(sb),
-        PFC2: np.linalg.norm(gram / np.linalg.norm(gram) - etf),
-        PFC3: float((pred == y).mean()),
-        NC1: np.trace(sw @ np.linalg.pinv(sb)) / k,
-        NC2_EQUINORM: np.std(norms, ddof=1) / np.mean(norms),
-        NC2_EQUIANGLE: np.mean(np.abs(cos[off] + 1 / (k - 1))),
-        TR_SW: np.trace(sw),
-        TR_SB: np.trace(sb),
-        "_ht": ht,
-    }
-    if w is not None:
-        nc3 = np.linalg.norm(w / np.linalg.norm(w) - ht / np.linalg.norm(ht)) ** 2
-        out[NC3], out[NC4] = nc3, float(((h @ w.T + b).argmax(1) != pred).mean())
-    return out
 
 
 def make_data(k: int, d: int, n: int, layers: int = 3, seed: int = 0):
@@ -108,12 +73,12 @@ def run(hs, y, k, w, b, dtype, cache_bytes, batch=700):
 
 def check(res, hs, y, k, w, b, rtol):
     tab = {(int(r.layer), r.metric): r.value for r in res.table.itertuples()}
-    want = [oracle(h, y, k) for h in hs]
+    want = [layer_metrics(h, y, k) for h in hs]
     for layer, wl in enumerate(want):
         for key in (PFC1, PFC2, NC1, NC2_EQUINORM, NC2_EQUIANGLE, TR_SW, TR_SB):
             assert tab[(layer, key)] == pytest.approx(wl[key], rel=rtol), (layer, key)
         assert abs(tab[(layer, PFC3)] - wl[PFC3]) <= (0 if rtol < 1e-6 else 2 / len(y))
-    last = oracle(hs[-1], y, k, w, b)
+    last = layer_metrics(hs[-1], y, k, w, b)
     assert tab[(len(hs) - 1, NC3)] == pytest.approx(last[NC3], rel=rtol)
     assert abs(tab[(len(hs) - 1, NC4)] - last[NC4]) <= (0 if rtol < 1e-6 else 2 / len(y))
     # path: relative positions, straightness, energy ratio, Thm. 1, transport
@@ -132,13 +97,13 @@ def check(res, hs, y, k, w, b, rtol):
     assert tab[(-1, TRANSPORT_COST)] == pytest.approx(((htl - ht0) ** 2).sum(), rel=rtol)
     # geodesic curves and errors: the oracle on the interpolated features
     for t in TS:
-        at = oracle((1 - t) * hs[0] + t * hs[-1], y, k)
+        at = layer_metrics((1 - t) * hs[0] + t * hs[-1], y, k)
         rows = res.curves[res.curves.t == t].set_index("metric")["value"]
         for key in (PFC1, PFC2):
             assert rows[key] == pytest.approx(at[key], rel=rtol), (t, key)
         assert abs(rows[PFC3] - at[PFC3]) <= (0 if rtol < 1e-6 else 2 / len(y))
     for layer, r_l in enumerate(rel):
-        at = oracle((1 - r_l) * hs[0] + r_l * hs[-1], y, k)
+        at = layer_metrics((1 - r_l) * hs[0] + r_l * hs[-1], y, k)
         for key, err in zip(PFC_METRICS[:2], GEODESIC_ERR_METRICS[:2], strict=True):
             want_err = abs(want[layer][key] - at[key])
             assert tab[(layer, err)] == pytest.approx(want_err, rel=1e-6, abs=rtol * at[key])

@@ -40,10 +40,14 @@ def class_means(h: np.ndarray, y: np.ndarray, num_classes: int) -> tuple[np.ndar
     return means, means.mean(axis=0)
 
 
-def ncc_distances(h: np.ndarray, means: np.ndarray) -> np.ndarray:
-    """Squared distances ||h_i - m_c||^2, (N, K)."""
+def ncc_distances(h: np.ndarray, means: np.ndarray, rows: int = 64) -> np.ndarray:
+    """Squared distances ||h_i - m_c||^2, (N, K), as differences (no expansion), ``rows``
+    samples at a time so that K = 1000 fits in memory."""
     h = np.asarray(h, dtype=np.float64)
-    return ((h[:, None, :] - means[None]) ** 2).sum(-1)
+    parts = [
+        ((h[s : s + rows, None, :] - means[None]) ** 2).sum(-1) for s in range(0, len(h), rows)
+    ]
+    return np.concatenate(parts) if parts else np.zeros((0, len(means)))
 
 
 def ncc_predict(h: np.ndarray, y: np.ndarray, num_classes: int) -> np.ndarray:
