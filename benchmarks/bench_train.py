@@ -66,6 +66,19 @@ def baseline_epoch(model, opt, loader, test_x, test_y) -> None:
         (model.forward_logits(test_x).argmax(1) == test_y).float().mean().item()
 
 
+def index_batches(x, y, batch: int = 128):
+    """Shuffled batches by indexing tensors on their device: a DataLoader over GPU tensors
+    would collate item by item and inflate the baseline (issue 22)."""
+    perm = torch.randperm(len(y), device=x.device)
+    return [(x[perm[s : s + batch]], y[perm[s : s + batch]]) for s in range(0, len(y), batch)]
+
+
+def sync(device: torch.device) -> None:
+    """Wait for queued GPU work before the clock is read."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def bare_forward(model, x, batch: int = 1000) -> None:
     """The floor of any eval-mode metric pass: one forward over the training set."""
     model.eval()
@@ -98,8 +111,15 @@ def main() -> None:
         data = trainers["ours"].data
         torch.manual_seed(0)
         model = build_model("fc", data.in_shape, 10, width=args.width, blocks=args.blocks)
+        device = data.train_x.device
+        model = model.to(device)
         opt = torch.optim.SGD(model.parameters(), lr=0.005, momentum=0.9, weight_decay=5e-4)
-        loader = DataLoader(TensorDataset(data.train_x, data.train_y), batch_size=128, shuffle=True)
+        if device.type == "cuda":  # re-shuffled each round below
+            loader = index_batches(data.train_x, data.train_y)
+        else:
+            loader = DataLoader(
+                TensorDataset(data.train_x, data.train_y), batch_size=128, shuffle=True
+            )
         assert loss_fn("ce", torch.zeros(1, 10), torch.zeros(1, dtype=torch.long)) > 0
 
         names = ["baseline", "ours", "ours+metrics", "baseline+forward"]
@@ -108,6 +128,9 @@ def main() -> None:
         epoch = {"ours": 0, "ours+metrics": 0}
         for _ in range(args.rounds + 1):  # the first round warms up and is dropped
             for name in names:  # interleaved, so load changes hit every variant alike
+                if device.type == "cuda":
+                    loader = index_batches(data.train_x, data.train_y)
+                sync(device)
                 t0 = time.perf_counter()
                 if name.startswith("baseline"):
                     baseline_epoch(model, opt, loader, data.test_x, data.test_y)
@@ -116,6 +139,7 @@ def main() -> None:
                 else:
                     epoch[name] += 1
                     trainers[name].run_epoch(epoch[name])
+                sync(device)
                 times[name].append(time.perf_counter() - t0)
                 if name in trainers:  # the background write must not overlap the next variant
                     t1 = time.perf_counter()

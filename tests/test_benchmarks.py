@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -96,3 +97,13 @@ def test_bench_train_smoke_reports_the_floor(tmp_path):
                "--blocks", "2", cwd=tmp_path)  # fmt: skip
     for key in ("ours / baseline", "ours+metrics / baseline", "floor:", "checkpoint write"):
         assert key in out, out
+
+
+@pytest.mark.slow
+def test_bench_cifar100_smoke_ratios_follow_from_its_times(tmp_path):
+    out = _run("bench_cifar100.py", "--n", "100", "--rounds", "1", cwd=tmp_path)
+    times = {m.group(1): m.group(2) for m in re.finditer(r"^\s*(\w+): ([\d.]+) s", out, re.M)}
+    assert set(times) == {"train", "forward", "metrics"}, out
+    ratio = re.search(r"metric pass / eval forward: ([\d.]+)", out).group(1)
+    assert _ratio_consistent(times["metrics"], times["forward"], ratio), out
+    assert re.search(r"goal <= floor \+ 0\.05 = [\d.]+: (met|MISSED)", out), out
