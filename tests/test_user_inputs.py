@@ -22,6 +22,7 @@ from conftest import HELPERS, REPO, launch
 from user_model import Mixer, Twice
 
 from pfc_sweeps.nets.hooks import FeatureNet, ModelSpecError
+from pfc_sweeps.results.schema import CHECKPOINT_FILE
 
 X = torch.randn(4, 1, 8, 8)
 MIXER = [
@@ -335,3 +336,18 @@ def test_run_dir_with_a_character_the_file_system_refuses(tmp_path):
     assert p.returncode != 0 and len(lines) == 1 and "Traceback" not in p.stderr, p.stderr
     assert f"error: {out}: the file system refuses this name (Invalid argument)" in lines[0]
     assert sorted(tmp_path.iterdir()) == [site]  # runs/ was made for the try and removed
+
+
+@pytest.mark.slow
+def test_measuring_a_split_that_lacks_a_class_is_one_line(tmp_path):
+    """A test split may lack a class (a user's small test set): training runs, and measuring
+    that split (NC1-4 need every class mean) is one line naming the split, not a traceback."""
+    job = tmp_path / "job"
+    data = _digits({}, {"defect": "no9"})
+    p = _launch(job, *data, *MIXER)
+    assert p.returncode == 0, p.stderr
+    out = tmp_path / "measure"
+    p = _launch(out, *data, *MIXER, "task=measure", "measure.split=test",
+                f"arch.checkpoint={job / CHECKPOINT_FILE}")  # fmt: skip
+    line = assert_one_clean_line(p, out, "the collapse metrics of the test split are undefined")
+    assert "class(es) [9] have no samples" in line

@@ -6,14 +6,18 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pandas as pd
 import torch
 from torch import Tensor
 
+from pfc_sweeps.collapse.inputs import MetricInputError
 from pfc_sweeps.collapse.network import collapse_table
 from pfc_sweeps.config import Config, TrainConfig
+from pfc_sweeps.errors import PFCError
 from pfc_sweeps.jobs import ddp
 from pfc_sweeps.jobs.accel import configure_job, full_float32, metric_cache_bytes
 from pfc_sweeps.jobs.build import build_data, build_net, load_weights, resolve_device
@@ -22,6 +26,16 @@ from pfc_sweeps.results.schema import (
     PFC_METRICS,
 )
 from pfc_sweeps.results.sink import ResultsSink, print_summary
+
+
+@contextmanager
+def metric_errors(split: str) -> Iterator[None]:
+    """A metric the data leave undefined (a class with no sample in ``split``, all class means
+    equal) stops the job with one line naming the split, not a traceback."""
+    try:
+        yield
+    except MetricInputError as e:
+        raise PFCError(f"the collapse metrics of the {split} split are undefined: {e}") from None
 
 
 def geodesic_ts(tr: TrainConfig) -> Tensor | None:
@@ -64,7 +78,7 @@ def run_measure(cfg: Config, out_dir: Path, sink: ResultsSink, logger: RunLogger
     epoch = load_weights(net, cfg.arch.checkpoint, device)
     split = cfg.measure.split
     cache = metric_cache_bytes(net, data, split, int(tr.cache_gb * 2**30), device)
-    with full_float32():  # as in training: the same rows for the same weights
+    with full_float32(), metric_errors(split):  # as in training: the same rows, same weights
         table, curves = collapse_table(
             ddp.metric_net(net, tr),
             ddp.shard(data),  # several ranks: each measures its batches of the pass

@@ -42,7 +42,7 @@ from pfc_sweeps.jobs.accel import (
 )
 from pfc_sweeps.jobs.build import build_data, build_net, resolve_device
 from pfc_sweeps.jobs.checkpoint import CheckpointWriter, restore_rng_state, rng_state
-from pfc_sweeps.jobs.measure import geodesic_ts, print_final, record_metrics
+from pfc_sweeps.jobs.measure import geodesic_ts, metric_errors, print_final, record_metrics
 from pfc_sweeps.results.loggers import RunLogger
 from pfc_sweeps.results.schema import (
     CHECKPOINT_FILE,
@@ -259,7 +259,7 @@ class Trainer:
         if not (last or epoch % tr.metrics_every == 0):
             return None
         cache = metric_cache_bytes(self.model, self.data, "train", self.cache_bytes, self.device)
-        with full_float32():  # the features in float32 whatever the training's options
+        with full_float32(), metric_errors("train"):  # features in float32, whatever the options
             table, curves = collapse_table(
                 ddp.metric_net(self.model, tr),
                 self.eval_data,
