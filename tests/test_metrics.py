@@ -7,6 +7,7 @@ import pytest
 import torch
 from helpers.reference import class_means, layer_metrics, ncc_predict
 
+from pfc_sweeps.collapse import geodesic as G
 from pfc_sweeps.collapse import inputs
 from pfc_sweeps.collapse import metrics as oneshot
 from pfc_sweeps.collapse import stats as M
@@ -215,19 +216,19 @@ def test_geodesic_pruning_of_decided_samples_is_exact(monkeypatch):
     g0, ht0, gram0 = M.class_moments(*oneshot._layer_pass1(h0, y, k))[1:]
     gl, htl, graml = M.class_moments(*oneshot._layer_pass1(hl, y, k))[1:]
     x01 = ht0 @ htl.T
-    coef = M.geodesic_coefficients(ts)
-    smat = M.geodesic_score_matrix(
-        coef, torch.diagonal(M.geodesic_gram(coef, gram0, x01, graml), dim1=1, dim2=2)
+    coef = G.geodesic_coefficients(ts)
+    smat = G.geodesic_score_matrix(
+        coef, torch.diagonal(G.geodesic_gram(coef, gram0, x01, graml), dim1=1, dim2=2)
     )
-    bern = M.geodesic_bernstein_diag(gram0, x01, graml)
+    bern = G.geodesic_bernstein_diag(gram0, x01, graml)
     u, v = h0 - g0, hl - gl
     p0, pl, cross = u @ ht0.T, v @ htl.T, u @ htl.T + v @ ht0.T
-    right, wrong = M._geodesic_decided(bern, torch.stack([p0.T, cross.T, pl.T], 1), y)
+    right, wrong = G._geodesic_decided(bern, torch.stack([p0.T, cross.T, pl.T], 1), y)
     assert right.any() and wrong.any() and (~(right | wrong)).any()
-    pruned = M.geodesic_ncc_correct(smat, bern, p0, cross, pl, y)
+    pruned = G.geodesic_ncc_correct(smat, bern, p0, cross, pl, y)
     none = (torch.zeros_like(right), torch.zeros_like(right))
-    monkeypatch.setattr(M, "_geodesic_decided", lambda *a: none)
-    assert torch.equal(M.geodesic_ncc_correct(smat, bern, p0, cross, pl, y), pruned)
+    monkeypatch.setattr(G, "_geodesic_decided", lambda *a: none)
+    assert torch.equal(G.geodesic_ncc_correct(smat, bern, p0, cross, pl, y), pruned)
     # the masked (accelerator) variant of the scorer counts only the masked samples
     scores = torch.bmm(
         smat,
@@ -415,7 +416,7 @@ def test_metrics_on_gpu_match_cpu():
 
 def test_geodesic_frobenius_route_equals_the_matrices(monkeypatch):
     """At many classes the curve's PFC2(t) comes from 3 x 3 Frobenius products instead of
-    the (T, K, K) G(t): both give the same curve (stats.GEO_FROBENIUS_MIN_K)."""
+    the (T, K, K) G(t): both give the same curve (geodesic.GEO_FROBENIUS_MIN_K)."""
     gen = torch.Generator().manual_seed(7)
     y = torch.arange(120) % 6
     h0 = torch.randn(6, 5, generator=gen, dtype=torch.float64)[y] + torch.randn(
@@ -424,7 +425,7 @@ def test_geodesic_frobenius_route_equals_the_matrices(monkeypatch):
     hl = h0 + torch.randn(6, 5, generator=gen, dtype=torch.float64)[y]
     ts = torch.linspace(0, 1, 11)
     matrices = oneshot.geodesic_curve(h0, hl, y, 6, ts)
-    monkeypatch.setattr(M, "GEO_FROBENIUS_MIN_K", 2)
+    monkeypatch.setattr(G, "GEO_FROBENIUS_MIN_K", 2)
     frobenius = oneshot.geodesic_curve(h0, hl, y, 6, ts)
     for key, value in matrices.items():
         torch.testing.assert_close(frobenius[key], value, rtol=1e-10, atol=1e-13)

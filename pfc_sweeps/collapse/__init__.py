@@ -2,7 +2,8 @@
 path's straightness (docs/metrics.md), as one-shot functions and as a streaming tracker.
 
 - :mod:`.metrics`: one-shot functions on all features at once (the float64 reference);
-- :mod:`.stats`: the sufficient-statistics algebra they and the tracker share;
+- :mod:`.stats`: the sufficient-statistics algebra they and the tracker share, and
+  :mod:`.geodesic`: the geodesic prediction from the first and last layers' statistics;
 - :mod:`.inputs`: input checks, errors and work-chunk sizes;
 - :mod:`.kernels`, :mod:`.accumulators`, :mod:`.core`, :mod:`.table`, :mod:`.tracker`: the
   streaming tracker (:class:`~pfc_sweeps.collapse.tracker.CollapseTracker`: layers of any

@@ -17,6 +17,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from pfc_sweeps.collapse.geodesic import (
+    geodesic_bernstein_diag,
+    geodesic_coefficients,
+    geodesic_from_stats,
+    geodesic_ncc_correct,
+    geodesic_score_matrix,
+)
 from pfc_sweeps.collapse.inputs import (
     DegenerateFeaturesError,
     MetricInputError,
@@ -32,11 +39,6 @@ from pfc_sweeps.collapse.metrics import (
 )
 from pfc_sweeps.collapse.stats import (
     class_moments,
-    geodesic_bernstein_diag,
-    geodesic_coefficients,
-    geodesic_from_stats,
-    geodesic_ncc_correct,
-    geodesic_score_matrix,
     nc1_from_gram,
     nc1_from_scatter,
     nc2_from_gram,

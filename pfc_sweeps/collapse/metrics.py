@@ -16,6 +16,14 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from pfc_sweeps.collapse.geodesic import (
+    geodesic_bernstein_diag,
+    geodesic_coefficients,
+    geodesic_from_stats,
+    geodesic_gram,
+    geodesic_ncc_correct,
+    geodesic_score_matrix,
+)
 from pfc_sweeps.collapse.inputs import (
     F64,
     DegenerateFeaturesError,
@@ -32,12 +40,6 @@ from pfc_sweeps.collapse.stats import (
     centered,
     class_moments,
     cross_within,
-    geodesic_bernstein_diag,
-    geodesic_coefficients,
-    geodesic_from_stats,
-    geodesic_gram,
-    geodesic_ncc_correct,
-    geodesic_score_matrix,
     layer_second_moments,
     nc_from_stats,
     ncc_scores,
