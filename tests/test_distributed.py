@@ -56,7 +56,15 @@ MIXER = [
 def _env(**extra: str) -> dict[str, str]:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "HYDRA_FULL_ERROR": "0"}
     env["PYTHONPATH"] = os.pathsep.join([str(HELPERS), env.get("PYTHONPATH", "")])
-    for var in ("SLURM_JOB_ID", "WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+    for var in (
+        "SLURM_JOB_ID",
+        "WORLD_SIZE",
+        "RANK",
+        "LOCAL_RANK",
+        "MASTER_ADDR",
+        "MASTER_PORT",
+        "WANDB_DIR",
+    ):  # a run's W&B files go to its job dir unless WANDB_DIR is set (CI sets it)
         env.pop(var, None)
     return {**env, **extra}
 

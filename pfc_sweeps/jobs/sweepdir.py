@@ -29,7 +29,7 @@ import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from pfc_sweeps.jobs.jobdir import EXCLUDED, JobDirError, JobLock
+from pfc_sweeps.jobs.jobdir import EXCLUDED, JobDirError, JobLock, check_usable_dir
 from pfc_sweeps.results.schema import (
     FINGERPRINT_FILE,
     SWEEP_ERRORS_DIR,
@@ -118,7 +118,12 @@ class SweepLock(JobLock):
 
 def check_sweep_not_busy(sweep_dir: Path) -> None:
     """Raise :class:`SweepDirError` if a running sweep holds ``sweep_dir``; changes nothing."""
-    if (Path(sweep_dir) / SWEEP_LOCK_FILE).exists():
+    try:
+        busy = (Path(sweep_dir) / SWEEP_LOCK_FILE).exists()
+    except OSError:  # a name the file system refuses: check_usable_dir says so in one line
+        check_usable_dir(Path(sweep_dir))
+        raise
+    if busy:
         SweepLock(sweep_dir).acquire().release()
 
 
