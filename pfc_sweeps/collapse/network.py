@@ -49,11 +49,13 @@ def collapse_table(
     geodesic_ts: Tensor | None,
     cache_bytes: int,
     batch: int,
+    precision: str = "auto",
     process_group: object = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The metric engine over ``split`` in eval mode: (per-layer table, geodesic curves).
 
     One forward pass when all layers' features fit ``cache_bytes``; two otherwise.
+    ``precision`` is the tracker's (``"float64"``: the exact path for any feature dtype).
     With a ``process_group`` (torch.distributed), ``data`` is this rank's shard: the
     trackers all-reduce their sums and every rank returns the table of all shards.
     """
@@ -66,8 +68,9 @@ def collapse_table(
             feats, clf_in = _features(model, x)
             if tracker is None:
                 tracker, own_clf = _tracker(
-                    model, feats, clf_in, num_classes, geodesic_ts, cache_bytes, process_group
-                )
+                    model, feats, clf_in, num_classes, geodesic_ts, cache_bytes,
+                    precision, process_group,
+                )  # fmt: skip
             tracker.update(feats, y, None if own_clf else clf_in)
         tracker.end_pass()
         if not tracker.needs_second_pass:
@@ -84,6 +87,7 @@ def _tracker(
     num_classes: int,
     ts: Tensor | None,
     cache_bytes: int,
+    precision: str,
     group: object,
 ) -> tuple[CollapseTracker, bool]:
     """The tracker of this measurement, and whether the classifier's input is the last
@@ -97,6 +101,7 @@ def _tracker(
         cache_bytes=cache_bytes,
         classifier_weight=model.classifier.weight,
         classifier_bias=model.classifier.bias,
+        precision=precision,
         process_group=group,
     )
     return tracker, own_clf

@@ -9,8 +9,8 @@ a no-op (the object itself, or None) for a single process:
 - :func:`train_batches` and :func:`rescale`: each rank's share of each global batch of the one
   seeded permutation, and the loss weight that makes the averaged gradient the global batch's;
 - :func:`shard` and :func:`table_kwargs`: each rank's batches of a metric pass, and the group
-  for the metric engine, which all-reduces its sums;
-- :func:`metric_net`: float64 features for the tracker's exact path (``train.metric_precision``).
+  for the metric engine, which all-reduces its sums (``train.metric_precision`` reaches
+  the tracker as its ``precision``).
 """
 
 from __future__ import annotations
@@ -27,10 +27,8 @@ from pfc_sweeps.errors import PFCError
 from pfc_sweeps.jobs.distributed import current
 
 __all__ = [
-    "Float64Features",
     "GlobalBatchNorm",
     "check_shard_sizes",
-    "metric_net",
     "rescale",
     "shard",
     "sync_batchnorm",
@@ -239,38 +237,6 @@ def shard(data: Any) -> Any:
     if current() is None:
         return data
     return ShardedData(data, current().rank, current().world)
-
-
-class Float64Features(nn.Module):
-    """``net`` for the metric pass with its features in float64, so that the tracker takes
-    its exact path (``train.metric_precision=float64``); ``classifier`` is ``net``'s."""
-
-    def __init__(self, net: nn.Module) -> None:
-        super().__init__()
-        self.net = net
-        self.classifier = net.classifier
-
-    def extract(self, x: Tensor) -> tuple[Tensor, list[Tensor], Tensor]:
-        """x -> logits (B, K), features [(B, *shape_l)] float64, classifier input (B, d_c)."""
-        if hasattr(self.net, "extract"):
-            logits, feats, clf_in = self.net.extract(x)
-        else:
-            logits, feats = self.net(x)
-            clf_in = feats[-1].flatten(1)
-        return logits, [f.double() for f in feats], clf_in.double()
-
-
-def metric_net(net: nn.Module, tr: Any) -> nn.Module:
-    """The network the metric pass reads (``train.metric_precision``).
-
-    Args:
-        net: the network.
-        tr: the ``train`` config.
-
-    Returns:
-        ``net`` (auto), or :class:`Float64Features` of it (float64).
-    """
-    return Float64Features(net) if tr.metric_precision == "float64" else net
 
 
 def table_kwargs() -> dict[str, Any]:

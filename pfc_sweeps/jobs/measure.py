@@ -80,13 +80,14 @@ def run_measure(cfg: Config, out_dir: Path, sink: ResultsSink, logger: RunLogger
     cache = metric_cache_bytes(net, data, split, int(tr.cache_gb * 2**30), device)
     with full_float32(), metric_errors(split):  # as in training: the same rows, same weights
         table, curves = collapse_table(
-            ddp.metric_net(net, tr),
+            net,
             ddp.shard(data),  # several ranks: each measures its batches of the pass
             split,
             data.num_classes,
             geodesic_ts=geodesic_ts(tr),
             cache_bytes=cache,
             batch=tr.eval_batch_size,
+            precision=tr.metric_precision,  # float64: the exact path
             **ddp.table_kwargs(),
         )
     rows = record_metrics(sink, table, curves, epoch, split)

@@ -261,13 +261,14 @@ class Trainer:
         cache = metric_cache_bytes(self.model, self.data, "train", self.cache_bytes, self.device)
         with full_float32(), metric_errors("train"):  # features in float32, whatever the options
             table, curves = collapse_table(
-                ddp.metric_net(self.model, tr),
+                self.model,
                 self.eval_data,
                 "train",
                 self.data.num_classes,
                 geodesic_ts=self.ts if (last or tr.geodesic_every_metrics) else None,
                 cache_bytes=cache,
                 batch=tr.eval_batch_size,
+                precision=tr.metric_precision,  # float64: the exact path
                 **ddp.table_kwargs(),
             )
         self.last_table = table
