@@ -39,6 +39,30 @@ def _features(model: nn.Module, x: Tensor) -> tuple[list[Tensor], Tensor]:
     return feats, feats[-1]
 
 
+def _own_classifier(feats: list[Tensor], clf_in: Tensor) -> bool:
+    """Whether the classifier reads the last studied layer's features (else its input is
+    tracked on its own, for NC3/NC4)."""
+    last = feats[-1].flatten(1)
+    return clf_in.shape == last.shape and bool(torch.equal(clf_in, last))
+
+
+@torch.no_grad()
+def feature_width(model: nn.Module, x: Tensor) -> int:
+    """Numbers per sample that the metric pass tracks (and would cache): Σ_l d_l over the
+    studied layers, plus the classifier's input when it is not the last layer's features.
+
+    Args:
+        model: the network, in the mode the pass uses (eval).
+        x: (B, ...) a batch of at least one input.
+
+    Returns:
+        The width Σ d (per sample).
+    """
+    feats, clf_in = _features(model, x)
+    own = _own_classifier(feats, clf_in)
+    return sum(h[0].numel() for h in feats) + (0 if own else clf_in[0].numel())
+
+
 @torch.no_grad()
 def collapse_table(
     model: nn.Module,
@@ -92,8 +116,7 @@ def _tracker(
 ) -> tuple[CollapseTracker, bool]:
     """The tracker of this measurement, and whether the classifier's input is the last
     layer's features (else it is fed as ``classifier_input``)."""
-    last = feats[-1].flatten(1)
-    own_clf = clf_in.shape == last.shape and bool(torch.equal(clf_in, last))
+    own_clf = _own_classifier(feats, clf_in)
     path = len(feats) - run_start([h.shape[1:] for h in feats]) >= 2
     tracker = CollapseTracker(
         num_classes,

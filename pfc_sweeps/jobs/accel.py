@@ -31,6 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from pfc_sweeps.choices import TRAIN_PRECISIONS
+from pfc_sweeps.collapse.network import feature_width
 
 __all__ = [
     "AUTOCAST_DTYPES",
@@ -149,16 +150,9 @@ def _feature_dims(model: nn.Module, data: Any, split: str) -> int:
     model.eval()
     try:
         with full_float32():
-            if hasattr(model, "extract"):  # pfc_sweeps.nets.hooks.FeatureNet
-                _, feats, clf_in = model.extract(x)
-            else:
-                _, feats = model(x)
-                clf_in = feats[-1]
+            return feature_width(model, x)
     finally:
         model.train(was_training)
-    last = feats[-1].flatten(1)
-    own = clf_in.shape == last.shape and bool(torch.equal(clf_in, last))
-    return sum(h[0].numel() for h in feats) + (0 if own else clf_in[0].numel())
 
 
 def metric_cache_bytes(
