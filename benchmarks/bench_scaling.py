@@ -8,7 +8,8 @@ side (best of --repeat interleaved rounds):
 - the tracker alone on the cached float32 features of that forward (all metrics: PFC1-3,
   NC1-4, 101-t geodesic curves, path quantities), i.e. what a cached metric pass adds;
 
-then fits the exponent p of time ~ x^p (least squares in log-log), prints one table, checks
+prints the ratio (forward + tracker) / forward next to its arithmetic floor (every
+multiply-add at the forward's rate: `floor_ratio`), then fits the exponent p of time ~ x^p (least squares in log-log), prints one table, checks
 that the tracker's state (two-pass mode, no feature cache) does not grow with N, and saves
 a log-log plot (PNG).
 
@@ -118,6 +119,16 @@ def one_point(n: int, d: int, layers: int, k: int, args, device) -> dict:
     return {**best, "state_mib": state / 2**20}
 
 
+def floor_ratio(d: int, layers: int, k: int) -> float:
+    """The cached pass / forward ratio if every multiply-add ran at the forward's rate: per
+    sample, the forward costs L d^2 + K d (blocks, classifier); the tracker K d per layer
+    (projections on the class means: NCC), min(d, K)^2 per layer (NC1's Z^T Z or d x d
+    scatter), and 2 K d once (the geodesic's mixed terms, the classifier's logits)."""
+    forward = layers * d * d + k * d
+    tracker = (layers + 1) * (k * d + min(d, k) ** 2) + 2 * k * d
+    return 1.0 + tracker / forward
+
+
 def fit(xs: list[float], ts: list[float]) -> float:
     """Exponent p of t ~ x^p (least squares on log t vs log x)."""
     return float(np.polyfit(np.log(xs), np.log(ts), 1)[0])
@@ -163,9 +174,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"bench_scaling: device {device}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} CPU threads, base {grid['base']}")  # fmt: skip
     results: dict[str, list[dict]] = {}
-    print(
-        f"{'axis':>6} {'value':>6} {'forward s':>10} {'tracker s':>10} {'ratio':>6} {'state MiB':>9}"
-    )
+    print(f"{'axis':>6} {'value':>6} {'forward s':>10} {'tracker s':>10} {'ratio':>6} "
+          f"{'floor':>6} {'state MiB':>9}")  # fmt: skip
     for axis in axes:
         results[axis] = []
         for v in grid[axis]:
@@ -174,8 +184,9 @@ def main(argv: list[str] | None = None) -> None:
             r["x"] = v
             results[axis].append(r)
             ratio = (r["forward"] + r["tracker"]) / r["forward"]
+            low = floor_ratio(point["d"], point["layers"], point["k"])
             print(f"{axis:>6} {v:>6} {r['forward']:>10.3f} {r['tracker']:>10.3f} "
-                  f"{ratio:>6.2f} {r['state_mib']:>9.2f}", flush=True)  # fmt: skip
+                  f"{ratio:>6.2f} {low:>6.2f} {r['state_mib']:>9.2f}", flush=True)  # fmt: skip
     print("\nfitted exponents, time ~ x^p (cached metric pass = forward + tracker):")
     print(f"{'axis':>6} {'p forward':>10} {'p tracker':>10}  expected")
     expect = {"n": "1, 1", "d": "2, <= 1", "layers": "1, 1", "k": "~0, >= 1 (K x K work)"}

@@ -384,9 +384,12 @@ def test_small_chunks_and_blocks_match_one_chunk(monkeypatch, dtype, cache):
         "cache_bytes": cache,
     }
     whole = run_tracker(hs, y, 4, splits=(40,), **kw)
-    # 6 elements per row: 3 rows per chunk (2 in float64 pass 1); 5 layers x width 12 per row
+    # 6 elements per row: 3 rows per chunk (2 in float64 pass 1); a block's per-row statistics:
+    # float64, 5 layers x width 12; float32 (kernels.FastKernel.row_elements), 3 S K + 2 K
+    # float32 and the K x K route's float64 Z (2 S K)
+    row = 5 * 12 if dtype == torch.float64 else (3 * 5 + 2) * 4 // 2 + 2 * 5 * 4
     monkeypatch.setattr(M, "_CPU_CHUNK_BYTES", 3 * 6 * dtype.itemsize)
-    monkeypatch.setattr(M, "_CPU_BLOCK_ELEMENTS", 7 * 5 * 12)
+    monkeypatch.setattr(M, "_CPU_BLOCK_ELEMENTS", 7 * row)
     monkeypatch.setattr(M, "_MIN_BLOCK_ROWS", 1)
     tracker = CollapseTracker(4, **kw)
     feed(tracker, hs, y, (40,))

@@ -11,7 +11,7 @@ import pytest
 import torch
 from helpers.reference import layer_metrics
 
-from pfc_sweeps.collapse import kernels
+from pfc_sweeps.collapse import kernels, stats
 from pfc_sweeps.collapse.kernels import Routes
 from pfc_sweeps.collapse.tracker import CollapseTracker
 from pfc_sweeps.results.schema import (
@@ -134,6 +134,24 @@ def test_float32_gram_products_within_bound(monkeypatch, cache_bytes):
     check(res, hs, y, 20, w, b, FAST_RTOL)
 
 
+@pytest.mark.parametrize(("k", "d", "n"), [(20, 64, 600), (300, 40, 1500)])
+@pytest.mark.parametrize("cache_bytes", [2**30, 0])
+def test_float32_far_from_the_origin_within_bound(k, d, n, cache_bytes):
+    """Features offset far from the origin (||m_c|| >> the within-class spread): the float32
+    path centres at the float32-rounded class means m' and undoes that rounding once per pass
+    (kernels.PassOffsets), so both routes stay within 1e-5 of the float64 oracle."""
+    hs, y, w, b = make_data(k, d, n, seed=1)
+    onehot = np.eye(k)[y]  # (N, K)
+    far = []
+    for h in hs:  # collapsed (residuals / 1000) around means 300 away: m' - m ~ 2e-5 ~ r / 50
+        means = (onehot.T @ h) / onehot.sum(0)[:, None]
+        h = 300.0 + means[y] + 1e-3 * (h - means[y])
+        far.append(h.astype(np.float32).astype(np.float64))  # the oracle sees the same data
+    hs = far
+    res = run(hs, y, k, w, b, torch.float32, cache_bytes)
+    check(res, hs, y, k, w, b, FAST_RTOL)
+
+
 def test_state_independent_of_n_at_many_classes():
     """K > d (the d x d route): the tracker's state (two passes, no cache) is the same for N
     and 2N samples."""
@@ -148,3 +166,25 @@ def test_state_independent_of_n_at_many_classes():
         tr.end_pass()
         states.append(tr.state_bytes)
     assert states[0] == states[1] > 0
+
+
+@pytest.mark.parametrize(("scale", "route"), [(1.0, "cholesky"), (1e-3, "eigh"), (0.0, "eigh")])
+def test_nc1_scatter_route_cholesky_and_eigh(monkeypatch, scale, route):
+    """nc1_from_scatter (K > d) inverts Sigma_B by Cholesky when it is well conditioned and
+    falls back to the eigendecomposition (pinv's cutoff) when it is ill conditioned (cond
+    ~1e7) or singular: both equal the float64 reference to 1e-9."""
+    k, d, n = 60, 20, 900
+    gen = np.random.default_rng(4)
+    y = np.concatenate([np.arange(k), gen.integers(0, k, size=n - k)])
+    mu = gen.normal(size=(k, d)) * np.r_[np.ones(d // 2), np.full(d - d // 2, scale)]
+    onehot = np.eye(k)[y]
+    noise = 0.3 * gen.normal(size=(n, d))
+    res = noise - ((onehot.T @ noise) / onehot.sum(0)[:, None])[y]  # sums to 0 in each class
+    h, means = mu[y] + res, mu  # the class means are mu: Sigma_B as scaled
+    calls = []
+    monkeypatch.setattr(
+        stats.torch.linalg, "eigh", lambda a, _e=torch.linalg.eigh: calls.append(1) or _e(a)
+    )
+    got = stats.nc1_from_scatter(n, torch.tensor(means - means.mean(0)), torch.tensor(res.T @ res))
+    assert float(got) == pytest.approx(layer_metrics(h, y, k)[NC1], rel=1e-9)
+    assert bool(calls) == (route == "eigh")

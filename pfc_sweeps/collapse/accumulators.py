@@ -30,7 +30,14 @@ from pfc_sweeps.collapse.inputs import (
     add_counts,
     one_hot,
 )
-from pfc_sweeps.collapse.kernels import F32, LayerMeans, Pass2Block, Routes, Workspace
+from pfc_sweeps.collapse.kernels import (
+    F32,
+    LayerMeans,
+    Pass2Block,
+    PassOffsets,
+    Routes,
+    Workspace,
+)
 from pfc_sweeps.collapse.metrics import (
     F64,
     effective_depth,
@@ -256,9 +263,17 @@ class WithinClass:
         self.trw += c.rr
         if c.z is not None:
             self.zz += torch.bmm(c.z, c.z.transpose(1, 2))  # (S_g, K, b) @ (S_g, b, K)
-        for i, part in c.scatter.items():
-            self.sw[i] += part
         self.correct += c.ncc_correct()
+
+    def add(self, scatter: dict[int, Tensor], offsets: PassOffsets | None) -> None:
+        """Add the kernel's summed d x d scatters, and its once-per-pass corrections."""
+        for i, part in scatter.items():
+            self.sw[i] += part
+        if offsets is not None:
+            self.trw += offsets.rr
+            self.zz += offsets.zz
+            for i, part in offsets.scatter.items():
+                self.sw[i] += part
 
     def sum_tensors(self) -> list[Tensor]:
         """[Tr Sigma_W sums (S,), Z^T Z (S_g, K, K), NCC hits (S,), scatters (d, d)...] for a
@@ -315,12 +330,9 @@ class GeodesicCurve:
         self.k = g0.shape[0]
 
     def update(self, c: Pass2Block) -> None:
-        k, last = self.k, c.own.shape[0] - 1
         self.cross += c.cross
-        mixed = c.extra[0][:k] + c.extra[last][:k]  # (K, b) u0 HtL^T + uL Ht0^T
-        self.correct += geodesic_ncc_correct(
-            self.smat, self.bern, c.own[0].T, mixed.T, c.own[last].T, c.y
-        )
+        p0, mixed, pl = c.geodesic  # (K, b) each: u0 Ht0^T, u0 HtL^T + uL Ht0^T, uL HtL^T
+        self.correct += geodesic_ncc_correct(self.smat, self.bern, p0.T, mixed.T, pl.T, c.y)
 
     def sum_tensors(self) -> list[Tensor]:
         """[cross term (), NCC hits along the curve (T',)] for a distributed all-reduce."""
@@ -363,8 +375,8 @@ class Classifier:
         self.k = k
 
     def update(self, c: Pass2Block) -> None:
-        last = c.own.shape[0] - 1
-        logits = c.extra[last][-self.k :].T + self.shift  # (b, K)
+        last = c.scores.shape[0] - 1
+        logits = c.logits.T + self.shift  # (b, K)
         self.disagree += (logits.argmax(dim=1) != c.ncc_pred(last)).sum()
 
     def sum_tensors(self) -> list[Tensor]:

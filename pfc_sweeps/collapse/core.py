@@ -398,8 +398,7 @@ class LayerRunTracker:
         kernel = ExactKernel if self._dtype == F64 else FastKernel
         routes = Routes.of(self._dims, self.num_classes)
         self._kernel = kernel(lm, self._ws, geodesic, routes)
-        width = max(r.shape[0] for r in lm.rhs)  # (S, rows, K + e) float64 per block
-        self._block_rows = block_rows(self._device, len(self._dims) * width)
+        self._block_rows = block_rows(self._device, self._kernel.row_elements)
         k, dev = self.num_classes, self._device
         self._counts2 = torch.zeros(k, dtype=F64, device=dev)
         self._accs["within"] = acc.WithinClass(self._dims, k, routes, dev)
@@ -412,12 +411,13 @@ class LayerRunTracker:
         ]
 
     def _finish_pass2(self) -> None:
-        self._reduce(("within", "geodesic", "classifier"), self._counts2)
         within = self._accs["within"]
-        for i, sw in within.sw.items():  # the fast path's r = h - m'_y: exact, once per pass
-            offset = self._kernel.scatter_offset(i, self._counts2)
-            if offset is not None:
-                sw += offset
+        within.add(self._kernel.take_scatter(), None)
+        self._reduce(("within", "geodesic", "classifier"), self._counts2)
+        offsets = self._kernel.offsets(self._counts2)  # the fast path's r = h - m'_y: exact
+        within.add({}, offsets)
+        if offsets is not None and offsets.cross is not None:
+            self._accs["geodesic"].cross += offsets.cross
         if not bool(torch.equal(self._counts2, self._accs["sums"].counts)):
             raise MetricInputError(
                 "pass 2 saw different data than pass 1: class counts "

@@ -88,10 +88,10 @@ def geodesic_bernstein_diag(gram0: Tensor, x01: Tensor, graml: Tensor) -> Tensor
     return torch.stack([torch.diagonal(gram0), 2.0 * torch.diagonal(x01), torch.diagonal(graml)])
 
 
-# decided-sample margins for the geodesic NCC: relative to each sample's score scale, far above
-# float64 rounding (~1e-15), so every decision agrees with the direct evaluation at any t
-_GEO_REL_MARGIN = 1e-9
-_GEO_DISC_SLACK = 1e-3
+# decided-sample margins for the geodesic NCC, by the dtype the test runs in: relative to each
+# sample's score scale, far above its rounding (float64 ~1e-15, float32 ~1e-7), so every
+# decision agrees with the direct float64 evaluation at any t
+_GEO_MARGINS = {torch.float64: (1e-9, 1e-3), torch.float32: (1e-4, 1e-2)}  # (rel, disc slack)
 
 
 def _geodesic_decided(bern: Tensor, lhs: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
@@ -103,13 +103,14 @@ def _geodesic_decided(bern: Tensor, lhs: Tensor, labels: Tensor) -> tuple[Tensor
     (c always beats y). Margins keep these decisions far from rounding and from ties.
     lhs (K, 3, b) holds p0, cross, pl class-major (the class axis first: fast reductions).
     """
-    coef = torch.addcmul(bern.T[:, :, None], lhs, lhs.new_tensor(-2.0))  # (K, 3, b) A, B, C
+    rel, slack = _GEO_MARGINS[lhs.dtype]
+    coef = torch.addcmul(bern.T[:, :, None].to(lhs.dtype), lhs, lhs.new_tensor(-2.0))  # (K,3,b)
     col = labels.view(1, 1, -1)
     own = coef.gather(0, col.expand(1, 3, -1))  # (1, 3, b)
     scale = coef.abs().amax(dim=(0, 1))  # (b,)
     qa, qb, qc = (coef - own).unbind(1)  # (K, b) each; zero in row y
-    m = _GEO_REL_MARGIN * scale
-    root = (qa * qc).clamp_min_(0).sqrt_().mul_(2.0 * (1.0 - _GEO_DISC_SLACK))
+    m = rel * scale
+    root = (qa * qc).clamp_min_(0).sqrt_().mul_(2.0 * (1.0 - slack))
     pos = (qa > m) & (qc > m) & (qb > -root)
     neg = (qa < -m) & (qc < -m) & (qb < root)
     row_y = labels.view(1, -1)
@@ -151,6 +152,7 @@ def geodesic_ncc_correct(
         if rest.numel() < b:
             lhs, labels, b = lhs.index_select(2, rest), labels.index_select(0, rest), rest.numel()
         undecided = None
+    lhs = lhs.to(score_matrix.dtype)  # the direct evaluation in float64
     rows = max(1, budget // max(t_count * k, 1))
     for s in range(0, b, rows):
         e = min(s + rows, b)

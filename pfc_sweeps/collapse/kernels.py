@@ -35,6 +35,7 @@ __all__ = [
     "FastKernel",
     "LayerMeans",
     "Pass2Block",
+    "PassOffsets",
     "Routes",
     "Workspace",
     "work_dtype",
@@ -102,45 +103,59 @@ class LayerMeans:
 
 @dataclass
 class Pass2Block:
-    """Pass-2 statistics of one block of rows, all layers, float64, class-major (S layers,
-    b rows, K classes; the K axis before the row axis, so reductions over classes are fast).
+    """Pass-2 statistics of one block of rows, all layers (S layers, b rows, K classes),
+    class-major (the K axis before the row axis, so reductions over classes are fast).
 
-    own (S, K, b) = <h - g, m_c - g>; z (S_g, K, b) = <h - m_y, m_c - g> (NC1's Z^T) of the
-    K x K route's layers; scatter[i] (d, d) = sum_i r r^T with r = h - m_y (exact path) or
-    h - m'_y (fast path; the tracker adds the exact correction once per pass) of the d x d
-    route's layers; rr (S,) = sum_i ||h_i - m_{y_i}||^2; extra[i] (e_i, b) = <h - g, extra rows
-    of layer i>; cross = sum_i <h0_i - m0_{y_i}, hL_i - mL_{y_i}> (geodesic only, else None).
+    scores (S, K, b) NCC scores ||h - m_c||^2 - ||h - g||^2 = G_cc - 2 <h - g, m_c - g>
+    (work dtype); z (S_g, K, b) = <h - m_y, m_c - g> (NC1's Z^T) of the K x K route's layers;
+    rr (S,) = sum_i ||h_i - m_{y_i}||^2; geodesic (p0, mixed, pL), each (K, b):
+    <h0 - g0, Ht0_c>, <h0 - g0, HtL_c> + <hL - gL, Ht0_c>, <hL - gL, HtL_c> (or None);
+    logits (K_w, b) = <hL - gL, W_c> (the classifier's, up to the per-class shift; or None);
+    cross = sum_i <h0_i - m0_{y_i}, hL_i - mL_{y_i}> (geodesic only, else None). The fast
+    kernel's rr, z and cross are those of r = h - m'_y; the tracker adds the exact correction
+    once per pass (:meth:`FastKernel.offsets`).
     """
 
     y: Tensor
-    own: Tensor
-    z: Tensor | None  # (S_g, K, b): the K x K route's layers only (Routes.gram)
+    scores: Tensor
+    z: Tensor | None
     rr: Tensor
-    extra: dict[int, Tensor]
+    geodesic: tuple[Tensor, Tensor, Tensor] | None
+    logits: Tensor | None
     cross: Tensor | None
-    gdiag: Tensor  # (S, K) diag G = ||m_c - g||^2
-    scatter: dict[int, Tensor]  # layer -> (d, d) sum of r r^T (the d x d route), float64
-
-    def ncc_scores(self) -> Tensor:
-        """(K, S, b) ||h - m_c||^2 - ||h - g||^2 = G_cc - 2 <h - g, m_c - g> (fresh tensor)."""
-        return torch.addcmul(
-            self.gdiag.T[:, :, None], self.own.transpose(0, 1), self.own.new_tensor(-2.0)
-        )
 
     def ncc_correct(self) -> Tensor:
         """(S,) int64: rows whose nearest class mean is their own class, per layer (ties ->
-        lowest class index, as argmin)."""
-        return ncc_correct_from_scores(self.ncc_scores(), self.y)
+        lowest class index, as argmin). ``scores`` is left as it was."""
+        scores = self.scores.transpose(0, 1)  # (K, S, b)
+        idx = self.y.view(1, 1, -1).expand(1, scores.shape[1], -1)
+        own = scores.gather(0, idx)
+        correct = ncc_correct_from_scores(scores, self.y)  # writes inf into the own slots
+        scores.scatter_(0, idx, own)
+        return correct
 
     def ncc_pred(self, layer: int) -> Tensor:
         """(b,) NCC prediction of one layer: argmin_c ||h - m_c||^2 (ties -> lowest index)."""
-        own = self.own[layer].T  # (b, K)
-        return (self.gdiag[layer] - 2.0 * own).argmin(dim=1)
+        return self.scores[layer].argmin(dim=0)
 
 
-#: device types where the fast path keeps NC1's K x K per-block products in float64 (CPUs:
-#: float64 costs them 2x only, and the tables stay as before); elsewhere they are float32
-#: (GPUs have 1/2-1/64 of their float32 rate in float64). docs/precision.md.
+@dataclass
+class PassOffsets:
+    """What the fast kernel adds to the summed pass-2 statistics once per pass (after any
+    all-reduce), from the class counts: the exact correction of centring at m' = float32
+    class means instead of m (the residuals of class c sum to -n_c delta_c, delta = m' - m).
+    rr (S,), zz (S_g, K, K), scatter {layer: (d, d)}, cross () or None; float64."""
+
+    rr: Tensor
+    zz: Tensor
+    scatter: dict[int, Tensor]
+    cross: Tensor | None
+
+
+#: device types where the fast path forms NC1's K x K per-block products Z^T Z in float64
+#: (CPUs: float64 costs them 2x only, and NC1 keeps ~4e-7 instead of ~4e-6 of the float64
+#: oracle); elsewhere they are float32 (GPUs have 1/2-1/64 of their float32 rate in float64).
+#: docs/precision.md.
 F64_GRAM_PRODUCTS_ON = ("cpu",)
 
 
@@ -160,6 +175,11 @@ class Routes:
             scatter=[i for i, d in enumerate(dims) if d < num_classes],
         )
 
+    @property
+    def all(self) -> list[int]:
+        """Every layer, either route."""
+        return sorted(self.gram + self.scatter)
+
     def take(self, x: Tensor, n_layers: int) -> Tensor:
         """The K x K route's rows of a per-layer stack (S, ...) (no copy when all are)."""
         return x if len(self.gram) == n_layers else x[self.gram]
@@ -168,11 +188,19 @@ class Routes:
 class ExactKernel:
     """Pass 2 in float64 (the oracle path): u = h - g, one matmul u rhs^T and one dot per
     layer; ||h - m_y||^2 = ||u||^2 - 2 <u, Ht_y> + G_yy and Z = u Ht^T - G[y] (exact
-    identities; rounding ~ eps64 (1 + 1/PFC1) relative)."""
+    identities; rounding ~ eps64 (1 + 1/PFC1) relative). The d x d route's scatter of
+    r = h - m_y is summed in float64 (:meth:`take_scatter`)."""
 
     def __init__(self, lm: LayerMeans, ws: Workspace, geodesic: bool, routes: Routes) -> None:
         self.lm, self.ws, self.geodesic, self.routes = lm, ws, geodesic, routes
         self.rhs = [r.contiguous() for r in lm.rhs]  # (K + e, d)
+        self.scatter = {i: lm.ht[i].new_zeros(lm.ht[i].shape[1], lm.ht[i].shape[1])
+                        for i in routes.scatter}  # fmt: skip
+
+    @property
+    def row_elements(self) -> int:
+        """float64 elements of per-row statistics a block holds: (S, K + e) projections."""
+        return len(self.rhs) * max(r.shape[0] for r in self.rhs)
 
     def pass2(self, layers: list[Tensor], y: Tensor) -> Pass2Block:
         """One block of rows (all layers), in chunks of at most ``ws.rows`` rows."""
@@ -180,7 +208,6 @@ class ExactKernel:
         projs: list[list[Tensor]] = [[] for _ in layers]  # per layer, per chunk (b, K + e)
         uu = torch.zeros(n_s, dtype=F64, device=y.device)
         cross = torch.zeros((), dtype=F64, device=y.device) if self.geodesic else None
-        scatter = {i: lm.ht[i].new_zeros(d, d) for i, d in self._scatter_dims(layers)}
         for s in range(0, y.shape[0], self.ws.rows):
             yc, ends = y[s : s + self.ws.rows], []
             for i, h in enumerate(layers):
@@ -189,9 +216,9 @@ class ExactKernel:
                 flat = u.view(-1)  # (b d,)
                 uu[i] += torch.dot(flat, flat)
                 projs[i].append((self.rhs[i] @ u.T).T)  # (b, K + e); the fast layout
-                if i in scatter:  # r = u - Ht_y = h - m_y (b, d)
+                if i in self.scatter:  # r = u - Ht_y = h - m_y (b, d)
                     r = torch.index_select(lm.ht[i], 0, yc, out=self.ws.get("r", hc.shape))
-                    scatter[i].addmm_(torch.sub(u, r, out=r).T, r)
+                    self.scatter[i].addmm_(torch.sub(u, r, out=r).T, r)
                 if i in (0, last):
                     ends.append(u)
             if cross is not None:
@@ -199,72 +226,83 @@ class ExactKernel:
                 cross += cross_within(ends[0], ends[-1], c01, c10, lm.x01, yc)
         proj = [torch.cat(p) if len(p) > 1 else p[0] for p in projs]  # (B, K + e) each
         own = torch.stack([p[:, :k] for p in proj])  # (S, B, K)
-        extra = {i: p[:, k:].T for i, p in enumerate(proj) if p.shape[1] > k}  # (e_i, B)
         gy = lm.gram.index_select(1, y)  # (S, B, K) rows G[y_i]
         col = y.view(1, -1, 1).expand(n_s, -1, 1)
         rr = uu - 2.0 * own.gather(2, col).sum((1, 2)) + gy.gather(2, col).sum((1, 2))
         take = self.routes.take
         z = (take(own, n_s) - take(gy, n_s)).transpose(1, 2) if self.routes.gram else None
-        return Pass2Block(y, own.transpose(1, 2), z, rr, extra, cross, lm.gdiag, scatter)
+        scores = torch.addcmul(lm.gdiag[:, None, :], own, own.new_tensor(-2.0)).transpose(1, 2)
+        geo = None
+        if self.geodesic:
+            mixed = (proj[0][:, k : 2 * k] + proj[last][:, k : 2 * k]).T  # (K, B)
+            geo = (own[0].T, mixed, own[last].T)
+        extra_l = proj[last].shape[1] - k - (k if self.geodesic else 0)
+        logits = proj[last][:, -extra_l:].T if extra_l else None  # (K_w, B)
+        return Pass2Block(y, scores, z, rr, geo, logits, cross)
 
-    def _scatter_dims(self, layers: list[Tensor]) -> list[tuple[int, int]]:
-        return [(i, layers[i].shape[1]) for i in self.routes.scatter]
+    def take_scatter(self) -> dict[int, Tensor]:
+        """The d x d route's summed scatters of this pass so far, float64 (then reset)."""
+        out = {i: s.clone() for i, s in self.scatter.items()}
+        for s in self.scatter.values():
+            s.zero_()
+        return out
 
-    def scatter_offset(self, i: int, counts: Tensor) -> Tensor | None:
-        """What to add to layer i's summed scatter once per pass (nothing: r = h - m_y)."""
+    def offsets(self, counts: Tensor) -> PassOffsets | None:
+        """Nothing to correct: r = h - m_y."""
         return None
 
 
+#: the fast kernel's float32 d x d scatters are flushed into float64 after this many rows
+#: (docs/precision.md "NC1's products")
+SCATTER_FLUSH_ROWS = 4096
+
+
 class FastKernel:
-    """Pass 2 in float32 with float64 statistics: r = h - m'_y (m' = float32 class means),
-    q = rhs r^T (float32 matmul), then in float64 <h - g, .> = q + ((m' - g) rhs^T)[y] and
-    <h - m_y, Ht_c> = q + (delta Ht^T)[y], delta = m' - m; ||h - m_y||^2 summed over a class
-    = sum ||r||^2 - n_y ||delta_y||^2 (exact: the residuals of a class sum to zero)."""
+    """Pass 2 in float32, float64 sums: r = h - m'_y (m' = float32 class means), projections
+    q = Ht r^T (float32 GEMMs; with the geodesic, one more onto Ht0 + HtL of r0 + rL gives the
+    mixed terms), NCC scores = (G_cc - 2 G[y])_c - 2 q in float32 (one row gather); sums of
+    ||r||^2, Z^T Z, r r^T and <r0, rL> in float64, corrected once per pass (:meth:`offsets`)."""
 
     def __init__(self, lm: LayerMeans, ws: Workspace, geodesic: bool, routes: Routes) -> None:
         self.lm, self.ws, self.geodesic, self.routes = lm, ws, geodesic, routes
         self.k = k = lm.gram.shape[-1]
-        self.ref32, self.rhs32, shift, dz, dn2, deltas = [], [], [], [], [], []
-        for i, (g, ht, rhs) in enumerate(zip(lm.g, lm.ht, lm.rhs, strict=True)):
-            ref32 = (ht + g).to(F32)  # (K, d) m'_c
-            delta = ref32.to(F64) - (ht + g)  # (K, d) m' - m, exact in float64
-            self.ref32.append(ref32)
-            self.rhs32.append(rhs.to(F32).contiguous())  # (K + e, d)
-            shift.append((ref32.to(F64) - g) @ rhs.T)  # (K, K + e)
-            if i in routes.gram:  # (K, K) the K x K route's correction of Z
-                dz.append(delta @ ht.T)
-            dn2.append(delta.square().sum(1))  # (K,)
-            deltas.append(delta)
-        self.width = max(r.shape[0] for r in self.rhs32)  # rows of the widest rhs
-        # shifts indexed [.., column c, row class y] so that index_select(-1, y) is class-major
-        self.shift_own = torch.stack([s[:, :k].T for s in shift]).contiguous()  # (S, K, K)
-        self.shift_extra = {
-            i: s[:, k:].T.contiguous() for i, s in enumerate(shift) if s.shape[1] > k
-        }
-        self.dz = (  # (S_g, K, K)
-            torch.stack(dz).transpose(1, 2).contiguous() if dz else lm.gram.new_zeros(0, k, k)
-        )
-        self.dn2 = torch.stack(dn2)  # (S, K)
-        self.deltas = {i: deltas[i] for i in routes.scatter}  # (K, d) m' - m
+        n_s, last = len(lm.g), len(lm.g) - 1
+        means = [ht + g for g, ht in zip(lm.g, lm.ht, strict=True)]  # (K, d) float64
+        self.ref32 = [m.to(F32) for m in means]  # (K, d) m'_c
+        self.deltas = [r.to(F64) - m for r, m in zip(self.ref32, means, strict=True)]  # m' - m
+        self.ht32 = [ht.to(F32) for ht in lm.ht]  # (K, d)
+        # score table (K_y, S * K): a[y, s, c] = G_cc - 2 G[y, c] of layer s
+        self.a32 = (lm.gdiag[:, None, :] - 2.0 * lm.gram).to(F32).transpose(0, 1).reshape(k, -1)
+        self.sum32 = self.mx32 = self.w32 = self.hw32 = None
+        if geodesic:  # <r0 + rL, Ht0 + HtL> - q0 - qL = the mixed terms of r
+            self.sum32 = (lm.ht[0] + lm.ht[last]).to(F32)
+            self.mx32 = (lm.x01 + lm.x01.T).to(F32)  # (K_y, K) their shift
+        extra = lm.rhs[last].shape[0] - k - (k if geodesic else 0)
+        if extra:  # the classifier's rows W (K_w, d) and their shift <m_y - g, W_c>
+            w = lm.rhs[last][-extra:]
+            self.w32 = w.to(F32)
+            self.hw32 = self.ht32[last] @ self.w32.T  # float32: the logits are float32
+        self.scatter32 = {i: self.ht32[i].new_zeros(self.ht32[i].shape[1], self.ht32[i].shape[1])
+                          for i in routes.scatter}  # fmt: skip
+        self._scatter_rows = 0
+        self.scatter = {i: lm.ht[i].new_zeros(self.scatter32[i].shape) for i in routes.scatter}
+        self._last = last if n_s > 1 else 0
         self.z_dtype = F64 if lm.gram.device.type in F64_GRAM_PRODUCTS_ON else F32
-        self.dz_z = self.dz.to(self.z_dtype)
-        # (K,) <delta0_c, deltaL_c> (geodesic: layers 0 and L share one width)
-        self.dd = (deltas[0] * deltas[-1]).sum(1) if geodesic else None
 
-    def scatter_offset(self, i: int, counts: Tensor) -> Tensor:
-        """-sum_c n_c delta_c delta_c^T (d, d): makes layer i's summed r r^T (r = h - m'_y)
-        the scatter of h - m_y, exactly (the residuals of a class sum to -n_c delta_c)."""
-        delta = self.deltas[i]  # (K, d)
-        return -(delta.T * counts) @ delta
+    @property
+    def row_elements(self) -> int:
+        """Per-row statistics a block holds, in float64 elements: float32 projections, scores
+        and gathered table rows (3 S K), extra rows (<= 2 K), float64 Z (2 S_g K on CPU)."""
+        n_s, n_g = len(self.ref32), len(self.routes.gram) if self.z_dtype == F64 else 0
+        return (3 * n_s + 2) * self.k // 2 + 2 * n_g * self.k
 
-    def _chunk(
-        self, layers: list[Tensor], y: Tensor, s: int, scatter: dict[int, Tensor]
-    ) -> tuple[Tensor, ...]:
-        """One chunk, rows s..: q (S, width, b) = rhs r^T, ||r|| (S, b)[, <r0, rL> (b,)];
-        adds r^T r (float32 product, float64 sum) into scatter[i] for the d x d route."""
+    def _chunk(self, layers: list[Tensor], y: Tensor, s: int) -> tuple[Tensor, ...]:
+        """One chunk, rows s..: q (S, K, b) = Ht r^T, ||r|| (S, b), then with the geodesic
+        <r0 + rL, Ht0 + HtL> (K, b) and <r0, rL> (b,), with a classifier W rL^T (K_w, b);
+        adds r^T r into the float32 scatters of the d x d route."""
         n_s, e = len(layers), min(s + self.ws.rows, y.shape[0])
         yc = y[s:e]
-        q32 = torch.empty(n_s, self.width, e - s, dtype=F32, device=y.device)
+        q = torch.empty(n_s, self.k, e - s, dtype=F32, device=y.device)
         sq = torch.empty(n_s, e - s, dtype=F32, device=y.device)
         r0 = r = None
         for i, h in enumerate(layers):
@@ -272,40 +310,76 @@ class FastKernel:
             torch.index_select(self.ref32[i], 0, yc, out=r)
             torch.sub(h[s:e], r, out=r)  # h - m'_y (one rounding)
             torch.linalg.vector_norm(r, dim=1, out=sq[i])
-            rhs = self.rhs32[i]  # (K + e, d) @ (d, b): the fast layout on CPU
-            torch.mm(rhs, r.T, out=q32[i, : rhs.shape[0]])
-            if i in scatter:
-                scatter[i] += torch.mm(r.T, r)  # (d, d): centred rows, float32 product
+            torch.mm(self.ht32[i], r.T, out=q[i])  # (K, d) @ (d, b): the fast layout on CPU
+            if i in self.scatter32:
+                self.scatter32[i].addmm_(r.T, r)  # (d, d): centred rows, float32
             r0 = r if i == 0 else r0
+        out = [q, sq]
         if self.geodesic:
-            return q32, sq, torch.linalg.vecdot(r0, r, dim=1)  # (b,)
-        return q32, sq
+            v = torch.add(r0, r, out=self.ws.get("v", r.shape))
+            out += [torch.mm(self.sum32, v.T), torch.linalg.vecdot(r0, r, dim=1)]
+        if self.w32 is not None:
+            out.append(torch.mm(self.w32, r.T))
+        return tuple(out)
 
     def pass2(self, layers: list[Tensor], y: Tensor) -> Pass2Block:
         """One block of rows (all layers): the (b, d) work in chunks of ``ws.rows`` rows,
-        the float64 statistics once per block."""
-        k, n_s = self.k, len(layers)
-        scatter = {i: self.lm.ht[i].new_zeros(d, d) for i, d in self._scatter_dims(layers)}
-        parts = [self._chunk(layers, y, s, scatter) for s in range(0, y.shape[0], self.ws.rows)]
-        q32, sq, *dots = (
+        the float64 sums once per block."""
+        k, n_s, last = self.k, len(layers), self._last
+        parts = [self._chunk(layers, y, s) for s in range(0, y.shape[0], self.ws.rows)]
+        q, sq, *rest = (
             torch.cat(p, dim=-1) if len(parts) > 1 else p[0] for p in zip(*parts, strict=True)
         )
-        # q32 (S, width, B): only the first K + e_i rows of layer i are set; widen to float64
-        # only the rows that are used (the K rows of every layer, the e_i extra rows of i)
-        qk = q32[:, :k].to(F64)  # (S, K, B)
-        z = None
-        if self.routes.gram:  # (S_g, K, B) <h - m_y, m_c - g>: centred, float32 products
-            qz = self.routes.take(qk if self.z_dtype == F64 else q32[:, :k], n_s)
-            z = qz + self.dz_z.index_select(2, y)
-        own = qk.add_(self.shift_own.index_select(2, y))  # (S, K, B) <h - g, m_c - g>
-        rr = sq.to(F64).square().sum(1) - self.dn2.index_select(1, y).sum(1)  # (S,)
-        extra = {
-            i: q32[i, k : k + sh.shape[0]].to(F64) + sh.index_select(1, y)  # (e_i, B)
-            for i, sh in self.shift_extra.items()
-        }
-        cross = None
-        if self.geodesic:  # sum <r0, rL> - sum_i <delta0_y, deltaL_y>
-            cross = dots[0].to(F64).sum() - self.dd.index_select(0, y).sum()
-        return Pass2Block(y, own, z, rr, extra, cross, self.lm.gdiag, scatter)
+        self._count_scatter_rows(y.shape[0])
+        z = self.routes.take(q, n_s) if self.routes.gram else None  # (S_g, K, B) centred
+        if z is not None and self.z_dtype == F64:
+            z = z.to(F64)  # fresh: NC1's K x K products in float64 (F64_GRAM_PRODUCTS_ON)
+        geo = cross = logits = None
+        if self.geodesic:
+            qsum, dot = rest[0], rest[1]
+            mixed = qsum.sub_(q[0]).sub_(q[last]).add_(self.mx32.index_select(0, y).T)
+            cross = dot.to(F64).sum()
+        if self.w32 is not None:
+            logits = rest[-1].add_(self.hw32.index_select(0, y).T)  # (K_w, B)
+        scores = q.mul(-2.0) if z is q else q.mul_(-2.0)  # z must stay centred
+        scores.add_(self.a32.index_select(0, y).view(-1, n_s, k).permute(1, 2, 0))
+        if self.geodesic:  # <h - g, Ht_c> = (G_cc - score_c) / 2 at both ends
+            ends = [(self.lm.gdiag[i, :, None].to(F32) - scores[i]).mul_(0.5) for i in (0, last)]
+            geo = (ends[0], mixed, ends[1])
+        rr = sq.to(F64).square().sum(1)  # (S,)
+        return Pass2Block(y, scores, z, rr, geo, logits, cross)
 
-    _scatter_dims = ExactKernel._scatter_dims
+    def _count_scatter_rows(self, rows: int) -> None:
+        self._scatter_rows += rows
+        if self._scatter_rows >= SCATTER_FLUSH_ROWS:
+            self._flush_scatter()
+
+    def _flush_scatter(self) -> None:
+        for i, s32 in self.scatter32.items():
+            self.scatter[i] += s32
+            s32.zero_()
+        self._scatter_rows = 0
+
+    def take_scatter(self) -> dict[int, Tensor]:
+        """The d x d route's summed scatters of r = h - m'_y so far, float64 (then reset)."""
+        self._flush_scatter()
+        return ExactKernel.take_scatter(self)
+
+    def offsets(self, counts: Tensor) -> PassOffsets:
+        """The exact correction of centring at m' instead of m, from the class counts (K,):
+        the residuals of class c sum to -n_c delta_c, delta = m' - m, so e.g.
+        sum (h - m_y)(h - m_y)^T = sum r r^T - sum_c n_c delta_c delta_c^T."""
+        dn2 = torch.stack([(d.square().sum(1) * counts).sum() for d in self.deltas])  # (S,)
+        # the d x d and K x K corrections are O(u^2) of the sums: float32 products suffice
+        n32, d32 = counts.to(F32), {i: self.deltas[i].to(F32) for i in self.routes.all}
+        dz = {i: d32[i] @ self.ht32[i].T for i in self.routes.gram}  # (K, K) delta Ht'^T
+        zz = [(dz[i].T * n32) @ dz[i] for i in self.routes.gram]
+        cross = None
+        if self.geodesic:
+            cross = -((self.deltas[0] * self.deltas[self._last]).sum(1) * counts).sum()
+        return PassOffsets(
+            rr=-dn2,
+            zz=-torch.stack(zz).to(F64) if zz else counts.new_zeros(0, self.k, self.k),
+            scatter={i: ((d32[i].T * n32) @ d32[i]).to(F64).neg_() for i in self.scatter},
+            cross=cross,
+        )
