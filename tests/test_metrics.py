@@ -416,7 +416,7 @@ def test_metrics_on_gpu_match_cpu():
 
 def test_geodesic_frobenius_route_equals_the_matrices(monkeypatch):
     """At many classes the curve's PFC2(t) comes from 3 x 3 Frobenius products instead of
-    the (T, K, K) G(t): both give the same curve (geodesic.GEO_FROBENIUS_MIN_K)."""
+    the (T, K, K) G(t): both give the same curve (stats.FROBENIUS_MIN_K)."""
     gen = torch.Generator().manual_seed(7)
     y = torch.arange(120) % 6
     h0 = torch.randn(6, 5, generator=gen, dtype=torch.float64)[y] + torch.randn(
@@ -425,7 +425,25 @@ def test_geodesic_frobenius_route_equals_the_matrices(monkeypatch):
     hl = h0 + torch.randn(6, 5, generator=gen, dtype=torch.float64)[y]
     ts = torch.linspace(0, 1, 11)
     matrices = oneshot.geodesic_curve(h0, hl, y, 6, ts)
-    monkeypatch.setattr(G, "GEO_FROBENIUS_MIN_K", 2)
+    monkeypatch.setattr(G, "FROBENIUS_MIN_K", 2)
     frobenius = oneshot.geodesic_curve(h0, hl, y, 6, ts)
     for key, value in matrices.items():
         torch.testing.assert_close(frobenius[key], value, rtol=1e-10, atol=1e-13)
+
+
+@pytest.mark.parametrize("spread", [1.0, 1e-3])
+def test_pfc2_frobenius_route_equals_the_matrix(monkeypatch, spread):
+    """From FROBENIUS_MIN_K classes on, PFC2 = sqrt(2 - 2 <G, E>/||G||) instead of the matrix
+    ||G/||G|| - E||: both agree to 1e-9 relative, near an ETF (PFC2 ~ 1e-3) too."""
+    import pfc_sweeps.collapse.stats as S
+
+    k, gen = 7, torch.Generator().manual_seed(11)
+    etf = torch.eye(k, dtype=torch.float64) - 1.0 / k  # rows: a simplex ETF's vertices
+    ht = etf + spread * torch.randn(k, k, generator=gen, dtype=torch.float64)
+    ht -= ht.mean(0)
+    gram = (ht @ ht.T)[None]  # (1, K, K)
+    matrix = S.pfc2_from_gram(gram)
+    monkeypatch.setattr(S, "FROBENIUS_MIN_K", 2)
+    frobenius = S.pfc2_from_gram(gram)
+    assert float(matrix) > (1e-4 if spread < 1 else 0.1)
+    torch.testing.assert_close(frobenius, matrix, rtol=1e-9, atol=0)

@@ -188,3 +188,31 @@ def test_nc1_scatter_route_cholesky_and_eigh(monkeypatch, scale, route):
     got = stats.nc1_from_scatter(n, torch.tensor(means - means.mean(0)), torch.tensor(res.T @ res))
     assert float(got) == pytest.approx(layer_metrics(h, y, k)[NC1], rel=1e-9)
     assert bool(calls) == (route == "eigh")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_one_run_tracker_with_both_routes(dtype):
+    """A LayerRunTracker over layers of different widths (8 < K = 12 <= 30: the d x d route,
+    then the K x K route) gives every layer's PFC1-3 and NC1 of the float64 reference."""
+    from pfc_sweeps.collapse.core import LayerRunTracker
+
+    k, n = 12, 480
+    gen = np.random.default_rng(5)
+    y = np.concatenate([np.arange(k), gen.integers(0, k, size=n - k)])
+    hs = [gen.normal(size=(k, d))[y] + 0.7 * gen.normal(size=(n, d)) for d in (8, 30)]
+    tr = LayerRunTracker(k, cache_bytes=0)
+    for _ in range(2):
+        for s in range(0, n, 100):
+            tr.update(
+                [torch.tensor(h[s : s + 100], dtype=dtype) for h in hs],
+                torch.tensor(y[s : s + 100]),
+            )
+        tr.end_pass()
+    tab = tr.compute().table.set_index(["layer", "metric"])["value"]
+    rtol = 1e-9 if dtype == torch.float64 else FAST_RTOL
+    for layer, h in enumerate(hs):
+        want = layer_metrics(
+            h.astype(np.float32).astype(np.float64) if dtype == torch.float32 else h, y, k
+        )
+        for key in (PFC1, PFC2, PFC3, NC1):
+            assert tab[(layer, key)] == pytest.approx(want[key], rel=rtol), (layer, key)

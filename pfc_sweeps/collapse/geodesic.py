@@ -14,7 +14,7 @@ from pfc_sweeps.collapse.inputs import (
     F64,
     DegenerateFeaturesError,
 )
-from pfc_sweeps.collapse.stats import ncc_correct_from_scores, pfc_from_stats
+from pfc_sweeps.collapse.stats import FROBENIUS_MIN_K, ncc_correct_from_scores, pfc_from_stats
 from pfc_sweeps.results.schema import (
     PFC1,
     PFC2,
@@ -193,7 +193,7 @@ def geodesic_from_stats(
     coef = geodesic_coefficients(ts.to(g0.device))  # (T, 3)
     trw = coef[:, 0] * trw0 + 2.0 * coef[:, 1] * trw_cross + coef[:, 2] * trwl  # (T,)
     k = g0.shape[0]
-    if k >= GEO_FROBENIUS_MIN_K:
+    if k >= FROBENIUS_MIN_K:
         return _geodesic_from_frobenius(n, coef, trw, g0, x01, gl, correct)
     step = max(1, _GEO_SCORE_ELEMENTS // (k * k))  # G(t) for a block of t at a time
     parts = []
@@ -205,11 +205,6 @@ def geodesic_from_stats(
             raise DegenerateFeaturesError(f"on the geodesic curve: {err}") from None
         parts.append(out)
     return {key: torch.cat([p[key] for p in parts]) for key in PFC_METRICS}
-
-
-#: from this many classes on, the geodesic curve's PFC2(t) comes from 3 x 3 Frobenius inner
-#: products (no (T, K, K) G(t)): T K^2 work per pass would otherwise rival the pass itself
-GEO_FROBENIUS_MIN_K = 256
 
 
 def _geodesic_from_frobenius(

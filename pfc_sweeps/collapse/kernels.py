@@ -258,10 +258,13 @@ SCATTER_FLUSH_ROWS = 4096
 
 
 class FastKernel:
-    """Pass 2 in float32, float64 sums: r = h - m'_y (m' = float32 class means), projections
-    q = Ht r^T (float32 GEMMs; with the geodesic, one more onto Ht0 + HtL of r0 + rL gives the
-    mixed terms), NCC scores = (G_cc - 2 G[y])_c - 2 q in float32 (one row gather); sums of
-    ||r||^2, Z^T Z, r r^T and <r0, rL> in float64, corrected once per pass (:meth:`offsets`)."""
+    """Pass 2 in float32, float64 sums. Per row and layer: r = h - m'_y (m' = float32 class
+    means) for ||r||^2 and NC1, and a float32 GEMM projection q on Ht. The K x K route's
+    layers project r (NC1's Z must be centred; the NCC scores (G_cc - 2 G[y])_c - 2 q then
+    need one row gather), the d x d route's project u = h - g' (scores G_cc - 2 q, no
+    gather). With the geodesic, one more projection of x0 + xL on Ht0 + HtL gives the mixed
+    terms. Sums of ||r||^2, Z^T Z, r r^T and <r0, rL> are float64, corrected once per pass
+    (:meth:`offsets`)."""
 
     def __init__(self, lm: LayerMeans, ws: Workspace, geodesic: bool, routes: Routes) -> None:
         self.lm, self.ws, self.geodesic, self.routes = lm, ws, geodesic, routes
@@ -269,24 +272,28 @@ class FastKernel:
         n_s, last = len(lm.g), len(lm.g) - 1
         means = [ht + g for g, ht in zip(lm.g, lm.ht, strict=True)]  # (K, d) float64
         self.ref32 = [m.to(F32) for m in means]  # (K, d) m'_c
+        self.g32 = [g.to(F32) for g in lm.g]  # (d,) g'
         self.deltas = [r.to(F64) - m for r, m in zip(self.ref32, means, strict=True)]  # m' - m
         self.ht32 = [ht.to(F32) for ht in lm.ht]  # (K, d)
-        # score table (K_y, S * K): a[y, s, c] = G_cc - 2 G[y, c] of layer s
-        self.a32 = (lm.gdiag[:, None, :] - 2.0 * lm.gram).to(F32).transpose(0, 1).reshape(k, -1)
+        self.gdiag32 = lm.gdiag.to(F32)[:, :, None]  # (S, K, 1)
+        g = routes.gram  # score table (K_y, S_g * K): a[y, j, c] = G_cc - 2 G[y, c], layer g[j]
+        a32 = torch.empty(k, len(g), k, dtype=F32, device=lm.gram.device)
+        a32.copy_(routes.take(lm.gram, n_s).transpose(0, 1)).mul_(-2.0)
+        self.a32 = a32.add_(routes.take(lm.gdiag, n_s).to(F32)).view(k, -1)
+        self._last = last if n_s > 1 else 0
+        self.centred_ends = self._last in g
         self.sum32 = self.mx32 = self.w32 = self.hw32 = None
-        if geodesic:  # <r0 + rL, Ht0 + HtL> - q0 - qL = the mixed terms of r
+        if geodesic:  # <x0 + xL, Ht0 + HtL> - q0 - qL = the mixed terms of x
             self.sum32 = (lm.ht[0] + lm.ht[last]).to(F32)
-            self.mx32 = (lm.x01 + lm.x01.T).to(F32)  # (K_y, K) their shift
+            self.mx32 = (lm.x01 + lm.x01.T).to(F32) if self.centred_ends else None  # (K_y, K)
         extra = lm.rhs[last].shape[0] - k - (k if geodesic else 0)
-        if extra:  # the classifier's rows W (K_w, d) and their shift <m_y - g, W_c>
-            w = lm.rhs[last][-extra:]
-            self.w32 = w.to(F32)
-            self.hw32 = self.ht32[last] @ self.w32.T  # float32: the logits are float32
+        if extra:  # the classifier's rows W (K_w, d) (and for r, the shift <m_y - g, W_c>)
+            self.w32 = lm.rhs[last][-extra:].to(F32)
+            self.hw32 = self.ht32[last] @ self.w32.T if self.centred_ends else None
         self.scatter32 = {i: self.ht32[i].new_zeros(self.ht32[i].shape[1], self.ht32[i].shape[1])
                           for i in routes.scatter}  # fmt: skip
         self._scatter_rows = 0
         self.scatter = {i: lm.ht[i].new_zeros(self.scatter32[i].shape) for i in routes.scatter}
-        self._last = last if n_s > 1 else 0
         self.z_dtype = F64 if lm.gram.device.type in F64_GRAM_PRODUCTS_ON else F32
 
     @property
@@ -297,35 +304,39 @@ class FastKernel:
         return (3 * n_s + 2) * self.k // 2 + 2 * n_g * self.k
 
     def _chunk(self, layers: list[Tensor], y: Tensor, s: int) -> tuple[Tensor, ...]:
-        """One chunk, rows s..: q (S, K, b) = Ht r^T, ||r|| (S, b), then with the geodesic
-        <r0 + rL, Ht0 + HtL> (K, b) and <r0, rL> (b,), with a classifier W rL^T (K_w, b);
-        adds r^T r into the float32 scatters of the d x d route."""
+        """One chunk, rows s..: q (S, K, b) = Ht x^T (x = r or u by route), ||r|| (S, b), then
+        with the geodesic <x0 + xL, Ht0 + HtL> (K, b) and <r0, rL> (b,), with a classifier
+        W xL^T (K_w, b); adds r^T r into the float32 scatters of the d x d route."""
         n_s, e = len(layers), min(s + self.ws.rows, y.shape[0])
-        yc = y[s:e]
+        yc, ws = y[s:e], self.ws
         q = torch.empty(n_s, self.k, e - s, dtype=F32, device=y.device)
         sq = torch.empty(n_s, e - s, dtype=F32, device=y.device)
-        r0 = r = None
+        r0 = x0 = r = x = None
         for i, h in enumerate(layers):
-            r = self.ws.get("x0" if i == 0 else "a", (e - s, h.shape[1]))  # (b, d) float32
+            shape = (e - s, h.shape[1])
+            r = ws.get("x0" if i == 0 else "a", shape)  # (b, d) float32
             torch.index_select(self.ref32[i], 0, yc, out=r)
             torch.sub(h[s:e], r, out=r)  # h - m'_y (one rounding)
             torch.linalg.vector_norm(r, dim=1, out=sq[i])
-            torch.mm(self.ht32[i], r.T, out=q[i])  # (K, d) @ (d, b): the fast layout on CPU
             if i in self.scatter32:
                 self.scatter32[i].addmm_(r.T, r)  # (d, d): centred rows, float32
-            r0 = r if i == 0 else r0
+                x = torch.sub(h[s:e], self.g32[i], out=ws.get("u0" if i == 0 else "u", shape))
+            else:
+                x = r
+            torch.mm(self.ht32[i], x.T, out=q[i])  # (K, d) @ (d, b): the fast layout on CPU
+            r0, x0 = (r, x) if i == 0 else (r0, x0)
         out = [q, sq]
         if self.geodesic:
-            v = torch.add(r0, r, out=self.ws.get("v", r.shape))
+            v = torch.add(x0, x, out=ws.get("v", x.shape))
             out += [torch.mm(self.sum32, v.T), torch.linalg.vecdot(r0, r, dim=1)]
         if self.w32 is not None:
-            out.append(torch.mm(self.w32, r.T))
+            out.append(torch.mm(self.w32, x.T))
         return tuple(out)
 
     def pass2(self, layers: list[Tensor], y: Tensor) -> Pass2Block:
         """One block of rows (all layers): the (b, d) work in chunks of ``ws.rows`` rows,
         the float64 sums once per block."""
-        k, n_s, last = self.k, len(layers), self._last
+        n_s, last = len(layers), self._last
         parts = [self._chunk(layers, y, s) for s in range(0, y.shape[0], self.ws.rows)]
         q, sq, *rest = (
             torch.cat(p, dim=-1) if len(parts) > 1 else p[0] for p in zip(*parts, strict=True)
@@ -337,17 +348,36 @@ class FastKernel:
         geo = cross = logits = None
         if self.geodesic:
             qsum, dot = rest[0], rest[1]
-            mixed = qsum.sub_(q[0]).sub_(q[last]).add_(self.mx32.index_select(0, y).T)
+            mixed = qsum.sub_(q[0]).sub_(q[last])  # (K, B)
+            if self.mx32 is not None:
+                mixed.add_(self.mx32.index_select(0, y).T)
             cross = dot.to(F64).sum()
         if self.w32 is not None:
-            logits = rest[-1].add_(self.hw32.index_select(0, y).T)  # (K_w, B)
-        scores = q.mul(-2.0) if z is q else q.mul_(-2.0)  # z must stay centred
-        scores.add_(self.a32.index_select(0, y).view(-1, n_s, k).permute(1, 2, 0))
+            logits = rest[-1]  # (K_w, B)
+            if self.hw32 is not None:
+                logits.add_(self.hw32.index_select(0, y).T)
+        scores = self._scores(q, z is q, y)
         if self.geodesic:  # <h - g, Ht_c> = (G_cc - score_c) / 2 at both ends
-            ends = [(self.lm.gdiag[i, :, None].to(F32) - scores[i]).mul_(0.5) for i in (0, last)]
+            ends = [(self.gdiag32[i] - scores[i]).mul_(0.5) for i in (0, last)]
             geo = (ends[0], mixed, ends[1])
         rr = sq.to(F64).square().sum(1)  # (S,)
         return Pass2Block(y, scores, z, rr, geo, logits, cross)
+
+    def _scores(self, q: Tensor, keep: bool, y: Tensor) -> Tensor:
+        """(S, K, B) NCC scores from the projections: G_cc - 2 q on the d x d route's layers
+        (q of u), (G_cc - 2 G[y])_c - 2 q on the K x K route's (q of r; one row gather)."""
+        scores = q.mul(-2.0) if keep else q.mul_(-2.0)  # q itself may be Z: keep it centred
+        gram, n_s = self.routes.gram, scores.shape[0]
+        if not gram:
+            return scores.add_(self.gdiag32)
+        shift = self.a32.index_select(0, y).view(-1, len(gram), self.k).permute(1, 2, 0)
+        if len(gram) == n_s:
+            return scores.add_(shift)
+        for j, i in enumerate(gram):
+            scores[i].add_(shift[j])
+        for i in self.routes.scatter:
+            scores[i].add_(self.gdiag32[i])
+        return scores
 
     def _count_scatter_rows(self, rows: int) -> None:
         self._scatter_rows += rows

@@ -202,16 +202,42 @@ def pfc_from_stats(n: int, trw_sum: Tensor, gram: Tensor, correct: Tensor) -> di
         raise DegenerateFeaturesError(
             "Tr(Sigma_B) = 0: all class means coincide, PFC1 and PFC2 are undefined"
         )
-    gnorm = torch.linalg.matrix_norm(gram)  # (T,) Frobenius
-    etf = simplex_etf(k, device=gram.device)
-    pfc2 = torch.linalg.matrix_norm(gram / gnorm[:, None, None] - etf)
     return {
         PFC1: tr_sw / tr_sb,
-        PFC2: pfc2,
+        PFC2: pfc2_from_gram(gram),
         PFC3: correct.to(F64) / n,
         TR_SW: tr_sw,
         TR_SB: tr_sb,
     }
+
+
+#: from this many classes on, PFC2 (per layer and along the geodesic) comes from Frobenius
+#: inner products instead of the (K, K) matrix G/||G|| - E: several K x K passes per layer
+#: would rival the pass itself
+FROBENIUS_MIN_K = 256
+
+
+def pfc2_from_gram(gram: Tensor) -> Tensor:
+    """PFC2 = ||G/||G||_F - E||_F, E the unit-norm simplex ETF (paper eq. 8), batched.
+
+    Paper eq. 8; docs/metrics.md "The three PFC metrics". From FROBENIUS_MIN_K classes on,
+    ||G/||G|| - E||^2 = 2 - 2 <G, E>/||G|| with <G, E> = (Tr G - 1^T G 1 / K)/sqrt(K - 1):
+    rounding ~ eps / PFC2^2 relative (below 1e-8 for PFC2 > 1e-4).
+
+    Args:
+        gram: (T, K, K) float64 Grams G = Ht Ht^T.
+
+    Returns:
+        (T,) float64.
+    """
+    k = gram.shape[-1]
+    gnorm = torch.linalg.matrix_norm(gram)  # (T,) Frobenius
+    if k >= FROBENIUS_MIN_K:
+        trace = torch.diagonal(gram, dim1=-2, dim2=-1).sum(-1)
+        inner = (trace - gram.sum((-2, -1)) / k) / math.sqrt(k - 1)
+        return (2.0 - 2.0 * inner / gnorm).clamp_min(0).sqrt()
+    etf = simplex_etf(k, device=gram.device)
+    return torch.linalg.matrix_norm(gram / gnorm[:, None, None] - etf)
 
 
 def _pinv_diag(lam: Tensor, size: int, power: int = 1) -> Tensor:
