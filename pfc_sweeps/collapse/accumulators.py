@@ -376,8 +376,8 @@ class Classifier:
 
     def update(self, c: Pass2Block) -> None:
         last = c.scores.shape[0] - 1
-        logits = c.logits.T + self.shift  # (b, K)
-        self.disagree += (logits.argmax(dim=1) != c.ncc_pred(last)).sum()
+        logits = c.logits + self.shift.to(c.logits.dtype)[:, None]  # (K, b) class-major
+        self.disagree += (logits.argmax(dim=0) != c.ncc_pred(last)).sum()
 
     def sum_tensors(self) -> list[Tensor]:
         """[classifier vs NCC disagreements ()] for a distributed all-reduce."""
