@@ -4,8 +4,8 @@ Each accumulator has ``update`` (one row chunk in pass 1, one block of rows in p
 state O(L K d + K T), independent of N) and ``compute`` (its metrics, as tensors keyed by
 the names of :mod:`pfc_sweeps.results.schema`).
 Pass-1 accumulators see the features chunk by chunk and layer by layer; pass-2 accumulators
-see the float64 :class:`~pfc_sweeps.collapse.kernels.Pass2Block` of a precision kernel, which needs
-the final class means. A new metric is one class here and its name in the schema.
+see the :class:`~pfc_sweeps.collapse.kernels.Pass2Block` of a precision kernel (per-row scores in
+the work dtype, block sums in float64), which needs the final class means. A new metric is one class here and its name in the schema.
 
 Formulas: docs/metrics.md "Notation" and paper eq. 7-9 / 17-19, via :mod:`pfc_sweeps.collapse.metrics`.
 """
