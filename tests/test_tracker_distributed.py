@@ -22,17 +22,18 @@ TS = [0.0, 0.3, 0.5, 1.0]
 COUNT_METRICS = (PFC3, NC4)  # counts / N: must be equal exactly
 
 
-def make_data(dtype=torch.float64):
-    """4 layers of one width with class structure; labels 0..K-1, every class present."""
+def make_data(dtype=torch.float64, d: int = D):
+    """4 layers of width d with class structure; labels 0..K-1, every class present (d >= K:
+    NC1's K x K route; d < K: the d x d route)."""
     gen = torch.Generator().manual_seed(0)
     y = torch.cat([torch.arange(K), torch.randint(0, K, (N - K,), generator=gen)])
-    centres = torch.randn(K, D, generator=gen, dtype=torch.float64)
-    h = centres[y] + torch.randn(N, D, generator=gen, dtype=torch.float64)
+    centres = torch.randn(K, d, generator=gen, dtype=torch.float64)
+    h = centres[y] + torch.randn(N, d, generator=gen, dtype=torch.float64)
     hs = [h]
     for _ in range(3):
-        w = torch.randn(D, D, generator=gen, dtype=torch.float64) * 0.5
+        w = torch.randn(d, d, generator=gen, dtype=torch.float64) * 0.5
         hs.append(hs[-1] + torch.relu(hs[-1] @ w) + 0.4 * centres[y])
-    w = torch.randn(K, D, generator=gen, dtype=torch.float64)
+    w = torch.randn(K, d, generator=gen, dtype=torch.float64)
     b = torch.randn(K, generator=gen, dtype=torch.float64)
     return [x.to(dtype) for x in hs], y, w, b
 
@@ -101,11 +102,12 @@ class ShardData:
 def all_results(rank: int, world: int, group) -> dict:
     out = {}
     for dtype in (torch.float64, torch.float32):
-        hs, y, w, b = make_data(dtype)
-        idx = shards(y, world)[rank] if group is not None else torch.arange(len(y))
-        for cache in (2**30, 0):
-            key = (str(dtype), cache)
-            out[key] = tracker_result([h[idx] for h in hs], y[idx], w, b, cache, group)
+        for d in (D, 3):  # both NC1 routes
+            hs, y, w, b = make_data(dtype, d)
+            idx = shards(y, world)[rank] if group is not None else torch.arange(len(y))
+            for cache in (2**30, 0):
+                key = (str(dtype), cache, d)
+                out[key] = tracker_result([h[idx] for h in hs], y[idx], w, b, cache, group)
     hs, y, _, _ = make_data()
     idx = shards(y, world)[rank] if group is not None else torch.arange(len(y))
     for cache in (2**30, 0):
