@@ -7,17 +7,18 @@ per block, not once per chunk:
 
 * :class:`ExactKernel` (float64 features, or ``precision="float64"``): every operation in
   float64, as the one-shot functions of :mod:`pfc_sweeps.collapse.metrics` -- the oracle path;
-* :class:`FastKernel` (float32, bf16 and fp16 features): the large (B, d) operations run in
-  float32 (bf16/fp16 chunks are widened to float32 first: their own 8- or 11-bit mantissas
-  would cost 1e-3 relative), and only the small sufficient statistics are float64 --
-  (K, d) class sums, (B, K) projections, K x K Grams and traces. The features are centred
-  before anything is summed: against a per-layer reference in pass 1 (the mean of the first
-  chunk) and against the float32-rounded final class means ``m'_c`` in pass 2, so the rounding
-  is relative to the within-class spread, not to ``||h||``. The rounding of ``m'_c`` itself
-  is undone exactly in float64 (sums over a class of h - m_c vanish).
+* :class:`FastKernel` (float32, bf16 and fp16 features): the per-row operations -- (B, d)
+  residuals, (B, K) projections and NCC scores -- run in float32 (bf16/fp16 chunks are
+  widened to float32 first: their own 8- or 11-bit mantissas would cost 1e-3 relative), and
+  only the sums are float64 -- (K, d) class sums, K x K and d x d products, traces. The
+  features are centred before anything is summed: against a per-layer reference in pass 1
+  (the mean of the first chunk) and against the float32-rounded final class means ``m'_c``
+  in pass 2, so the rounding is relative to the within-class spread, not to ``||h||``. The
+  rounding of ``m'_c`` itself is undone exactly in float64, once per pass
+  (:class:`PassOffsets`: the residuals of a class sum to -n_c (m'_c - m_c)).
 
-Both kernels produce the same :class:`Pass2Block`; the accumulators of
-:mod:`pfc_sweeps.collapse.accumulators` never see the precision.
+Both kernels produce the same :class:`Pass2Block` (scores in the work dtype); the
+accumulators of :mod:`pfc_sweeps.collapse.accumulators` never see the precision.
 """
 
 from __future__ import annotations
