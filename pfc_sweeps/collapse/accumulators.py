@@ -265,15 +265,16 @@ class WithinClass:
             self.zz += torch.bmm(c.z, c.z.transpose(1, 2))  # (S_g, K, b) @ (S_g, b, K)
         self.correct += c.ncc_correct()
 
-    def add(self, scatter: dict[int, Tensor], offsets: PassOffsets | None) -> None:
-        """Add the kernel's summed d x d scatters, and its once-per-pass corrections."""
+    def add_scatter(self, scatter: dict[int, Tensor]) -> None:
+        """Add the kernel's summed d x d scatters (before any all-reduce)."""
         for i, part in scatter.items():
             self.sw[i] += part
-        if offsets is not None:
-            self.trw += offsets.rr
-            self.zz += offsets.zz
-            for i, part in offsets.scatter.items():
-                self.sw[i] += part
+
+    def apply(self, offsets: PassOffsets) -> None:
+        """Add the kernel's once-per-pass corrections (after any all-reduce)."""
+        self.trw += offsets.rr
+        self.zz += offsets.zz
+        self.add_scatter(offsets.scatter)
 
     def sum_tensors(self) -> list[Tensor]:
         """[Tr Sigma_W sums (S,), Z^T Z (S_g, K, K), NCC hits (S,), scatters (d, d)...] for a
@@ -334,6 +335,10 @@ class GeodesicCurve:
         p0, mixed, pl = c.geodesic  # (K, b) each: u0 Ht0^T, u0 HtL^T + uL Ht0^T, uL HtL^T
         self.correct += geodesic_ncc_correct(self.smat, self.bern, p0.T, mixed.T, pl.T, c.y)
 
+    def apply(self, offsets: PassOffsets) -> None:
+        """Add the kernel's once-per-pass correction of the cross term."""
+        self.cross += offsets.cross
+
     def sum_tensors(self) -> list[Tensor]:
         """[cross term (), NCC hits along the curve (T',)] for a distributed all-reduce."""
         return [self.cross, self.correct]
@@ -378,6 +383,9 @@ class Classifier:
         last = c.scores.shape[0] - 1
         logits = c.logits + self.shift.to(c.logits.dtype)[:, None]  # (K, b) class-major
         self.disagree += (logits.argmax(dim=0) != c.ncc_pred(last)).sum()
+
+    def apply(self, offsets: PassOffsets) -> None:
+        """Nothing to correct: the logits' centring does not bias a count."""
 
     def sum_tensors(self) -> list[Tensor]:
         """[classifier vs NCC disagreements ()] for a distributed all-reduce."""

@@ -411,13 +411,11 @@ class LayerRunTracker:
         ]
 
     def _finish_pass2(self) -> None:
-        within = self._accs["within"]
-        within.add(self._kernel.take_scatter(), None)
+        self._accs["within"].add_scatter(self._kernel.take_scatter())
         self._reduce(("within", "geodesic", "classifier"), self._counts2)
         offsets = self._kernel.offsets(self._counts2)  # the fast path's r = h - m'_y: exact
-        within.add({}, offsets)
-        if offsets is not None and offsets.cross is not None:
-            self._accs["geodesic"].cross += offsets.cross
+        for a in self._pass2 if offsets is not None else ():
+            a.apply(offsets)
         if not bool(torch.equal(self._counts2, self._accs["sums"].counts)):
             raise MetricInputError(
                 "pass 2 saw different data than pass 1: class counts "

@@ -176,14 +176,17 @@ class Routes:
             scatter=[i for i, d in enumerate(dims) if d < num_classes],
         )
 
-    @property
-    def all(self) -> list[int]:
-        """Every layer, either route."""
-        return sorted(self.gram + self.scatter)
-
     def take(self, x: Tensor, n_layers: int) -> Tensor:
         """The K x K route's rows of a per-layer stack (S, ...) (no copy when all are)."""
         return x if len(self.gram) == n_layers else x[self.gram]
+
+
+def _take(scatter: dict[int, Tensor]) -> dict[int, Tensor]:
+    """The summed scatters, each replaced by a zero one for what follows."""
+    out = dict(scatter)
+    for i, s in out.items():
+        scatter[i] = torch.zeros_like(s)
+    return out
 
 
 class ExactKernel:
@@ -243,10 +246,7 @@ class ExactKernel:
 
     def take_scatter(self) -> dict[int, Tensor]:
         """The d x d route's summed scatters of this pass so far, float64 (then reset)."""
-        out = {i: s.clone() for i, s in self.scatter.items()}
-        for s in self.scatter.values():
-            s.zero_()
-        return out
+        return _take(self.scatter)
 
     def offsets(self, counts: Tensor) -> PassOffsets | None:
         """Nothing to correct: r = h - m_y."""
@@ -394,7 +394,7 @@ class FastKernel:
     def take_scatter(self) -> dict[int, Tensor]:
         """The d x d route's summed scatters of r = h - m'_y so far, float64 (then reset)."""
         self._flush_scatter()
-        return ExactKernel.take_scatter(self)
+        return _take(self.scatter)
 
     def offsets(self, counts: Tensor) -> PassOffsets:
         """The exact correction of centring at m' instead of m, from the class counts (K,):
@@ -402,7 +402,7 @@ class FastKernel:
         sum (h - m_y)(h - m_y)^T = sum r r^T - sum_c n_c delta_c delta_c^T."""
         dn2 = torch.stack([(d.square().sum(1) * counts).sum() for d in self.deltas])  # (S,)
         # the d x d and K x K corrections are O(u^2) of the sums: float32 products suffice
-        n32, d32 = counts.to(F32), {i: self.deltas[i].to(F32) for i in self.routes.all}
+        n32, d32 = counts.to(F32), [d.to(F32) for d in self.deltas]
         dz = {i: d32[i] @ self.ht32[i].T for i in self.routes.gram}  # (K, K) delta Ht'^T
         zz = [(dz[i].T * n32) @ dz[i] for i in self.routes.gram]
         cross = None
