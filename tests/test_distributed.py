@@ -22,6 +22,7 @@ import pytest
 import torch
 from conftest import HELPERS, REPO
 from inprocess import run_in_process
+from slurm_cluster import SLURM_LAUNCHER, require_slurm
 
 from pfc_sweeps.data.bundles import DataBundle, ShardedData, StreamBundle, eval_shard, train_shares
 from pfc_sweeps.jobs.jobdir import fingerprint
@@ -373,13 +374,7 @@ def test_a_hung_rank_fails_the_job_after_the_timeout_with_one_line(tmp_path):
 @pytest.mark.slow
 @pytest.mark.slurm
 def test_two_task_slurm_job_equals_the_torchrun_run(two_rank_job, tmp_path):
-    from test_slurm import SLURM_LAUNCHER, _skip_reason
-
-    reason = _skip_reason()
-    if reason is not None:
-        if os.environ.get("PFC_REQUIRE_SLURM") == "1":
-            pytest.fail(f"PFC_REQUIRE_SLURM=1 but {reason}")
-        pytest.skip(reason)
+    require_slurm()
     sweep = tmp_path / "sweep"
     cmd = [sys.executable, str(REPO / "launch.py"), "-m", *SLURM_LAUNCHER]
     cmd += ["hydra.launcher.tasks_per_node=2", *TRAIN3, "logger=none", f"hydra.sweep.dir={sweep}"]

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -21,6 +20,7 @@ from hydra import compose, initialize_config_dir
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import open_dict
+from slurm_cluster import SLURM_LAUNCHER, require_slurm
 
 from pfc_sweeps.config import register_configs
 from pfc_sweeps.jobs.callbacks import SweepReport
@@ -335,23 +335,6 @@ def test_a_sweep_whose_jobs_all_fail_early_leaves_no_record(tmp_path):
 
 
 # --------------------------------------------------------------------------- SLURM
-PARTITION = os.environ.get("PFC_SLURM_PARTITION", "local")
-SLURM = [
-    "hydra/launcher=slurm", f"hydra.launcher.partition={PARTITION}",
-    "hydra.launcher.gpus_per_node=0", "hydra.launcher.cpus_per_task=1",
-    "hydra.launcher.mem_gb=1", "hydra.launcher.timeout_min=20",
-]  # fmt: skip
-
-
-def _no_slurm() -> str | None:
-    if shutil.which("sbatch") is None:
-        return "no SLURM client (scripts/slurm-local.sh start)"
-    try:
-        res = subprocess.run(["sinfo", "-h", "-p", PARTITION, "-o", "%a"], capture_output=True,
-                             text=True, timeout=5)  # fmt: skip
-    except subprocess.TimeoutExpired:
-        return "sinfo timed out"
-    return None if "up" in res.stdout.split() else f"partition {PARTITION!r} is not up"
 
 
 def _submitted(sweep: Path) -> list[str]:
@@ -361,21 +344,17 @@ def _submitted(sweep: Path) -> list[str]:
 @pytest.mark.slurm
 @pytest.mark.slow
 def test_acceptance4_slurm_a_second_submission_is_refused_before_sbatch(tmp_path):
-    reason = _no_slurm()
-    if reason:
-        if os.environ.get("PFC_REQUIRE_SLURM") == "1":
-            pytest.fail(f"PFC_REQUIRE_SLURM=1 but {reason}")
-        pytest.skip(reason)
+    require_slurm()
     sweep, root = tmp_path / "s", "/no/such/dir"
     grid = ["dataset=digits,cifar10", f"dataset.root={root}", "dataset.download=false"]
-    first = _start(sweep, *SLURM, *grid, "train.epochs=2")
+    first = _start(sweep, *SLURM_LAUNCHER, *grid, "train.epochs=2")
     try:
         _wait_for(lambda: len(_submitted(sweep)) == 2, first, "the first sweep's sbatch")
         first.send_signal(signal.SIGSTOP)  # the submitter waits (stopped); its jobs run on
         try:
             jobs, held = _submitted(sweep), _invocation(sweep)
             for where, env in [(str(sweep), {}), ("${oc.env:PFC_TEST_SWEEP}", {"PFC_TEST_SWEEP": str(sweep)})]:  # fmt: skip
-                p = launch("-m", *TINY, *SLURM, "seed=5,6", "train.epochs=2",
+                p = launch("-m", *TINY, *SLURM_LAUNCHER, "seed=5,6", "train.epochs=2",
                            f"hydra.sweep.dir={where}", env=env, timeout=120)  # fmt: skip
                 assert p.returncode == 1
                 err = _lines(p.stderr)
@@ -402,20 +381,16 @@ def test_acceptance4_slurm_a_second_submission_is_refused_before_sbatch(tmp_path
 @pytest.mark.slurm
 @pytest.mark.slow
 def test_acceptance5_slurm_jobs_of_a_killed_submitter_block_its_rerun_until_gone(tmp_path):
-    reason = _no_slurm()
-    if reason:
-        if os.environ.get("PFC_REQUIRE_SLURM") == "1":
-            pytest.fail(f"PFC_REQUIRE_SLURM=1 but {reason}")
-        pytest.skip(reason)
+    require_slurm()
     sweep, grid = tmp_path / "s", ["seed=0,1", "train.epochs=1"]
     held = "+hydra.launcher.additional_parameters.hold=true"  # the array stays queued
-    first = _start(sweep, *SLURM, *grid, held)
+    first = _start(sweep, *SLURM_LAUNCHER, *grid, held)
     try:
         _wait_for(lambda: len(_submitted(sweep)) == 2, first, "the first sweep's sbatch")
         first.send_signal(signal.SIGKILL)
         first.wait()
         array = _submitted(sweep)[0].split("_")[0]
-        p = launch("-m", *TINY, *SLURM, *grid, f"hydra.sweep.dir={sweep}", timeout=120)
+        p = launch("-m", *TINY, *SLURM_LAUNCHER, *grid, f"hydra.sweep.dir={sweep}", timeout=120)
         assert p.returncode == 1
         assert _lines(p.stderr) == [
             f"error: {sweep}: SLURM job(s) {array} of an earlier submission (host "
@@ -431,6 +406,6 @@ def test_acceptance5_slurm_jobs_of_a_killed_submitter_block_its_rerun_until_gone
                                   text=True, timeout=30).stdout:  # fmt: skip
         assert time.time() < deadline, "scancel did not empty the queue"
         time.sleep(0.5)
-    p = launch("-m", *TINY, *SLURM, *grid, f"hydra.sweep.dir={sweep}", timeout=600)
+    p = launch("-m", *TINY, *SLURM_LAUNCHER, *grid, f"hydra.sweep.dir={sweep}", timeout=600)
     assert p.returncode == 0, p.stderr
     assert _seeds(sweep, 2) == [0, 1]
