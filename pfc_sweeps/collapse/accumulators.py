@@ -170,8 +170,9 @@ class ClassSums:
         rhs, last = list(ht), len(ht) - 1
         if geodesic:
             rhs[0], rhs[last] = torch.cat([ht[0], ht[last]]), torch.cat([ht[last], ht[0]])
-        if weight is not None:
-            rhs[last] = torch.cat([rhs[last], weight.to(device=gram.device, dtype=F64)])
+        w = weight.to(device=gram.device, dtype=F64) if weight is not None else None
+        if w is not None:
+            rhs[last] = torch.cat([rhs[last], w])
         self.sums, self.part = [], []  # the means live on in g + ht
         return LayerMeans(
             g=g,
@@ -180,6 +181,7 @@ class ClassSums:
             gdiag=torch.diagonal(gram, dim1=1, dim2=2).contiguous(),
             rhs=rhs,
             x01=ht[0] @ ht[-1].T if geodesic else None,
+            w=w,
         )
 
 

@@ -91,7 +91,8 @@ class LayerMeans:
 
     g[i] (d_i,) mean of class means, ht[i] (K, d_i) rows m_c - g, gram (S, K, K) = Ht Ht^T,
     gdiag (S, K); rhs[i] (K + e_i, d_i): Ht[i] then the extra rows layer i is projected on
-    (the other end's Ht for the geodesic, the classifier W for NC4); x01 = Ht0 HtL^T or None.
+    (the other end's Ht for the geodesic, the classifier W for NC4); x01 = Ht0 HtL^T or None;
+    w (K_w, d_L) the classifier's weight (the last rows of rhs[L]) or None.
     """
 
     g: list[Tensor]
@@ -100,6 +101,7 @@ class LayerMeans:
     gdiag: Tensor
     rhs: list[Tensor]
     x01: Tensor | None
+    w: Tensor | None = None
 
 
 @dataclass
@@ -240,8 +242,7 @@ class ExactKernel:
         if self.geodesic:
             mixed = (proj[0][:, k : 2 * k] + proj[last][:, k : 2 * k]).T  # (K, B)
             geo = (own[0].T, mixed, own[last].T)
-        extra_l = proj[last].shape[1] - k - (k if self.geodesic else 0)
-        logits = proj[last][:, -extra_l:].T if extra_l else None  # (K_w, B)
+        logits = proj[last][:, -lm.w.shape[0] :].T if lm.w is not None else None  # (K_w, B)
         return Pass2Block(y, scores, z, rr, geo, logits, cross)
 
     def take_scatter(self) -> dict[int, Tensor]:
@@ -287,9 +288,8 @@ class FastKernel:
         if geodesic:  # <x0 + xL, Ht0 + HtL> - q0 - qL = the mixed terms of x
             self.sum32 = (lm.ht[0] + lm.ht[last]).to(F32)
             self.mx32 = (lm.x01 + lm.x01.T).to(F32) if self.centred_ends else None  # (K_y, K)
-        extra = lm.rhs[last].shape[0] - k - (k if geodesic else 0)
-        if extra:  # the classifier's rows W (K_w, d) (and for r, the shift <m_y - g, W_c>)
-            self.w32 = lm.rhs[last][-extra:].to(F32)
+        if lm.w is not None:  # the classifier's W (K_w, d); for x = r, shifts <m_y - g, W_c>
+            self.w32 = lm.w.to(F32)
             self.hw32 = self.ht32[last] @ self.w32.T if self.centred_ends else None
         self.scatter32 = {i: self.ht32[i].new_zeros(self.ht32[i].shape[1], self.ht32[i].shape[1])
                           for i in routes.scatter}  # fmt: skip
