@@ -13,7 +13,12 @@ from helpers.reference import layer_metrics
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pfc_sweeps.collapse.inputs import DegenerateFeaturesError, EmptyClassError, MetricInputError
+from pfc_sweeps.collapse.inputs import (
+    DegenerateFeaturesError,
+    EmptyClassError,
+    MetricInputError,
+    even_sizes,
+)
 from pfc_sweeps.collapse.tracker import CollapseResult, CollapseTracker, TrackerStateError
 from pfc_sweeps.results.schema import (
     EFFECTIVE_DEPTH,
@@ -398,6 +403,15 @@ def test_small_chunks_and_blocks_match_one_chunk(monkeypatch, dtype, cache):
     core = tracker._run  # the trailing run's tracker (all layers: one width)
     assert core._ws.rows == 3 and core._block_rows == 7
     assert_same(tracker.compute(), whole, rtol=1e-12 if dtype == torch.float64 else 1e-5)
+
+
+@given(st.integers(0, 5000), st.integers(1, 700))
+def test_even_sizes_split_rows_into_near_equal_parts(n, most):
+    """Blocks and chunks: ceil(n / most) parts, each <= most, sizes within 1 of each other
+    (no small tail whose GEMMs run slowly), summing to n."""
+    sizes = even_sizes(n, most)
+    assert sum(sizes) == n and len(sizes) == max(1, math.ceil(n / most))
+    assert max(sizes) <= most and max(sizes) - min(sizes) <= 1
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])

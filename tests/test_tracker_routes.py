@@ -134,7 +134,20 @@ def test_float32_gram_products_within_bound(monkeypatch, cache_bytes):
     check(res, hs, y, 20, w, b, FAST_RTOL)
 
 
-@pytest.mark.parametrize(("k", "d", "n"), [(20, 64, 600), (300, 40, 1500)])
+@pytest.mark.parametrize("cache_bytes", [2**30, 0])
+def test_float32_gram_products_above_the_cpu_class_limit(cache_bytes):
+    """On CPU, NC1's K x K products are float64 up to F64_GRAM_PRODUCTS_MAX_K classes and
+    float32 above (where float64 costs a tenth of the pass): still within 1e-5."""
+    cpu, limit = torch.device("cpu"), kernels.F64_GRAM_PRODUCTS_MAX_K
+    assert kernels.gram_products_dtype(cpu, limit) == torch.float64
+    assert kernels.gram_products_dtype(cpu, limit + 1) == torch.float32
+    k = limit + 8
+    hs, y, w, b = make_data(k, 64, 900, seed=2)
+    res = run(hs, y, k, w, b, torch.float32, cache_bytes)
+    check(res, hs, y, k, w, b, FAST_RTOL)
+
+
+@pytest.mark.parametrize(("k", "d", "n"), [(20, 64, 600), (40, 64, 900), (300, 40, 1500)])
 @pytest.mark.parametrize("cache_bytes", [2**30, 0])
 def test_float32_far_from_the_origin_within_bound(k, d, n, cache_bytes):
     """Features offset far from the origin (||m_c|| >> the within-class spread): the float32

@@ -36,6 +36,7 @@ from pfc_sweeps.collapse.inputs import (
     block_rows,
     check_counts,
     check_num_classes,
+    even_sizes,
     rows_per_chunk,
 )
 from pfc_sweeps.collapse.kernels import ExactKernel, FastKernel, Routes, Workspace, work_dtype
@@ -363,9 +364,9 @@ class LayerRunTracker:
 
     def _pass2_batch(self, layers: list[Tensor], labels: Tensor) -> None:
         """Blocks of rows: the kernel chunks the (b, d) work; accumulators see whole blocks."""
-        rows = self._block_rows
-        splits = [h.split(rows) for h in layers]
-        for c, y in enumerate(labels.split(rows)):
+        sizes = even_sizes(labels.shape[0], self._block_rows)
+        splits = [h.split(sizes) for h in layers]
+        for c, y in enumerate(labels.split(sizes)):
             block = self._kernel.pass2([chunks[c] for chunks in splits], y)
             add_counts(self._counts2, y)
             for a in self._pass2:

@@ -52,11 +52,9 @@ def geodesic_gram(coef: Tensor, g0: Tensor, x01: Tensor, gl: Tensor) -> Tensor:
     Returns:
         (T, K, K) float64 G(t).
     """
-    return (
-        coef[:, 0, None, None] * g0
-        + coef[:, 1, None, None] * (x01 + x01.T)
-        + coef[:, 2, None, None] * gl
-    )
+    k = g0.shape[0]
+    mats = torch.stack([g0, x01 + x01.T, gl]).view(3, k * k)
+    return (coef.to(mats.dtype) @ mats).view(-1, k, k)  # one GEMM, not 3 broadcast passes
 
 
 def geodesic_score_matrix(coef: Tensor, gdiag_t: Tensor) -> Tensor:

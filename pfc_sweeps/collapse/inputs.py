@@ -121,6 +121,14 @@ def block_rows(device: torch.device | str | None, row_elements: int) -> int:
     return max(1, block_elements(device) // max(row_elements, 1), floor)
 
 
+def even_sizes(n: int, most: int) -> list[int]:
+    """n rows split into ceil(n / most) parts of near-equal size (each <= most): no small
+    tail part, whose GEMMs would run at a fraction of the rate."""
+    parts = max(1, -(-n // max(most, 1)))
+    base, extra = divmod(n, parts)
+    return [base + 1] * extra + [base] * (parts - extra)
+
+
 def _chunks(n: int, d: int, device=None) -> list[slice]:
     step = rows_per_chunk(d, device)
     return [slice(i, min(i + step, n)) for i in range(0, n, step)]

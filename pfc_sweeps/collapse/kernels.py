@@ -23,13 +23,17 @@ accumulators of :mod:`pfc_sweeps.collapse.accumulators` never see the precision.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from pfc_sweeps.collapse.inputs import even_sizes
 from pfc_sweeps.collapse.metrics import F64
 from pfc_sweeps.collapse.stats import cross_within, ncc_correct_from_scores
+
+F32 = torch.float32
 
 __all__ = [
     "ExactKernel",
@@ -39,10 +43,9 @@ __all__ = [
     "PassOffsets",
     "Routes",
     "Workspace",
+    "gram_products_dtype",
     "work_dtype",
 ]
-
-F32 = torch.float32
 
 
 def work_dtype(dtype: torch.dtype, precision: str) -> torch.dtype:
@@ -57,6 +60,7 @@ class Workspace:
         self.rows, self.dim, self.device, self.dtype = rows, dim, device, dtype
         self._bufs: dict[str, Tensor] = {}
         self._views: dict[tuple[str, tuple[int, ...]], Tensor] = {}
+        self._blocks: dict[tuple[str, torch.dtype], Tensor] = {}
 
     def get(self, name: str, shape: torch.Size) -> Tensor:
         """Buffer `name` viewed as `shape` (b, d) with b <= rows, d <= dim."""
@@ -80,9 +84,19 @@ class Workspace:
             return h
         return self.get(name, h.shape).copy_(h)
 
+    def block(self, name: str, shape: tuple[int, ...], dtype: torch.dtype = F32) -> Tensor:
+        """Scratch tensor `name` of any shape (a block's per-row statistics), reused from block
+        to block; valid until `name` is asked for again."""
+        numel = math.prod(shape)
+        buf = self._blocks.get((name, dtype))
+        if buf is None or buf.numel() < numel:
+            buf = self._blocks[name, dtype] = torch.empty(numel, dtype=dtype, device=self.device)
+        return buf[:numel].view(shape)
+
     @property
     def nbytes(self) -> int:
-        return sum(b.numel() * b.element_size() for b in self._bufs.values())
+        bufs = (*self._bufs.values(), *self._blocks.values())
+        return sum(b.numel() * b.element_size() for b in bufs)
 
 
 @dataclass
@@ -155,11 +169,19 @@ class PassOffsets:
     cross: Tensor | None
 
 
-#: device types where the fast path forms NC1's K x K per-block products Z^T Z in float64
-#: (CPUs: float64 costs them 2x only, and NC1 keeps ~4e-7 instead of ~4e-6 of the float64
-#: oracle); elsewhere they are float32 (GPUs have 1/2-1/64 of their float32 rate in float64).
-#: docs/precision.md.
+#: device types where the fast path forms NC1's K x K per-block products Z^T Z in float64 for
+#: up to F64_GRAM_PRODUCTS_MAX_K classes: there they cost a few per cent of the pass (K^2 of
+#: K d per row, at half the float32 rate) and NC1 keeps ~4e-7 of the float64 oracle instead
+#: of ~4e-6. Above, and on accelerators (1/2 to 1/64 of their float32 rate in float64), they
+#: are float32 per block, summed in float64. docs/precision.md "NC1's products".
 F64_GRAM_PRODUCTS_ON = ("cpu",)
+F64_GRAM_PRODUCTS_MAX_K = 32
+
+
+def gram_products_dtype(device: torch.device, num_classes: int) -> torch.dtype:
+    """dtype of the fast path's per-block products Z^T Z (F64_GRAM_PRODUCTS_ON/_MAX_K)."""
+    f64 = device.type in F64_GRAM_PRODUCTS_ON and num_classes <= F64_GRAM_PRODUCTS_MAX_K
+    return F64 if f64 else F32
 
 
 @dataclass
@@ -295,7 +317,7 @@ class FastKernel:
                           for i in routes.scatter}  # fmt: skip
         self._scatter_rows = 0
         self.scatter = {i: lm.ht[i].new_zeros(self.scatter32[i].shape) for i in routes.scatter}
-        self.z_dtype = F64 if lm.gram.device.type in F64_GRAM_PRODUCTS_ON else F32
+        self.z_dtype = gram_products_dtype(lm.gram.device, k)
 
     @property
     def row_elements(self) -> int:
@@ -304,80 +326,96 @@ class FastKernel:
         n_s, n_g = len(self.ref32), len(self.routes.gram) if self.z_dtype == F64 else 0
         return (3 * n_s + 2) * self.k // 2 + 2 * n_g * self.k
 
-    def _chunk(self, layers: list[Tensor], y: Tensor, s: int) -> tuple[Tensor, ...]:
-        """One chunk, rows s..: q (S, K, b) = Ht x^T (x = r or u by route), ||r|| (S, b), then
-        with the geodesic <x0 + xL, Ht0 + HtL> (K, b) and <r0, rL> (b,), with a classifier
-        W xL^T (K_w, b); adds r^T r into the float32 scatters of the d x d route."""
-        n_s, e = len(layers), min(s + self.ws.rows, y.shape[0])
+    def _outputs(self, n_s: int, b: int) -> dict[str, Tensor]:
+        """The block's per-row outputs (reused workspace tensors): q (S, K, b), ||r|| (S, b),
+        with the geodesic qsum (K, b) and dot (b,), with a classifier logits (K_w, b)."""
+        ws, k = self.ws, self.k
+        out = {"q": ws.block("q", (n_s, k, b)), "sq": ws.block("sq", (n_s, b))}
+        if self.geodesic:
+            out |= {"qsum": ws.block("qsum", (k, b)), "dot": ws.block("dot", (b,))}
+        if self.w32 is not None:
+            out["logits"] = ws.block("logits", (self.w32.shape[0], b))
+        return out
+
+    def _chunk(self, layers: list[Tensor], y: Tensor, cols: slice, out: dict[str, Tensor]) -> None:
+        """Rows ``cols`` of one block into the same columns of ``out``: q = Ht x^T (x = r or
+        u by route), ||r||, then with the geodesic <x0 + xL, Ht0 + HtL> and <r0, rL>, with a
+        classifier W xL^T; adds r^T r into the float32 scatters of the d x d route."""
+        s, e = cols.start, cols.stop
         yc, ws = y[s:e], self.ws
-        q = torch.empty(n_s, self.k, e - s, dtype=F32, device=y.device)
-        sq = torch.empty(n_s, e - s, dtype=F32, device=y.device)
         r0 = x0 = r = x = None
         for i, h in enumerate(layers):
             shape = (e - s, h.shape[1])
             r = ws.get("x0" if i == 0 else "a", shape)  # (b, d) float32
             torch.index_select(self.ref32[i], 0, yc, out=r)
             torch.sub(h[s:e], r, out=r)  # h - m'_y (one rounding)
-            torch.linalg.vector_norm(r, dim=1, out=sq[i])
+            torch.linalg.vector_norm(r, dim=1, out=out["sq"][i, cols])
             if i in self.scatter32:
                 self.scatter32[i].addmm_(r.T, r)  # (d, d): centred rows, float32
                 x = torch.sub(h[s:e], self.g32[i], out=ws.get("u0" if i == 0 else "u", shape))
             else:
                 x = r
-            torch.mm(self.ht32[i], x.T, out=q[i])  # (K, d) @ (d, b): the fast layout on CPU
+            torch.mm(self.ht32[i], x.T, out=out["q"][i, :, cols])  # (K, d) @ (d, b): fast on CPU
             r0, x0 = (r, x) if i == 0 else (r0, x0)
-        out = [q, sq]
         if self.geodesic:
             v = torch.add(x0, x, out=ws.get("v", x.shape))
-            out += [torch.mm(self.sum32, v.T), torch.linalg.vecdot(r0, r, dim=1)]
+            torch.mm(self.sum32, v.T, out=out["qsum"][:, cols])
+            torch.linalg.vecdot(r0, r, dim=1, out=out["dot"][cols])
         if self.w32 is not None:
-            out.append(torch.mm(self.w32, x.T))
-        return tuple(out)
+            torch.mm(self.w32, x.T, out=out["logits"][:, cols])
 
     def pass2(self, layers: list[Tensor], y: Tensor) -> Pass2Block:
         """One block of rows (all layers): the (b, d) work in chunks of ``ws.rows`` rows,
-        the float64 sums once per block."""
-        n_s, last = len(layers), self._last
-        parts = [self._chunk(layers, y, s) for s in range(0, y.shape[0], self.ws.rows)]
-        q, sq, *rest = (
-            torch.cat(p, dim=-1) if len(parts) > 1 else p[0] for p in zip(*parts, strict=True)
-        )
-        self._count_scatter_rows(y.shape[0])
+        the float64 sums once per block. The block's tensors are workspace tensors, valid
+        until the next call."""
+        n_s, last, b = len(layers), self._last, y.shape[0]
+        out = self._outputs(n_s, b)
+        s = 0
+        for size in even_sizes(b, self.ws.rows):
+            self._chunk(layers, y, slice(s, s + size), out)
+            s += size
+        self._count_scatter_rows(b)
+        q = out["q"]
         z = self.routes.take(q, n_s) if self.routes.gram else None  # (S_g, K, B) centred
-        if z is not None and self.z_dtype == F64:
-            z = z.to(F64)  # fresh: NC1's K x K products in float64 (F64_GRAM_PRODUCTS_ON)
+        if z is not None and self.z_dtype == F64:  # NC1's K x K products in float64
+            z = self.ws.block("z", z.shape, F64).copy_(z)  # (F64_GRAM_PRODUCTS_ON)
         geo = cross = logits = None
         if self.geodesic:
-            qsum, dot = rest[0], rest[1]
-            mixed = qsum.sub_(q[0]).sub_(q[last])  # (K, B)
+            mixed = out["qsum"].sub_(q[0]).sub_(q[last])  # (K, B)
             if self.mx32 is not None:
                 mixed.add_(self.mx32.index_select(0, y).T)
-            cross = dot.to(F64).sum()
+            cross = out["dot"].to(F64).sum()
         if self.w32 is not None:
-            logits = rest[-1]  # (K_w, B)
+            logits = out["logits"]  # (K_w, B)
             if self.hw32 is not None:
                 logits.add_(self.hw32.index_select(0, y).T)
         scores = self._scores(q, z is q, y)
         if self.geodesic:  # <h - g, Ht_c> = (G_cc - score_c) / 2 at both ends
-            ends = [(self.gdiag32[i] - scores[i]).mul_(0.5) for i in (0, last)]
+            ends = [
+                torch.sub(self.gdiag32[i], scores[i], out=self.ws.block(f"end{i}", (self.k, b)))
+                .mul_(0.5) for i in (0, last)
+            ]  # fmt: skip
             geo = (ends[0], mixed, ends[1])
-        rr = sq.to(F64).square().sum(1)  # (S,)
+        rr = out["sq"].to(F64).square().sum(1)  # (S,)
         return Pass2Block(y, scores, z, rr, geo, logits, cross)
 
     def _scores(self, q: Tensor, keep: bool, y: Tensor) -> Tensor:
         """(S, K, B) NCC scores from the projections: G_cc - 2 q on the d x d route's layers
-        (q of u), (G_cc - 2 G[y])_c - 2 q on the K x K route's (q of r; one row gather)."""
-        scores = q.mul(-2.0) if keep else q.mul_(-2.0)  # q itself may be Z: keep it centred
-        gram, n_s = self.routes.gram, scores.shape[0]
+        (q of u), (G_cc - 2 G[y])_c - 2 q on the K x K route's (q of r; one row gather).
+        Written over q unless ``keep`` (q is also NC1's Z)."""
+        scores = self.ws.block("scores", q.shape) if keep else q
+        gram, n_s = self.routes.gram, q.shape[0]
         if not gram:
-            return scores.add_(self.gdiag32)
-        shift = self.a32.index_select(0, y).view(-1, len(gram), self.k).permute(1, 2, 0)
+            return torch.add(self.gdiag32, q, alpha=-2.0, out=scores)
+        rows = self.ws.block("shift", (y.shape[0], self.a32.shape[1]))
+        torch.index_select(self.a32, 0, y, out=rows)
+        shift = rows.view(-1, len(gram), self.k).permute(1, 2, 0)  # (S_g, K, B)
         if len(gram) == n_s:
-            return scores.add_(shift)
+            return torch.add(shift, q, alpha=-2.0, out=scores)
         for j, i in enumerate(gram):
-            scores[i].add_(shift[j])
+            torch.add(shift[j], q[i], alpha=-2.0, out=scores[i])
         for i in self.routes.scatter:
-            scores[i].add_(self.gdiag32[i])
+            torch.add(self.gdiag32[i], q[i], alpha=-2.0, out=scores[i])
         return scores
 
     def _count_scatter_rows(self, rows: int) -> None:

@@ -327,7 +327,8 @@ def nc2_from_gram(gram: Tensor) -> dict[str, Tensor]:
             f"class mean(s) {bad} equal the global mean: NC2 cosines are undefined"
         )
     equinorm = norms.std() / norms.mean()
-    cos = gram / (norms[:, None] * norms[None, :])
+    inv = 1.0 / norms
+    cos = (gram * inv[:, None]).mul_(inv)  # (K, K): one fresh K x K, not three
     dev = cos.add_(1.0 / (k - 1)).abs_()  # (K, K) |cos + 1/(K-1)|
     equiangle = (dev.sum() - torch.diagonal(dev).sum()) / (k * (k - 1))  # off-diagonal mean
     return {NC2_EQUINORM: equinorm, NC2_EQUIANGLE: equiangle}
