@@ -175,8 +175,9 @@ def test_failed_download_is_one_line(tmp_path, monkeypatch, name) -> None:
         load_dataset(name, root=tmp_path, download=True)
     msg = str(err.value)
     assert "\n" not in msg
-    assert "download failed" in msg and "Name or service not known" in msg
-    assert str(tmp_path) in msg
+    assert "download failed" in msg and str(tmp_path) in msg
+    # the cause (torchvision 0.18, the lowest supported, prints it and raises "Error downloading")
+    assert "Name or service not known" in msg or "Error downloading" in msg
 
 
 def test_unknown_name_lists_allowed() -> None:

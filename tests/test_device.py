@@ -165,6 +165,13 @@ def test_tf32_is_off_after_a_tf32_false_job_that_follows_a_tf32_true_one(tmp_pat
         assert read_results(tmp_path / out)[1]["status"] == "done"
 
 
+def _cpu_autocast_on() -> bool:
+    try:
+        return torch.is_autocast_enabled("cpu")
+    except TypeError:  # torch < 2.4 (the lowest supported is 2.3) takes no device type
+        return torch.is_autocast_cpu_enabled()
+
+
 def _spy_collapse_table(monkeypatch, module) -> list[dict]:
     """Record, at every metric pass, its cache budget and the numerics in force."""
     calls: list[dict] = []
@@ -174,7 +181,7 @@ def _spy_collapse_table(monkeypatch, module) -> list[dict]:
         seen = {
             "cache_bytes": kw["cache_bytes"],
             "tf32": _flags()[:3],
-            "autocast": torch.is_autocast_enabled("cpu"),
+            "autocast": _cpu_autocast_on(),
             "dtypes": set(),
         }
         hook = torch.nn.Module.register_forward_hook

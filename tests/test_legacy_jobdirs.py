@@ -14,6 +14,7 @@ import shutil
 from pathlib import Path
 
 import pandas as pd
+import torch
 from conftest import launch
 from inprocess import run_in_process
 from test_own_model import _metric_rows
@@ -62,7 +63,17 @@ def test_measure_on_a_v0_1_checkpoint_equals_its_last_epoch(tmp_path):
     out = tmp_path / "measure"
     run_in_process(out, *DIGITS, "task=measure", f"arch.checkpoint={job / CHECKPOINT_FILE}")
     got, _ = read_results(out)
-    pd.testing.assert_frame_equal(_metric_rows(got, 2), _metric_rows(want, 2), rtol=0, atol=1e-12)
+    # the fixture was made with the CI's torch; another build's float32 kernels round the
+    # forward differently (3e-10 relative on torch 2.3.1): then the float32 path's bound
+    tol = {"rtol": 0, "atol": 1e-12} if _fixture_torch() else {"rtol": 1e-5, "atol": 1e-9}
+    pd.testing.assert_frame_equal(_metric_rows(got, 2), _metric_rows(want, 2), **tol)
+
+
+def _fixture_torch() -> bool:
+    """Is this the torch release the fixtures were made with (the CI pin)?"""
+    pins = (Path(__file__).parents[1] / "constraints-ci.txt").read_text().splitlines()
+    pin = next(line.split("==")[1].strip() for line in pins if line.startswith("torch=="))
+    return torch.__version__.split("+")[0] == pin
 
 
 def test_aggregate_reads_v0_1_job_dirs(tmp_path):
