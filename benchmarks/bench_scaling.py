@@ -4,7 +4,10 @@ For each axis, the others stay at a base point, and at every value this script t
 side (best of --repeat interleaved rounds):
 
 - the bare forward pass (no_grad, eval) of an FC ResNet of width d with L residual blocks
-  over N samples, batches of --batch;
+  over N samples, batches of --batch: by default (--block bench) h + relu(W h + b) blocks
+  on the input itself (one Linear, d^2 multiply-adds per sample and block); with --block
+  preact_bn (mlp, mlp_bn, relu) the project's own FC ResNet (pfc_sweeps.nets: a Linear
+  stem, then blocks of that type; preact_bn, the default of `arch`, has two Linears);
 - the tracker alone on the cached float32 features of that forward (all metrics: PFC1-3,
   NC1-4, 101-t geodesic curves, path quantities), i.e. what a cached metric pass adds;
 
@@ -16,6 +19,7 @@ a log-log plot (PNG).
     python benchmarks/bench_scaling.py                 # quick: a few minutes on 2 CPU cores
     python benchmarks/bench_scaling.py --full          # the issue's ranges: N to 60k, d to 2048,
                                                        # L to 20, K to 1000 (a GPU, or patience)
+    python benchmarks/bench_scaling.py --full --axes k --block preact_bn   # the project's FC net
 """
 
 from __future__ import annotations
@@ -29,7 +33,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pfc_sweeps.choices import BLOCKS
 from pfc_sweeps.collapse.tracker import CollapseTracker
+from pfc_sweeps.nets.resnets import build_model
 
 QUICK = {
     "base": {"n": 2000, "d": 256, "layers": 4, "k": 10},
@@ -76,9 +82,7 @@ def one_point(n: int, d: int, layers: int, k: int, args, device) -> dict:
     x = (centers[y] + torch.randn(n, d, generator=gen)).to(device)
     y = y.to(device)
     torch.manual_seed(0)
-    model = FCResNet(d, layers, k).to(device).eval()
-    for lin in model.blocks:
-        lin.weight.data.mul_(0.5)  # keep the residual stream bounded over 20 blocks
+    model = make_net(args.block, d, layers, k).to(device).eval()
     batch, ts = args.batch, torch.linspace(0, 1, 101)
     feats: list = []
 
@@ -116,17 +120,55 @@ def one_point(n: int, d: int, layers: int, k: int, args, device) -> dict:
             if rnd > 0:
                 best[name] = min(best[name], time.perf_counter() - t0)
     state = tracker(cache_bytes=0).state_bytes  # two passes, no cache: the state alone
-    return {**best, "state_mib": state / 2**20}
+    floor = floor_ratio(linear_macs(model), d, layers, k)
+    return {**best, "state_mib": state / 2**20, "floor": floor}
 
 
-def floor_ratio(d: int, layers: int, k: int) -> float:
+def make_net(block: str, d: int, layers: int, k: int) -> torch.nn.Module:
+    """The benchmark's FC ResNet (``bench``) or the project's with residual blocks ``block``;
+    the blocks' Linear weights halved (a residual stream bounded over 20 blocks)."""
+    if block == "bench":
+        model = FCResNet(d, layers, k)
+    else:
+        model = build_model("fc", (d,), k, width=d, blocks=layers, block=block)
+    for blk in model.blocks:
+        for lin in blk.modules():
+            if isinstance(lin, torch.nn.Linear):
+                lin.weight.data.mul_(0.5)
+    return model
+
+
+def linear_macs(model: torch.nn.Module) -> int:
+    """Multiply-adds per sample of the model's Linear layers (its forward's arithmetic)."""
+    return sum(m.in_features * m.out_features for m in model.modules()
+               if isinstance(m, torch.nn.Linear))  # fmt: skip
+
+
+def floor_ratio(forward_macs: int, d: int, layers: int, k: int) -> float:
     """The cached pass / forward ratio if every multiply-add ran at the forward's rate: per
-    sample, the forward costs L d^2 + K d (blocks, classifier); the tracker K d per layer
-    (projections on the class means: NCC), min(d, K)^2 per layer (NC1's Z^T Z or d x d
-    scatter), and 2 K d once (the geodesic's mixed terms, the classifier's logits)."""
-    forward = layers * d * d + k * d
+    sample, the forward costs ``forward_macs`` (bench: L d^2 + K d, blocks and classifier);
+    the tracker K d per layer (projections on the class means: NCC), min(d, K)^2 per layer
+    (NC1's Z^T Z or d x d scatter), and 2 K d once (the geodesic's mixed terms, the
+    classifier's logits)."""
     tracker = (layers + 1) * (k * d + min(d, k) ** 2) + 2 * k * d
-    return 1.0 + tracker / forward
+    return 1.0 + tracker / forward_macs
+
+
+def _grid(p: argparse.ArgumentParser, args, axes: list[str]) -> dict:
+    """The grid of --full (or the quick one), with --base and --values applied."""
+    grid = {**(FULL if args.full else QUICK)}
+    grid["base"] = dict(grid["base"])
+    for item in filter(None, args.base.split(",")):
+        key, _, val = item.partition("=")
+        if key not in grid["base"] or not val.isdigit() or int(val) < 1:
+            p.error(f"--base takes n=,d=,layers=,k= positive ints, got {item!r}")
+        grid["base"][key] = int(val)
+    if args.values:
+        vals = args.values.split(",")
+        if len(axes) != 1 or not all(v.isdigit() and int(v) > 0 for v in vals):
+            p.error(f"--values needs one axis and positive ints, got {args.values!r}")
+        grid[axes[0]] = [int(v) for v in vals]
+    return grid
 
 
 def fit(xs: list[float], ts: list[float]) -> float:
@@ -164,15 +206,20 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     p.add_argument("--png", default="bench_scaling.png", help="where to save the plot")
+    p.add_argument("--block", default="bench", choices=("bench", *BLOCKS),
+                   help="bench: h + relu(W h + b) on the input; else the project's FC ResNet")  # fmt: skip
+    p.add_argument("--base", default="", help="override base values, e.g. n=500,d=32")
+    p.add_argument("--values", default="", help="the axis values (one axis), e.g. 10,40")
     args = p.parse_args(argv)
     axes = args.axes.split(",")
     if set(axes) - set(LABELS):
         p.error(f"--axes must be a subset of n,d,layers,k, got {args.axes!r}")
+    grid = _grid(p, args, axes)
     if args.threads:
         torch.set_num_threads(args.threads)
-    grid, device = (FULL if args.full else QUICK), torch.device(args.device)
+    device = torch.device(args.device)
     print(f"bench_scaling: device {device}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} CPU threads, base {grid['base']}")  # fmt: skip
+          f"{torch.get_num_threads()} CPU threads, block {args.block}, base {grid['base']}")  # fmt: skip
     results: dict[str, list[dict]] = {}
     print(f"{'axis':>6} {'value':>6} {'forward s':>10} {'tracker s':>10} {'ratio':>6} "
           f"{'floor':>6} {'state MiB':>9}")  # fmt: skip
@@ -184,9 +231,8 @@ def main(argv: list[str] | None = None) -> None:
             r["x"] = v
             results[axis].append(r)
             ratio = (r["forward"] + r["tracker"]) / r["forward"]
-            low = floor_ratio(point["d"], point["layers"], point["k"])
             print(f"{axis:>6} {v:>6} {r['forward']:>10.3f} {r['tracker']:>10.3f} "
-                  f"{ratio:>6.2f} {low:>6.2f} {r['state_mib']:>9.2f}", flush=True)  # fmt: skip
+                  f"{ratio:>6.2f} {r['floor']:>6.2f} {r['state_mib']:>9.2f}", flush=True)  # fmt: skip
     print("\nfitted exponents, time ~ x^p (cached metric pass = forward + tracker):")
     print(f"{'axis':>6} {'p forward':>10} {'p tracker':>10}  expected")
     expect = {"n": "1, 1", "d": "2, <= 1", "layers": "1, 1", "k": "~0, >= 1 (K x K work)"}

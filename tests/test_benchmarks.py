@@ -107,3 +107,28 @@ def test_bench_cifar100_smoke_ratios_follow_from_its_times(tmp_path):
     ratio = re.search(r"metric pass / eval forward: ([\d.]+)", out).group(1)
     assert _ratio_consistent(times["metrics"], times["forward"], ratio), out
     assert re.search(r"goal <= floor \+ 0\.05 = [\d.]+: (met|MISSED)", out), out
+
+
+@pytest.mark.parametrize(("block", "linears_per_block"), [("bench", 1), ("preact_bn", 2)])
+def test_bench_scaling_smoke_prints_its_ratio_and_floor(tmp_path, block, linears_per_block):
+    """A tiny K axis: each row's ratio is (forward + tracker) / forward of its printed times,
+    and its floor is 1 + the tracker's multiply-adds over the forward's, counted here from the
+    net's shape (bench: L blocks of one d x d Linear on the input; the project's FC ResNet: a
+    d x d stem, then L blocks of two)."""
+    d, layers = 16, 3
+    out = _run("bench_scaling.py", "--axes", "k", "--base", f"n=300,d={d},layers={layers}",
+               "--values", "4,24", "--repeat", "1", "--block", block,
+               "--png", str(tmp_path / "s.png"), cwd=tmp_path)  # fmt: skip
+    rows = [line.split() for line in out.splitlines() if line.split()[:1] == ["k"]]
+    rows = [r for r in rows if len(r) == 7]
+    assert [int(r[1]) for r in rows] == [4, 24]
+    stem = 0 if block == "bench" else d * d
+    for _, k, fwd, trk, ratio, floor, _ in rows:
+        k = int(k)
+        f, t, h = float(fwd), float(trk), 0.0005  # printed to 3 decimals
+        lo, hi = (f + t - 2 * h) / (f + h), (f + t + 2 * h) / max(f - h, 1e-9)
+        assert lo - 0.005 <= float(ratio) <= hi + 0.005
+        forward = stem + layers * linears_per_block * d * d + k * d
+        tracker = (layers + 1) * (k * d + min(d, k) ** 2) + 2 * k * d
+        assert float(floor) == pytest.approx(1 + tracker / forward, abs=0.006)
+    assert (tmp_path / "s.png").exists()
