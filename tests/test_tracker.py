@@ -389,11 +389,13 @@ def test_small_chunks_and_blocks_match_one_chunk(monkeypatch, dtype, cache):
         "cache_bytes": cache,
     }
     whole = run_tracker(hs, y, 4, splits=(40,), **kw)
-    # 6 elements per row: 3 rows per chunk (2 in float64 pass 1); a block's per-row statistics:
-    # float64, 5 layers x width 12; float32 (kernels.FastKernel.row_elements), 3 S K + 2 K
-    # float32 and the K x K route's float64 Z (2 S K)
+    # 6 elements per row: 2 rows per pass-1 chunk (1 in float64), 3 per pass-2 chunk; a
+    # block's per-row statistics: float64, 5 layers x width 12; float32
+    # (kernels.FastKernel.row_elements), 3 S K + 2 K float32 and the K x K route's float64 Z
+    # (2 S K)
     row = 5 * 12 if dtype == torch.float64 else (3 * 5 + 2) * 4 // 2 + 2 * 5 * 4
-    monkeypatch.setattr(M, "_CPU_CHUNK_BYTES", 3 * 6 * dtype.itemsize)
+    monkeypatch.setattr(M, "_CPU_CHUNK_BYTES", 2 * 6 * dtype.itemsize)
+    monkeypatch.setattr(M, "_CPU_PASS2_CHUNK_BYTES", 3 * 6 * dtype.itemsize)
     monkeypatch.setattr(M, "_CPU_BLOCK_ELEMENTS", 7 * row)
     monkeypatch.setattr(M, "_MIN_BLOCK_ROWS", 1)
     tracker = CollapseTracker(4, **kw)
@@ -401,7 +403,8 @@ def test_small_chunks_and_blocks_match_one_chunk(monkeypatch, dtype, cache):
     if tracker.needs_second_pass:
         feed(tracker, hs, y, (40,))
     core = tracker._run  # the trailing run's tracker (all layers: one width)
-    assert core._ws.rows == 3 and core._block_rows == 7
+    assert core._rows1 == (1 if dtype == torch.float64 else 2)  # pass 1's chunks
+    assert core._ws.rows == 3 and core._block_rows == 7  # pass 2's chunks and blocks
     assert_same(tracker.compute(), whole, rtol=1e-12 if dtype == torch.float64 else 1e-5)
 
 

@@ -255,8 +255,12 @@ class LayerRunTracker:
             _check_classifier(self._weight, self._dims[-1], k, self._bias)
         self._dtype = work_dtype(layers[0].dtype, self.precision)
         dmax = max(self._dims)
-        rows = rows_per_chunk(dmax, dev, self._dtype.itemsize)
-        self._ws = Workspace(rows, dmax, dev, self._dtype)
+        rows = rows_per_chunk(dmax, dev, self._dtype.itemsize)  # pass 1
+        if self._dtype == F64 and dev.type == "cpu":  # it keeps 4 chunk buffers alive
+            rows = max(1, rows // 2)
+        self._rows1 = rows
+        rows2 = rows_per_chunk(dmax, dev, self._dtype.itemsize, pass2=True)  # the kernels'
+        self._ws = Workspace(max(rows, rows2), dmax, dev, self._dtype)
         self._oob = torch.zeros((), dtype=torch.int64, device=dev)
         self._accs: dict[str, object] = {"sums": acc.ClassSums(k, self._dims, dev, self._dtype)}
         if self._path:
@@ -349,12 +353,9 @@ class LayerRunTracker:
             self._cache.append((layers, labels))
 
     def _pass1_batch(self, layers: list[Tensor], labels: Tensor) -> None:
-        # the float64 path keeps 4 chunk buffers alive (x0, a, b, d): halve its rows on CPU so
-        # the working set stays cache resident
-        ws, pass1 = self._ws, list(self._accs.values())
-        rows = ws.rows // 2 if self._dtype == F64 and self._device.type == "cpu" else ws.rows
-        splits = [h.split(max(rows, 1)) for h in layers]
-        for c, y in enumerate(labels.split(max(rows, 1))):
+        ws, pass1, rows = self._ws, list(self._accs.values()), self._rows1
+        splits = [h.split(rows) for h in layers]
+        for c, y in enumerate(labels.split(rows)):
             for i, chunks in enumerate(splits):
                 x = ws.load("x0" if i == 0 else "ab"[i % 2], chunks[c])  # (b, d) work dtype
                 for a in pass1:

@@ -10,12 +10,15 @@ from torch import Tensor
 F64 = torch.float64
 # Rows per chunk are chosen so that a work chunk holds at most this many elements:
 # _CHUNK_ELEMENTS = 2**24 (128 MiB in float64) on accelerators; on CPU also at most
-# _CPU_CHUNK_BYTES = 1 MiB (cache resident: elementwise ops are memory bound there).
+# _CPU_CHUNK_BYTES = 1 MiB (cache resident: pass 1's elementwise ops are memory bound), and
+# _CPU_PASS2_CHUNK_BYTES = 2 MiB in pass 2 (its GEMMs on the class means run faster on wider
+# chunks: docs/benchmarks.md "Many classes").
 _CHUNK_ELEMENTS = 2**24
 _CPU_CHUNK_BYTES = 2**20
+_CPU_PASS2_CHUNK_BYTES = 2**21
 # per-row statistics (rows x layers x classes) are processed in blocks of this many elements
-# on CPU (8 MiB in float64): per-op overhead is paid per block, not per chunk
-_CPU_BLOCK_ELEMENTS = 2**20
+# on CPU (16 MiB in float64): per-op overhead is paid per block, not per chunk
+_CPU_BLOCK_ELEMENTS = 2**21
 # ... but a block has at least _MIN_BLOCK_ROWS rows (at large K) as long as it stays within
 # _MAX_BLOCK_ELEMENTS (64 MiB in float64 on CPU; the block budget is independent of N)
 _MIN_BLOCK_ROWS = 512
@@ -94,13 +97,16 @@ def _check_inputs(features: Tensor, labels: Tensor, num_classes: int) -> Tensor:
     return labels
 
 
-def rows_per_chunk(d: int, device: torch.device | str | None = None, itemsize: int = 8) -> int:
+def rows_per_chunk(
+    d: int, device: torch.device | str | None = None, itemsize: int = 8, pass2: bool = False
+) -> int:
     """Rows per work chunk: ``_CHUNK_ELEMENTS`` // d, on CPU at most
-    ``_CPU_CHUNK_BYTES`` // (itemsize d) (L2-cache sized)."""
+    ``_CPU_CHUNK_BYTES`` // (itemsize d) (cache sized), or ``_CPU_PASS2_CHUNK_BYTES`` for
+    pass 2's chunks (``pass2``)."""
     dev = torch.device(device) if device is not None else torch.device("cpu")
     budget = _CHUNK_ELEMENTS
     if dev.type == "cpu":
-        budget = min(budget, _CPU_CHUNK_BYTES // itemsize)
+        budget = min(budget, (_CPU_PASS2_CHUNK_BYTES if pass2 else _CPU_CHUNK_BYTES) // itemsize)
     return max(1, budget // max(d, 1))
 
 
