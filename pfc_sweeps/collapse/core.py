@@ -256,8 +256,8 @@ class LayerRunTracker:
         self._dtype = work_dtype(layers[0].dtype, self.precision)
         dmax = max(self._dims)
         rows = rows_per_chunk(dmax, dev, self._dtype.itemsize)  # pass 1
-        if self._dtype == F64 and dev.type == "cpu":  # it keeps 4 chunk buffers alive
-            rows = max(1, rows // 2)
+        if self._dtype == F64 and dev.type == "cpu":  # float64 pass 1 keeps 4 chunk buffers
+            rows = max(1, rows // 2)  # alive (x0, a, b, d): halve them to stay cache resident
         self._rows1 = rows
         rows2 = rows_per_chunk(dmax, dev, self._dtype.itemsize, pass2=True)  # the kernels'
         self._ws = Workspace(max(rows, rows2), dmax, dev, self._dtype)
