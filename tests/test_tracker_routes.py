@@ -181,11 +181,15 @@ def test_state_independent_of_n_at_many_classes():
     assert states[0] == states[1] > 0
 
 
-@pytest.mark.parametrize(("scale", "route"), [(1.0, "cholesky"), (1e-3, "eigh"), (0.0, "eigh")])
+@pytest.mark.parametrize(
+    ("scale", "route"), [(1.0, "cholesky"), (1e-2, "cholesky"), (1e-3, "eigh"), (0.0, "eigh")]
+)
 def test_nc1_scatter_route_cholesky_and_eigh(monkeypatch, scale, route):
     """nc1_from_scatter (K > d) inverts Sigma_B by Cholesky when it is well conditioned and
     falls back to the eigendecomposition (pinv's cutoff) when it is ill conditioned (cond
-    ~1e7) or singular: both equal the float64 reference to 1e-9."""
+    ~5e6) or singular: both equal the float64 reference to 1e-9. At scale 1e-2 (cond ~5e4)
+    the bound on cond that picks the route must be the Frobenius one: Tr Sigma_B Tr Sigma_B^-1
+    is above the threshold there, ||Sigma_B||_F ||Sigma_B^-1||_F is below."""
     k, d, n = 60, 20, 900
     gen = np.random.default_rng(4)
     y = np.concatenate([np.arange(k), gen.integers(0, k, size=n - k)])
@@ -194,6 +198,11 @@ def test_nc1_scatter_route_cholesky_and_eigh(monkeypatch, scale, route):
     noise = 0.3 * gen.normal(size=(n, d))
     res = noise - ((onehot.T @ noise) / onehot.sum(0)[:, None])[y]  # sums to 0 in each class
     h, means = mu[y] + res, mu  # the class means are mu: Sigma_B as scaled
+    if scale == 1e-2:
+        sb = (means - means.mean(0)).T @ (means - means.mean(0)) / k
+        inv = np.linalg.inv(sb)
+        assert np.trace(sb) * np.trace(inv) > stats._CHOL_MAX_COND
+        assert np.linalg.norm(sb) * np.linalg.norm(inv) < stats._CHOL_MAX_COND
     calls = []
     monkeypatch.setattr(
         stats.torch.linalg, "eigh", lambda a, _e=torch.linalg.eigh: calls.append(1) or _e(a)

@@ -291,16 +291,16 @@ def nc1_from_scatter(n: int, ht: Tensor, scatter: Tensor) -> Tensor:
     chol, info = torch.linalg.cholesky_ex(sigma_b)
     if int(info) == 0:  # well conditioned: pinv = inverse, a Cholesky costs ~1/4 of an eigh
         inv = torch.cholesky_inverse(chol)  # (d, d)
-        # Tr(A) Tr(A^-1) >= cond(A): below _CHOL_MAX_COND every eigenvalue is far above the
-        # pinv cutoff and the inverse is accurate to ~cond * eps
-        if float(torch.trace(sigma_b) * torch.trace(inv)) < _CHOL_MAX_COND:
+        # ||A||_F ||A^-1||_F >= ||A||_2 ||A^-1||_2 = cond(A): below _CHOL_MAX_COND every
+        # eigenvalue is far above the pinv cutoff and the inverse is accurate to ~cond * eps
+        if float(torch.linalg.norm(sigma_b) * torch.linalg.norm(inv)) < _CHOL_MAX_COND:
             return (inv * scatter).sum() / (n * k)  # Tr(A B) = sum(A * B), both symmetric
     lam, vec = torch.linalg.eigh(sigma_b)  # (d,), (d, d)
     inv = _pinv_diag(lam, max(k, d))
     return (inv * ((scatter / n) @ vec * vec).sum(0)).sum() / k
 
 
-#: nc1_from_scatter takes the Cholesky route when Tr(Sigma_B) Tr(Sigma_B^-1) is below this
+#: nc1_from_scatter takes the Cholesky route when ||Sigma_B||_F ||Sigma_B^-1||_F is below this
 _CHOL_MAX_COND = 1e6
 
 
