@@ -417,6 +417,21 @@ def test_even_sizes_split_rows_into_near_equal_parts(n, most):
     assert max(sizes) <= most and max(sizes) - min(sizes) <= 1
 
 
+@given(st.integers(0, 50000), st.integers(1, 2000), st.sampled_from([2, 8, 16]))
+def test_even_sizes_aligned_parts(n, most, align):
+    """With an alignment (most >= 4 align): ceil(n / most') parts for most' = most rounded
+    down to a multiple of align, each <= most, every part but the last a multiple of align,
+    sizes within align of each other (no tiny tail), summing to n."""
+    sizes = even_sizes(n, most, align)
+    if most < 4 * align:
+        assert sizes == even_sizes(n, most)
+        return
+    most_a = most // align * align
+    assert sum(sizes) == n and len(sizes) == max(1, math.ceil(n / most_a))
+    assert max(sizes) <= most_a and max(sizes) - min(sizes) <= align
+    assert all(s % align == 0 for s in sizes[:-1]) and (n == 0 or min(sizes) > 0)
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_inputs_are_not_modified(dtype):
     hs, y = make_layers(16, n=70, d=5, k=3, layers=4)

@@ -31,6 +31,7 @@ from torch import Tensor
 from pfc_sweeps.collapse import accumulators as acc
 from pfc_sweeps.collapse.distributed import all_reduce_sums, any_rank, check_group
 from pfc_sweeps.collapse.inputs import (
+    GEMM_ROW_ALIGN,
     MetricInputError,
     add_counts,
     block_rows,
@@ -365,7 +366,7 @@ class LayerRunTracker:
 
     def _pass2_batch(self, layers: list[Tensor], labels: Tensor) -> None:
         """Blocks of rows: the kernel chunks the (b, d) work; accumulators see whole blocks."""
-        sizes = even_sizes(labels.shape[0], self._block_rows)
+        sizes = even_sizes(labels.shape[0], self._block_rows, GEMM_ROW_ALIGN)
         splits = [h.split(sizes) for h in layers]
         for c, y in enumerate(labels.split(sizes)):
             block = self._kernel.pass2([chunks[c] for chunks in splits], y)

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from pfc_sweeps.collapse.inputs import even_sizes
+from pfc_sweeps.collapse.inputs import GEMM_ROW_ALIGN, even_sizes
 from pfc_sweeps.collapse.metrics import F64
 from pfc_sweeps.collapse.stats import cross_within, ncc_correct_from_scores
 
@@ -371,7 +371,7 @@ class FastKernel:
         n_s, last, b = len(layers), self._last, y.shape[0]
         out = self._outputs(n_s, b)
         s = 0
-        for size in even_sizes(b, self.ws.rows):
+        for size in even_sizes(b, self.ws.rows, GEMM_ROW_ALIGN):
             self._chunk(layers, y, slice(s, s + size), out)
             s += size
         self._count_scatter_rows(b)
