@@ -181,6 +181,15 @@ def test_state_independent_of_n_at_many_classes():
     assert states[0] == states[1] > 0
 
 
+@pytest.mark.parametrize("n", [1, 100, 383, 384, 640, 1001])
+def test_sym_gram_equals_the_full_product(n):
+    """sym_gram (the K x K Gram and Sigma_B at many classes) computes only the upper block
+    triangle's GEMMs and mirrors them: every entry equals a @ a.T in numpy's float64."""
+    a = np.random.default_rng(n).normal(size=(n, 37))
+    got = stats.sym_gram(torch.tensor(a)).numpy()
+    np.testing.assert_allclose(got, a @ a.T, rtol=1e-12, atol=1e-12 * np.abs(a).max() ** 2)
+
+
 @pytest.mark.parametrize(
     ("scale", "route"), [(1.0, "cholesky"), (1e-2, "cholesky"), (1e-3, "eigh"), (0.0, "eigh")]
 )
