@@ -125,6 +125,19 @@ def test_routes_equal_the_oracle(k, d, n, cache_bytes, dtype):
     assert (routes.scatter, routes.gram) == (([0, 1, 2], []) if d < k else ([], [0, 1, 2]))
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_routes_with_blocked_symmetric_products_equal_the_oracle(monkeypatch, dtype):
+    """The symmetric products in blocks (the d x d scatters' upper block triangles, mirrored
+    once per pass; G, Sigma_B and the scatter correction by sym_gram), forced at these small
+    sizes (blocks of 8 rows: d = 40 in 5): every metric as the oracle (1e-9; float32 1e-5)."""
+    monkeypatch.setattr(stats, "SYM_GRAM_BLOCK", 8)
+    assert len(stats.gram_edges(40)) == 6 and len(stats.gram_edges(300)) > 30
+    k, d, n = 300, 40, 1500
+    hs, y, w, b = make_data(k, d, n)
+    res = run(hs, y, k, w, b, dtype, 0)
+    check(res, hs, y, k, w, b, 1e-9 if dtype == torch.float64 else FAST_RTOL)
+
+
 @pytest.mark.parametrize("cache_bytes", [2**30, 0])
 def test_float32_gram_products_within_bound(monkeypatch, cache_bytes):
     """The accelerators' rule (K x K route products in float32) run on CPU: within 1e-5."""

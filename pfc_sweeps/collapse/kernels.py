@@ -31,7 +31,14 @@ from torch import Tensor
 
 from pfc_sweeps.collapse.inputs import GEMM_ROW_ALIGN, even_sizes
 from pfc_sweeps.collapse.metrics import F64
-from pfc_sweeps.collapse.stats import cross_within, ncc_correct_from_scores
+from pfc_sweeps.collapse.stats import (
+    add_upper_gram_,
+    cross_within,
+    gram_edges,
+    mirror_upper_,
+    ncc_correct_from_scores,
+    sym_gram,
+)
 
 F32 = torch.float32
 
@@ -205,9 +212,10 @@ class Routes:
         return x if len(self.gram) == n_layers else x[self.gram]
 
 
-def _take(scatter: dict[int, Tensor]) -> dict[int, Tensor]:
-    """The summed scatters, each replaced by a zero one for what follows."""
-    out = dict(scatter)
+def _take(scatter: dict[int, Tensor], edges: dict[int, list[int]]) -> dict[int, Tensor]:
+    """The summed scatters (upper block triangles, :func:`add_upper_gram_`) made whole, each
+    replaced by a zero one for what follows."""
+    out = {i: mirror_upper_(s, edges[i]) for i, s in scatter.items()}
     for i, s in out.items():
         scatter[i] = torch.zeros_like(s)
     return out
@@ -224,6 +232,7 @@ class ExactKernel:
         self.rhs = [r.contiguous() for r in lm.rhs]  # (K + e, d)
         self.scatter = {i: lm.ht[i].new_zeros(lm.ht[i].shape[1], lm.ht[i].shape[1])
                         for i in routes.scatter}  # fmt: skip
+        self.edges = {i: gram_edges(s.shape[0]) for i, s in self.scatter.items()}
 
     @property
     def row_elements(self) -> int:
@@ -246,7 +255,7 @@ class ExactKernel:
                 projs[i].append((self.rhs[i] @ u.T).T)  # (b, K + e); the fast layout
                 if i in self.scatter:  # r = u - Ht_y = h - m_y (b, d)
                     r = torch.index_select(lm.ht[i], 0, yc, out=self.ws.get("r", hc.shape))
-                    self.scatter[i].addmm_(torch.sub(u, r, out=r).T, r)
+                    add_upper_gram_(self.scatter[i], torch.sub(u, r, out=r), self.edges[i])
                 if i in (0, last):
                     ends.append(u)
             if cross is not None:
@@ -269,7 +278,7 @@ class ExactKernel:
 
     def take_scatter(self) -> dict[int, Tensor]:
         """The d x d route's summed scatters of this pass so far, float64 (then reset)."""
-        return _take(self.scatter)
+        return _take(self.scatter, self.edges)
 
     def offsets(self, counts: Tensor) -> PassOffsets | None:
         """Nothing to correct: r = h - m_y."""
@@ -317,6 +326,7 @@ class FastKernel:
                           for i in routes.scatter}  # fmt: skip
         self._scatter_rows = 0
         self.scatter = {i: lm.ht[i].new_zeros(self.scatter32[i].shape) for i in routes.scatter}
+        self.edges = {i: gram_edges(s.shape[0]) for i, s in self.scatter.items()}
         self.z_dtype = gram_products_dtype(lm.gram.device, k)
 
     @property
@@ -351,7 +361,7 @@ class FastKernel:
             torch.sub(h[s:e], r, out=r)  # h - m'_y (one rounding)
             torch.linalg.vector_norm(r, dim=1, out=out["sq"][i, cols])
             if i in self.scatter32:
-                self.scatter32[i].addmm_(r.T, r)  # (d, d): centred rows, float32
+                add_upper_gram_(self.scatter32[i], r, self.edges[i])  # (d, d): centred, float32
                 x = torch.sub(h[s:e], self.g32[i], out=ws.get("u0" if i == 0 else "u", shape))
             else:
                 x = r
@@ -432,7 +442,7 @@ class FastKernel:
     def take_scatter(self) -> dict[int, Tensor]:
         """The d x d route's summed scatters of r = h - m'_y so far, float64 (then reset)."""
         self._flush_scatter()
-        return _take(self.scatter)
+        return _take(self.scatter, self.edges)
 
     def offsets(self, counts: Tensor) -> PassOffsets:
         """The exact correction of centring at m' instead of m, from the class counts (K,):
@@ -441,6 +451,7 @@ class FastKernel:
         dn2 = torch.stack([(d.square().sum(1) * counts).sum() for d in self.deltas])  # (S,)
         # the d x d and K x K corrections are O(u^2) of the sums: float32 products suffice
         n32, d32 = counts.to(F32), [d.to(F32) for d in self.deltas]
+        root_n = n32.sqrt()[:, None]  # sum_c n_c d_c d_c^T = (sqrt(n) D)^T (sqrt(n) D)
         dz = {i: d32[i] @ self.ht32[i].T for i in self.routes.gram}  # (K, K) delta Ht'^T
         zz = [(dz[i].T * n32) @ dz[i] for i in self.routes.gram]
         cross = None
@@ -449,6 +460,6 @@ class FastKernel:
         return PassOffsets(
             rr=-dn2,
             zz=-torch.stack(zz).to(F64) if zz else counts.new_zeros(0, self.k, self.k),
-            scatter={i: ((d32[i].T * n32) @ d32[i]).to(F64).neg_() for i in self.scatter},
+            scatter={i: sym_gram((d32[i] * root_n).T).to(F64).neg_() for i in self.scatter},
             cross=cross,
         )
