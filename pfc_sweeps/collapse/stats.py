@@ -2,7 +2,8 @@
 and the metrics from them (docs/metrics.md, paper eq. 7-9); the geodesic prediction
 (eq. 17-19) is in :mod:`pfc_sweeps.collapse.geodesic`.
 
-Every function is pure, works on the device of its inputs and computes in float64.
+Every function works on the device of its inputs; the metrics compute in float64. All are
+pure except the in-place helpers whose names end in ``_`` (symmetric products in blocks).
 """
 
 from __future__ import annotations
