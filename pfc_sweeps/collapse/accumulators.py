@@ -153,8 +153,8 @@ class ClassSums:
         return [self.counts, *self.sums]
 
     def compute(self, geodesic: bool, weight: Tensor | None) -> LayerMeans:
-        """The means of every layer. Pass-2 right-hand sides: with the geodesic, layer 0 is also
-        projected on HtL and layer L on Ht0 (cross terms); with a classifier, layer L on W."""
+        """The means of every layer, with the geodesic X = Ht0 HtL^T, and the classifier's
+        weight in float64."""
         self.flush()
         g, ht, grams = [], [], []
         for i, s in enumerate(self.sums):
@@ -167,19 +167,13 @@ class ClassSums:
             ht.append(hti)
             grams.append(gram)
         gram = torch.stack(grams)  # (S, K, K)
-        rhs, last = list(ht), len(ht) - 1
-        if geodesic:
-            rhs[0], rhs[last] = torch.cat([ht[0], ht[last]]), torch.cat([ht[last], ht[0]])
         w = weight.to(device=gram.device, dtype=F64) if weight is not None else None
-        if w is not None:
-            rhs[last] = torch.cat([rhs[last], w])
         self.sums, self.part = [], []  # the means live on in g + ht
         return LayerMeans(
             g=g,
             ht=ht,
             gram=gram,
             gdiag=torch.diagonal(gram, dim1=1, dim2=2).contiguous(),
-            rhs=rhs,
             x01=ht[0] @ ht[-1].T if geodesic else None,
             w=w,
         )

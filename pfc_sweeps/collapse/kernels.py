@@ -111,16 +111,13 @@ class LayerMeans:
     """The final class means of every layer (after pass 1), float64.
 
     g[i] (d_i,) mean of class means, ht[i] (K, d_i) rows m_c - g, gram (S, K, K) = Ht Ht^T,
-    gdiag (S, K); rhs[i] (K + e_i, d_i): Ht[i] then the extra rows layer i is projected on
-    (the other end's Ht for the geodesic, the classifier W for NC4); x01 = Ht0 HtL^T or None;
-    w (K_w, d_L) the classifier's weight (the last rows of rhs[L]) or None.
+    gdiag (S, K); x01 = Ht0 HtL^T or None; w (K_w, d_L) the classifier's weight or None.
     """
 
     g: list[Tensor]
     ht: list[Tensor]
     gram: Tensor
     gdiag: Tensor
-    rhs: list[Tensor]
     x01: Tensor | None
     w: Tensor | None = None
 
@@ -221,6 +218,18 @@ def _take(scatter: dict[int, Tensor], edges: dict[int, list[int]]) -> dict[int, 
     return out
 
 
+def _exact_rhs(lm: LayerMeans, geodesic: bool) -> list[Tensor]:
+    """The exact kernel's right-hand side per layer (K + e_i, d_i): Ht[i], then the rows
+    layer i is also projected on: with the geodesic, layer 0 on HtL and layer L on Ht0 (the
+    cross terms); with a classifier, layer L on W (NC4)."""
+    rhs, last = list(lm.ht), len(lm.ht) - 1
+    if geodesic:
+        rhs[0], rhs[last] = torch.cat([lm.ht[0], lm.ht[last]]), torch.cat([lm.ht[last], lm.ht[0]])
+    if lm.w is not None:
+        rhs[last] = torch.cat([rhs[last], lm.w])
+    return [r.contiguous() for r in rhs]
+
+
 class ExactKernel:
     """Pass 2 in float64 (the oracle path): u = h - g, one matmul u rhs^T and one dot per
     layer; ||h - m_y||^2 = ||u||^2 - 2 <u, Ht_y> + G_yy and Z = u Ht^T - G[y] (exact
@@ -229,7 +238,7 @@ class ExactKernel:
 
     def __init__(self, lm: LayerMeans, ws: Workspace, geodesic: bool, routes: Routes) -> None:
         self.lm, self.ws, self.geodesic, self.routes = lm, ws, geodesic, routes
-        self.rhs = [r.contiguous() for r in lm.rhs]  # (K + e, d)
+        self.rhs = _exact_rhs(lm, geodesic)  # (K + e, d) per layer
         self.scatter = {i: lm.ht[i].new_zeros(lm.ht[i].shape[1], lm.ht[i].shape[1])
                         for i in routes.scatter}  # fmt: skip
         self.edges = {i: gram_edges(s.shape[0]) for i, s in self.scatter.items()}
