@@ -203,6 +203,25 @@ def test_sym_gram_equals_the_full_product(n):
     np.testing.assert_allclose(got, a @ a.T, rtol=1e-12, atol=1e-12 * np.abs(a).max() ** 2)
 
 
+def test_nc2_in_row_blocks_equals_numpy(monkeypatch):
+    """nc2_from_gram forms the cosines in row blocks (here 3 rows of K = 50: 17 blocks, the
+    last one short): equinorm and equiangle as numpy's over the whole K x K matrix."""
+    k = 50
+    monkeypatch.setattr(stats, "_NC2_BLOCK_ELEMENTS", 3 * k + 7)
+    ht = np.random.default_rng(7).normal(size=(k, 20))
+    gram = ht @ ht.T
+    norms = np.sqrt(np.diag(gram))
+    dev = np.abs(gram / np.outer(norms, norms) + 1.0 / (k - 1))
+    got = stats.nc2_from_gram(torch.tensor(gram))
+    want = (dev.sum() - np.trace(dev)) / (k * (k - 1))
+    assert float(got[NC2_EQUIANGLE]) == pytest.approx(want, rel=1e-13)
+    assert float(got[NC2_EQUINORM]) == pytest.approx(norms.std(ddof=1) / norms.mean(), rel=1e-13)
+    out = torch.full((k, k), math.nan, dtype=torch.float64)  # sym_gram into a given tensor
+    monkeypatch.setattr(stats, "SYM_GRAM_BLOCK", 8)
+    assert stats.sym_gram(torch.tensor(ht), out=out) is out
+    np.testing.assert_allclose(out.numpy(), gram, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize(
     ("scale", "route"), [(1.0, "cholesky"), (1e-2, "cholesky"), (1e-3, "eigh"), (0.0, "eigh")]
 )

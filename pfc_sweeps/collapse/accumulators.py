@@ -156,17 +156,16 @@ class ClassSums:
         """The means of every layer, with the geodesic X = Ht0 HtL^T, and the classifier's
         weight in float64."""
         self.flush()
-        g, ht, grams = [], [], []
+        g, ht = [], []
+        gram = self.counts.new_empty(len(self.sums), self.k, self.k)  # (S, K, K)
         for i, s in enumerate(self.sums):
             if not bool(torch.isfinite(s).all()):
                 raise MetricInputError(f"features of layer {i} contain NaN or inf")
             if self.ref is not None:  # sums of h - ref
                 s = s + self.counts[:, None] * self.ref[i].to(F64)
-            _, gi, hti, gram = class_moments(self.counts, s)
+            _, gi, hti, _ = class_moments(self.counts, s, gram_out=gram[i])
             g.append(gi)
             ht.append(hti)
-            grams.append(gram)
-        gram = torch.stack(grams)  # (S, K, K)
         w = weight.to(device=gram.device, dtype=F64) if weight is not None else None
         self.sums, self.part = [], []  # the means live on in g + ht
         return LayerMeans(

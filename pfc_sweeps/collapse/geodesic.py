@@ -227,7 +227,8 @@ def _geodesic_from_frobenius(
     """
     k = g0.shape[0]
     mats = (g0, x01 + x01.T, gl)
-    gram_m = torch.stack([torch.stack([(a * b).sum() for b in mats]) for a in mats])  # (3, 3)
+    flat = [a.reshape(-1) for a in mats]  # (K^2,) views: dot products make no K x K temporary
+    gram_m = torch.stack([torch.stack([torch.dot(a, b) for b in flat]) for a in flat])  # (3, 3)
     traces = torch.stack([torch.diagonal(a).sum() for a in mats])  # (3,)
     totals = torch.stack([a.sum() for a in mats])  # (3,) 1^T A 1
     tr_g = coef @ traces  # (T,)
