@@ -485,7 +485,7 @@ def test_error_labels_out_of_range_and_bad_labels():
         tr.update(hs, y[:5])
 
 
-@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
 def test_error_nonfinite_features(value):
     hs, y = make_layers(9, n=30, k=3, layers=3)
     hs[1] = hs[1].clone()

@@ -159,7 +159,7 @@ class ClassSums:
         g, ht = [], []
         gram = self.counts.new_empty(len(self.sums), self.k, self.k)  # (S, K, K)
         for i, s in enumerate(self.sums):
-            if not bool(torch.isfinite(s).all()):
+            if not bool(torch.isfinite(torch.stack(torch.aminmax(s))).all()):  # NaN propagates
                 raise MetricInputError(f"features of layer {i} contain NaN or inf")
             if self.ref is not None:  # sums of h - ref
                 s = s + self.counts[:, None] * self.ref[i].to(F64)
