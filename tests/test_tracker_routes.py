@@ -178,6 +178,42 @@ def test_float32_far_from_the_origin_within_bound(k, d, n, cache_bytes):
     check(res, hs, y, k, w, b, FAST_RTOL)
 
 
+def _held_bytes(obj, skip: set[int], seen: set[int]) -> int:
+    """Bytes of the distinct tensor storages reachable from obj (attributes, dataclass fields,
+    lists, tuples, dicts), not entering objects whose id is in ``skip``."""
+    if id(obj) in skip or id(obj) in seen:
+        return 0
+    seen.add(id(obj))
+    if isinstance(obj, torch.Tensor):
+        key = ("storage", obj.untyped_storage().data_ptr())
+        if key in seen:
+            return 0
+        seen.add(key)
+        return obj.untyped_storage().nbytes()
+    items = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, list | tuple) else ()
+    if hasattr(obj, "__dict__") and type(obj).__module__.startswith("pfc_sweeps"):
+        items = vars(obj).values()
+    return sum(_held_bytes(v, skip, seen) for v in items)
+
+
+@pytest.mark.parametrize("k", [300, 8])
+def test_state_bytes_counts_every_tensor_the_tracker_holds(k):
+    """state_bytes is at least the bytes of every tensor storage the tracker holds after each
+    pass (class means, Grams, kernel tables, accumulators, workspace), the feature cache and
+    the caller's classifier excepted."""
+    hs, y, w, _ = make_data(k, 40, 1500)
+    weight = torch.tensor(w, dtype=torch.float32)
+    tr = CollapseTracker(k, geodesic_ts=TS, cache_bytes=0, classifier_weight=weight)
+    th, ty = [torch.tensor(h, dtype=torch.float32) for h in hs], torch.tensor(y)
+    for _ in range(2):
+        tr.update(th, ty)
+        tr.end_pass()
+        core = tr._run
+        caller = {("storage", weight.untyped_storage().data_ptr())}  # the caller's weight
+        held = _held_bytes(core, {id(core._cache)}, caller)
+        assert tr.state_bytes >= held > 0
+
+
 def test_state_independent_of_n_at_many_classes():
     """K > d (the d x d route): the tracker's state (two passes, no cache) is the same for N
     and 2N samples."""

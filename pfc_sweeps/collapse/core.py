@@ -230,11 +230,13 @@ class LayerRunTracker:
 
     @property
     def state_bytes(self) -> int:
-        """Bytes of all accumulators plus the chunk workspace, excluding the feature cache:
-        O(L K d + K T), independent of the number of samples N."""
+        """Bytes of all accumulators, the class means and their Grams (after pass 1), the
+        kernel's tables and the chunk workspace, excluding the feature cache: O(L (K d + K^2)
+        + K T), independent of the number of samples N."""
         if self._dims is None:
             return 0
-        objs = (self, *self._accs.values(), getattr(self, "_kernel", None))
+        objs = (self, getattr(self, "_means", None), *self._accs.values())
+        objs += (getattr(self, "_kernel", None),)
         return self._ws.nbytes + _tensor_bytes(objs, (self._weight, self._bias))
 
     @property
