@@ -315,7 +315,8 @@ class FastKernel:
         means = [ht + g for g, ht in zip(lm.g, lm.ht, strict=True)]  # (K, d) float64
         self.ref32 = [m.to(F32) for m in means]  # (K, d) m'_c
         self.g32 = [g.to(F32) for g in lm.g]  # (d,) g'
-        self.deltas = [r.to(F64) - m for r, m in zip(self.ref32, means, strict=True)]  # m' - m
+        # m' - m (K, d), formed in float64, kept in float32: the corrections are O(u^2)
+        self.deltas = [(r.to(F64) - m).to(F32) for r, m in zip(self.ref32, means, strict=True)]
         self.ht32 = [ht.to(F32) for ht in lm.ht]  # (K, d)
         self.gdiag32 = lm.gdiag.to(F32)[:, :, None]  # (S, K, 1)
         g = routes.gram  # score table (K_y, S_g * K): a[y, j, c] = G_cc - 2 G[y, c], layer g[j]
@@ -459,7 +460,7 @@ class FastKernel:
         sum (h - m_y)(h - m_y)^T = sum r r^T - sum_c n_c delta_c delta_c^T."""
         dn2 = torch.stack([(d.square().sum(1) * counts).sum() for d in self.deltas])  # (S,)
         # the d x d and K x K corrections are O(u^2) of the sums: float32 products suffice
-        n32, d32 = counts.to(F32), [d.to(F32) for d in self.deltas]
+        n32, d32 = counts.to(F32), self.deltas
         root_n = n32.sqrt()[:, None]  # sum_c n_c d_c d_c^T = (sqrt(n) D)^T (sqrt(n) D)
         dz = {i: d32[i] @ self.ht32[i].T for i in self.routes.gram}  # (K, K) delta Ht'^T
         zz = [(dz[i].T * n32) @ dz[i] for i in self.routes.gram]
