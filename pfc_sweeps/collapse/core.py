@@ -235,8 +235,8 @@ class LayerRunTracker:
         + K T), independent of the number of samples N."""
         if self._dims is None:
             return 0
-        objs = (self, getattr(self, "_means", None), *self._accs.values())
-        objs += (getattr(self, "_kernel", None),)
+        kernel, means = getattr(self, "_kernel", None), getattr(self, "_means", None)
+        objs = (self, means, *self._accs.values(), kernel)
         return self._ws.nbytes + _tensor_bytes(objs, (self._weight, self._bias))
 
     @property

@@ -44,21 +44,22 @@ def gram_edges(n: int) -> list[int]:
     return [n * i // parts for i in range(parts + 1)]
 
 
-def add_upper_gram_(acc: Tensor, x: Tensor, edges: list[int]) -> Tensor:
-    """acc += x^T x on the blocks on and above the diagonal (``edges``); the blocks below are
-    left as they are (:func:`mirror_upper_` fills them). About 60% of one GEMM's time at
-    four blocks on CPU.
+def add_upper_gram_(acc: Tensor, x: Tensor, edges: list[int], beta: float = 1.0) -> Tensor:
+    """acc = beta acc + x^T x on the blocks on and above the diagonal (``edges``); the blocks
+    below are left as they are (:func:`mirror_upper_` fills them). About 60% of one GEMM's
+    time at four blocks on CPU.
 
     Args:
         acc: (d, d), updated in place.
         x: (b, d).
         edges: :func:`gram_edges` (d).
+        beta: 1 accumulates; 0 overwrites (acc may then hold anything, even NaN).
 
     Returns:
         acc.
     """
     for lo, hi in itertools.pairwise(edges):
-        acc[lo:hi, lo:].addmm_(x[:, lo:hi].T, x[:, lo:])  # (b_i, d - lo)
+        acc[lo:hi, lo:].addmm_(x[:, lo:hi].T, x[:, lo:], beta=beta)  # (b_i, d - lo)
     return acc
 
 
@@ -75,13 +76,8 @@ def sym_gram(a: Tensor, out: Tensor | None = None) -> Tensor:
     into ``out`` (n, n) when given."""
     n = a.shape[0]
     edges = gram_edges(n)
-    if out is None:
-        out = a.new_empty(n, n)  # every block is written below: no zero fill
-    if len(edges) == 2:
-        return torch.mm(a, a.T, out=out)
-    for lo, hi in itertools.pairwise(edges):
-        torch.mm(a[lo:hi], a[lo:].T, out=out[lo:hi, lo:])  # (b_i, n - lo)
-    return mirror_upper_(out, edges)
+    out = a.new_empty(n, n) if out is None else out  # beta = 0 below: no zero fill
+    return mirror_upper_(add_upper_gram_(out, a.T, edges, beta=0.0), edges)
 
 
 def class_moments(
