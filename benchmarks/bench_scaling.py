@@ -11,10 +11,14 @@ side (best of --repeat interleaved rounds):
 - the tracker alone on the cached float32 features of that forward (all metrics: PFC1-3,
   NC1-4, 101-t geodesic curves, path quantities), i.e. what a cached metric pass adds;
 
-prints the ratio (forward + tracker) / forward next to its arithmetic floor (every
-multiply-add at the forward's rate: `floor_ratio`), then fits the exponent p of time ~ x^p (least squares in log-log), prints one table, checks
-that the tracker's state (two-pass mode, no feature cache) does not grow with N, and saves
-a log-log plot (PNG).
+prints the ratio (forward + tracker) / forward next to its arithmetic floor (every per-sample
+multiply-add at the forward's rate: `floor_ratio`). One more tracker run, in two passes with
+no feature cache, gives the tracker's state and its time by phase: ``per-row`` is the ratio
+(forward + the passes' updates) / forward, the part the floor describes, ``per-pass s`` the
+seconds fixed per pass whatever N (class means, their float64 Grams, NC1's factorizations:
+they grow with K and d, not N). Then it fits the exponent p of time ~ x^p (least squares in
+log-log), prints one table, checks that the state does not grow with N, and saves a log-log
+plot (PNG).
 
     python benchmarks/bench_scaling.py                 # quick: a few minutes on 2 CPU cores
     python benchmarks/bench_scaling.py --full          # the issue's ranges: N to 60k, d to 2048,
@@ -92,22 +96,21 @@ def one_point(n: int, d: int, layers: int, k: int, args, device) -> dict:
         for s in range(0, n, batch):
             feats.append((model(x[s : s + batch])[1], y[s : s + batch]))
 
-    def tracker(cache_bytes: int = 2**40) -> CollapseTracker:
-        tr = CollapseTracker(
+    def make(cache_bytes: int) -> CollapseTracker:
+        return CollapseTracker(
             k,
             geodesic_ts=ts,
             cache_bytes=cache_bytes,
             classifier_weight=model.classifier.weight.detach(),
             classifier_bias=model.classifier.bias.detach(),
         )
-        for _ in range(2):
-            for f, yb in feats:
-                tr.update(f, yb)
-            tr.end_pass()
-            if not tr.needs_second_pass:
-                break
+
+    def tracker() -> None:  # the cached pass: pass 1 caches, its end_pass runs pass 2
+        tr = make(2**40)
+        for f, yb in feats:
+            tr.update(f, yb)
+        tr.end_pass()
         tr.compute()
-        return tr
 
     best = {"forward": math.inf, "tracker": math.inf}
     for rnd in range(args.repeat + 1):  # round 0 warms up
@@ -119,9 +122,28 @@ def one_point(n: int, d: int, layers: int, k: int, args, device) -> dict:
             sync(device)
             if rnd > 0:
                 best[name] = min(best[name], time.perf_counter() - t0)
-    state = tracker(cache_bytes=0).state_bytes  # two passes, no cache: the state alone
+    tr = make(0)  # two passes, no cache: the state alone, and the time by phase
+    phases = two_pass_phases(tr, feats, device)
     floor = floor_ratio(linear_macs(model), d, layers, k)
-    return {**best, "state_mib": state / 2**20, "floor": floor}
+    return {**best, **phases, "state_mib": tr.state_bytes / 2**20, "floor": floor}
+
+
+def two_pass_phases(tr: CollapseTracker, feats: list, device: torch.device) -> dict:
+    """Seconds of one two-pass tracker run by phase: ``per_row`` the updates of both passes
+    (work that grows with N), ``per_pass`` the ends of the passes and compute (class means,
+    their float64 Grams, NC1's factorizations: fixed per pass, whatever N)."""
+    per_row = per_pass = 0.0
+    for step in ("pass 1", "pass 2", "compute"):
+        sync(device)
+        t0 = time.perf_counter()
+        for f, yb in feats if step != "compute" else ():
+            tr.update(f, yb)
+        sync(device)
+        t1 = time.perf_counter()
+        tr.end_pass() if step != "compute" else tr.compute()
+        sync(device)
+        per_row, per_pass = per_row + t1 - t0, per_pass + time.perf_counter() - t1
+    return {"per_row": per_row, "per_pass": per_pass}
 
 
 def make_net(block: str, d: int, layers: int, k: int) -> torch.nn.Module:
@@ -172,7 +194,9 @@ def _grid(p: argparse.ArgumentParser, args, axes: list[str]) -> dict:
 
 
 def fit(xs: list[float], ts: list[float]) -> float:
-    """Exponent p of t ~ x^p (least squares on log t vs log x)."""
+    """Exponent p of t ~ x^p (least squares on log t vs log x); NaN below two values."""
+    if len(set(xs)) < 2:
+        return math.nan
     return float(np.polyfit(np.log(xs), np.log(ts), 1)[0])
 
 
@@ -222,7 +246,7 @@ def main(argv: list[str] | None = None) -> None:
           f"{torch.get_num_threads()} CPU threads, block {args.block}, base {grid['base']}")  # fmt: skip
     results: dict[str, list[dict]] = {}
     print(f"{'axis':>6} {'value':>6} {'forward s':>10} {'tracker s':>10} {'ratio':>6} "
-          f"{'floor':>6} {'state MiB':>9}")  # fmt: skip
+          f"{'floor':>6} {'per-row':>7} {'per-pass s':>10} {'state MiB':>9}")  # fmt: skip
     for axis in axes:
         results[axis] = []
         for v in grid[axis]:
@@ -231,14 +255,19 @@ def main(argv: list[str] | None = None) -> None:
             r["x"] = v
             results[axis].append(r)
             ratio = (r["forward"] + r["tracker"]) / r["forward"]
+            row_ratio = (r["forward"] + r["per_row"]) / r["forward"]
             print(f"{axis:>6} {v:>6} {r['forward']:>10.3f} {r['tracker']:>10.3f} "
-                  f"{ratio:>6.2f} {r['floor']:>6.2f} {r['state_mib']:>9.2f}", flush=True)  # fmt: skip
+                  f"{ratio:>6.2f} {r['floor']:>6.2f} {row_ratio:>7.2f} {r['per_pass']:>10.3f} "
+                  f"{r['state_mib']:>9.2f}", flush=True)  # fmt: skip
     print("\nfitted exponents, time ~ x^p (cached metric pass = forward + tracker):")
     print(f"{'axis':>6} {'p forward':>10} {'p tracker':>10}  expected")
     expect = {"n": "1, 1", "d": "2, <= 1", "layers": "1, 1", "k": "~0, >= 1 (K x K work)"}
     for axis, rows in results.items():
         xs = [r["x"] for r in rows]
         pf, pt = fit(xs, [r["forward"] for r in rows]), fit(xs, [r["tracker"] for r in rows])
+        if math.isnan(pf):  # one value: nothing to fit
+            print(f"{axis:>6} {'-':>10} {'-':>10}  {expect[axis]} (one value, no fit)")
+            continue
         print(f"{axis:>6} {pf:>10.2f} {pt:>10.2f}  {expect[axis]}")
     if "n" in results:
         states = {r["x"]: r["state_mib"] for r in results["n"]}

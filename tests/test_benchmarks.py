@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -120,15 +122,52 @@ def test_bench_scaling_smoke_prints_its_ratio_and_floor(tmp_path, block, linears
                "--values", "4,24", "--repeat", "1", "--block", block,
                "--png", str(tmp_path / "s.png"), cwd=tmp_path)  # fmt: skip
     rows = [line.split() for line in out.splitlines() if line.split()[:1] == ["k"]]
-    rows = [r for r in rows if len(r) == 7]
+    rows = [r for r in rows if len(r) == 9]
     assert [int(r[1]) for r in rows] == [4, 24]
     stem = 0 if block == "bench" else d * d
-    for _, k, fwd, trk, ratio, floor, _ in rows:
+    for _, k, fwd, trk, ratio, floor, per_row, per_pass, _ in rows:
         k = int(k)
         f, t, h = float(fwd), float(trk), 0.0005  # printed to 3 decimals
         lo, hi = (f + t - 2 * h) / (f + h), (f + t + 2 * h) / max(f - h, 1e-9)
         assert lo - 0.005 <= float(ratio) <= hi + 0.005
+        assert float(per_row) > 1.0 and float(per_pass) > 0.0
         forward = stem + layers * linears_per_block * d * d + k * d
         tracker = (layers + 1) * (k * d + min(d, k) ** 2) + 2 * k * d
         assert float(floor) == pytest.approx(1 + tracker / forward, abs=0.006)
     assert (tmp_path / "s.png").exists()
+
+
+class _SleepyTracker:
+    """A stand-in tracker whose steps take known times: updates 20 ms, end_pass 100 ms,
+    compute 50 ms."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def _step(self, name: str, seconds: float) -> None:
+        self.calls.append(name)
+        time.sleep(seconds)
+
+    def update(self, features, labels) -> None:
+        self._step("update", 0.02)
+
+    def end_pass(self) -> None:
+        self._step("end_pass", 0.1)
+
+    def compute(self) -> None:
+        self._step("compute", 0.05)
+
+
+def test_bench_scaling_phases_split_updates_from_per_pass_work():
+    """two_pass_phases: both passes' updates are per-row time (3 batches x 2 passes x 20 ms),
+    the two end_pass calls and compute per-pass time (2 x 100 + 50 ms), in the protocol order."""
+    spec = importlib.util.spec_from_file_location(
+        "bench_scaling", REPO / "benchmarks" / "bench_scaling.py"
+    )
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    tr = _SleepyTracker()
+    phases = mod.two_pass_phases(tr, [(None, None)] * 3, torch.device("cpu"))
+    assert tr.calls == ["update"] * 3 + ["end_pass"] + ["update"] * 3 + ["end_pass", "compute"]
+    assert 0.12 <= phases["per_row"] < 0.12 + 0.08  # one end_pass more: 0.22
+    assert 0.25 <= phases["per_pass"] < 0.25 + 0.08
