@@ -133,14 +133,14 @@ def two_pass_phases(tr: CollapseTracker, feats: list, device: torch.device) -> d
     (work that grows with N), ``per_pass`` the ends of the passes and compute (class means,
     their float64 Grams, NC1's factorizations: fixed per pass, whatever N)."""
     per_row = per_pass = 0.0
-    for step in ("pass 1", "pass 2", "compute"):
+    for batches, finish in ((feats, tr.end_pass), (feats, tr.end_pass), ((), tr.compute)):
         sync(device)
         t0 = time.perf_counter()
-        for f, yb in feats if step != "compute" else ():
+        for f, yb in batches:  # pass 1, pass 2, then none before compute
             tr.update(f, yb)
         sync(device)
         t1 = time.perf_counter()
-        tr.end_pass() if step != "compute" else tr.compute()
+        finish()
         sync(device)
         per_row, per_pass = per_row + t1 - t0, per_pass + time.perf_counter() - t1
     return {"per_row": per_row, "per_pass": per_pass}
