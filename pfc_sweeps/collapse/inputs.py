@@ -131,8 +131,8 @@ def even_sizes(n: int, most: int, align: int = 1) -> list[int]:
     """n rows split into ceil(n / most) parts of near-equal size (each <= most): no small
     tail part, whose GEMMs would run at a fraction of the rate. With ``align`` (used when
     most >= 4 align) ``most`` is first rounded down to a multiple of ``align``, every part
-    but the last is a multiple of it, and sizes differ by at most ``align``: GEMMs over 336
-    rows run ~8% faster than over 333 on CPU."""
+    but the last is a multiple of it, and sizes differ by at most ``align`` (GEMMs run faster
+    on aligned row counts: docs/benchmarks.md "Many classes")."""
     if most < 4 * align:
         align = 1
     most = max(1, most // align * align)

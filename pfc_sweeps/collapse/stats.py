@@ -46,8 +46,8 @@ def gram_edges(n: int) -> list[int]:
 
 def add_upper_gram_(acc: Tensor, x: Tensor, edges: list[int], beta: float = 1.0) -> Tensor:
     """acc = beta acc + x^T x on the blocks on and above the diagonal (``edges``); the blocks
-    below are left as they are (:func:`mirror_upper_` fills them). About 60% of one GEMM's
-    time at four blocks on CPU.
+    below are left as they are (:func:`mirror_upper_` fills them). Timings: docs/benchmarks.md
+    "Many classes".
 
     Args:
         acc: (d, d), updated in place.
@@ -72,8 +72,7 @@ def mirror_upper_(a: Tensor, edges: list[int]) -> Tensor:
 
 def sym_gram(a: Tensor, out: Tensor | None = None) -> Tensor:
     """a @ a.T (n, n) for a (n, m), from the GEMMs of its upper block triangle only, mirrored
-    (:func:`gram_edges`): float64, n = 1000, m = 512: 16 ms against 27 ms on CPU. Written
-    into ``out`` (n, n) when given."""
+    (:func:`gram_edges`); written into ``out`` (n, n) when given."""
     n = a.shape[0]
     edges = gram_edges(n)
     out = a.new_empty(n, n) if out is None else out  # beta = 0 below: no zero fill
